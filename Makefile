@@ -1,0 +1,49 @@
+# Two commands on a fresh clone:  `make demo`  and  `make test`  (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# llama-cpp-python compiles from source (~4 min on 2 cores). The wheel is built
+# once into this cache and reused by every later install on the machine.
+WHEELS ?= $(HOME)/.cache/slipway/wheels
+LLAMA  := llama-cpp-python==0.3.36
+# Portable CPU build: -march=native picked AVX-512/AMX kernels that crashed on
+# these virtual machines; AVX2/FMA runs everywhere we deploy and is as fast here.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+                    -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+PROJECT ?= ticket-triage
+
+.PHONY: demo test install llama-wheel lint clean-venv
+
+demo: install
+	$(BIN)/slipway validate $(PROJECT)
+	$(BIN)/slipway models pull $(PROJECT)
+	$(BIN)/slipway check $(PROJECT)
+
+test: install
+	$(BIN)/slipway models pull $(PROJECT) --model tiny
+	$(BIN)/python -m pytest -q
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(MAKE) llama-wheel
+	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) "$(LLAMA)" -e ".[dev]"
+	touch $@
+
+llama-wheel:
+	@mkdir -p $(WHEELS)
+	@if ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then \
+	    echo "llama-cpp-python wheel cached in $(WHEELS)"; \
+	else \
+	    echo "building llama-cpp-python from source (once per machine, ~4 min on 2 cores)"; \
+	    CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --quiet --no-cache-dir --no-deps \
+	        -w $(WHEELS) "$(LLAMA)"; \
+	fi
+
+lint: install
+	$(BIN)/ruff check framework tests bench
+
+clean-venv:
+	rm -rf $(VENV)

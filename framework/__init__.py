@@ -1,0 +1,104 @@
+"""Slipway: take a DSPy pipeline from a marimo notebook to a contract-gated service.
+
+The public API, in the order data flows through it:
+project.toml → `load_project` → `load_program` (from the notebook) →
+`language_model` (llama.cpp) → `run_eval` → `judge` / `check` → report.
+Heavy libraries (dspy, llama_cpp, duckdb) are imported only when used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from framework.errors import (
+    ContractFailed,
+    DatasetError,
+    ModelError,
+    NotebookError,
+    SlipwayError,
+    SpecError,
+    StoreError,
+)
+from framework.spec import Project, ProjectSpec, load_project, parse_spec
+
+if TYPE_CHECKING:
+    from framework.contract import Verdict
+    from framework.evaluate import EvalRun
+
+__all__ = [
+    "ContractFailed",
+    "DatasetError",
+    "ModelError",
+    "NotebookError",
+    "Project",
+    "ProjectSpec",
+    "SlipwayError",
+    "SpecError",
+    "StoreError",
+    "adapter",
+    "check",
+    "judge",
+    "language_model",
+    "load_program",
+    "load_project",
+    "load_split",
+    "optimize",
+    "parse_spec",
+    "run_eval",
+]
+
+
+def load_program(project: Project, *, saved: bool = True):
+    """The project's DSPy program, imported from its notebook (saved state applied)."""
+    from framework.notebook import load_program as _load
+
+    return _load(project, saved=saved)
+
+
+def language_model(project: Project, model_key: str | None = None, *, gpu_layers: int | None = None):
+    """A `dspy.LM` running the project's GGUF in process through llama.cpp."""
+    from framework.evaluate import language_model as _lm
+
+    return _lm(project, model_key, gpu_layers=gpu_layers)
+
+
+def adapter(project: Project):
+    """The DSPy adapter the project declares (JSON by default: typed outputs, grammar-constrained)."""
+    from framework.evaluate import adapter as _adapter
+
+    return _adapter(project)
+
+
+def load_split(project: Project, split: str):
+    """Examples of a split ("train", "dev" or "eval") as `framework.dataset.Example`s."""
+    from framework.evaluate import load_split as _load
+
+    return _load(project, split)
+
+
+def run_eval(project: Project, **kwargs) -> EvalRun:
+    """Score a split on the real model; see `framework.evaluate.run_eval` for options."""
+    from framework.evaluate import run_eval as _run
+
+    return _run(project, **kwargs)
+
+
+def judge(project: Project, run: EvalRun) -> Verdict:
+    """The contract verdict for a run's measurements (pure; records nothing)."""
+    from framework.contract import judge as _judge
+
+    return _judge(project.spec.contract, run.measurements)
+
+
+def check(project: Project, **kwargs):
+    """Eval (or reuse an identical run) + verdict + reports, recorded in the store."""
+    from framework.check import check as _check
+
+    return _check(project, **kwargs)
+
+
+def optimize(project: Project, **kwargs):
+    """Compile the program with the project's DSPy optimiser and save it beside project.toml."""
+    from framework.optimize import optimize as _optimize
+
+    return _optimize(project, **kwargs)

@@ -1,0 +1,315 @@
+"""`slipway`: thin typer commands over the public API.
+
+Parse arguments, call the API, render, exit. Exit codes are part of the
+interface: 0 ok, 1 contract failed, 2 bad input or config, 3 internal error.
+A `SlipwayError` prints one clean message; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from framework.errors import SlipwayError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+                  help="Slipway: notebook → contract check → production service.")
+models_app = typer.Typer(no_args_is_help=True, help="Fetch and verify the GGUF models a project declares.")
+runs_app = typer.Typer(no_args_is_help=True, help="Browse eval runs recorded in the project's DuckDB store.")
+app.add_typer(models_app, name="models")
+app.add_typer(runs_app, name="runs")
+
+console = Console(stderr=False, highlight=False)
+err = Console(stderr=True, highlight=False)
+_state = {"debug": False}
+
+ProjectArg = Annotated[str, typer.Argument(help="project name (projects/<name>) or path to its project.toml")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of tables")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m",
+                                               help="model key from [models.*] (default: pipeline.model)")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="score only the first N examples")]
+
+
+def _fail(error: BaseException) -> None:
+    from framework.errors import exit_code
+
+    if _state["debug"] or not isinstance(error, SlipwayError):
+        err.print_exception()
+    else:
+        err.print(f"[bold red]error[/] [dim]({error.code})[/]: ", end="")
+        err.print(error.render(), markup=False, highlight=False)
+    raise typer.Exit(exit_code(error))
+
+
+def _progress_cb(label: str):
+    """A rich bar on a terminal; a plain line every 10% when piped or in CI."""
+    plain = not console.is_terminal or os.environ.get("CI")
+    if plain:
+        state = {"last": -1}
+
+        def report(done: int, total: int) -> None:
+            step = max(1, total // 10)
+            if done == total or done // step != state["last"]:
+                state["last"] = done // step
+                err.print(f"{label}: {done}/{total}")
+        return report, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+    task = bar.add_task(label, total=None)
+
+    def report(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+    return report, bar
+
+
+def _with_progress(label: str, fn):
+    report, bar = _progress_cb(label)
+    if bar is None:
+        return fn(report)
+    with bar:
+        return fn(report)
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def validate(project: ProjectArg, as_json: JsonOpt = False) -> None:
+    """Validate project.toml: every problem with file, line and field.
+
+    Example: slipway validate ticket-triage
+    """
+    from framework.spec import load_project
+
+    try:
+        loaded = load_project(project)
+    except SlipwayError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps({"ok": True, "project": loaded.name, "path": str(loaded.toml_path)}))
+    else:
+        console.print(f"[green]ok[/] {loaded.toml_path}: project {loaded.name!r}, "
+                      f"{len(loaded.spec.models)} model(s), pipeline {loaded.spec.pipeline.program}")
+
+
+@models_app.command("pull")
+def models_pull(project: ProjectArg,
+                model: ModelOpt = None,
+                all_models: Annotated[bool, typer.Option("--all", help="every declared model")] = False) -> None:
+    """Download, assemble and sha256-verify models into the cache (no-op when present).
+
+    Example: slipway models pull ticket-triage --model tiny
+    """
+    from framework import weights
+    from framework.spec import load_project
+
+    try:
+        loaded = load_project(project)
+        keys = sorted(loaded.spec.models) if all_models else [model or loaded.spec.pipeline.model]
+        for key in keys:
+            spec = loaded.model(key)
+            weights.pull(spec, loaded.dir, toml=str(loaded.toml_path), field=f"models.{key}",
+                         progress=lambda msg: err.print(msg))
+    except SlipwayError as exc:
+        _fail(exc)
+
+
+@models_app.command("list")
+def models_list(project: ProjectArg, as_json: JsonOpt = False) -> None:
+    """Declared models, where their file is, and whether it is present.
+
+    Example: slipway models list ticket-triage
+    """
+    from rich.table import Table
+
+    from framework import weights
+    from framework.spec import load_project
+
+    try:
+        loaded = load_project(project)
+    except SlipwayError as exc:
+        _fail(exc)
+    rows = [{"key": key, "name": m.name, "license": m.license, "sha256": m.sha256,
+             "path": str(weights.model_path(m, loaded.dir)), "present": weights.model_path(m, loaded.dir).exists()}
+            for key, m in sorted(loaded.spec.models.items())]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table()
+    for col in ("key", "name", "license", "sha256", "present"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["key"], r["name"], r["license"], r["sha256"][:12] + "…", "yes" if r["present"] else "no")
+    console.print(table)
+
+
+def _print_metrics(run) -> None:
+    from rich.table import Table
+
+    m = run.measurements
+    table = Table(title=f"{run.split} split, {run.n} examples, model {run.model_key} (run {run.run_id})",
+                  title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("95% interval", justify="right")
+    for name, value in m.metrics.items():
+        lo, hi = m.intervals.get(name, (float("nan"), float("nan")))
+        table.add_row(name, f"{value:.3f}", f"[{lo:.3f}, {hi:.3f}]")
+    table.add_row("latency p50 / p95 / p99",
+                  f"{m.latency_p50_ms:,.0f} / {m.latency_p95_ms:,.0f} / {m.latency_p99_ms:,.0f} ms", "")
+    table.add_row("error rate", f"{m.error_rate:.1%}", "")
+    table.add_row("tokens / request (mean)", f"{m.tokens_per_request:,.0f}", "")
+    table.add_row("cost / request (mean)", f"{m.cost_per_request:.6f}", "")
+    console.print(table)
+
+
+@app.command("eval")
+def eval_cmd(project: ProjectArg,
+             split: Annotated[str, typer.Option(help="eval | dev | train")] = "eval",
+             model: ModelOpt = None, limit: LimitOpt = None, as_json: JsonOpt = False) -> None:
+    """Run every example of a split through the real model and record it in the store.
+
+    Example: slipway eval ticket-triage --split dev --limit 20
+    """
+    from framework.evaluate import run_eval
+    from framework.spec import load_project
+
+    try:
+        loaded = load_project(project)
+        run = _with_progress(f"eval {split}", lambda report: run_eval(
+            loaded, split=split, limit=limit, model_key=model, progress=report))
+    except SlipwayError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps({"run_id": run.run_id, "n": run.n, **run.measurements.to_dict()}))
+    else:
+        _print_metrics(run)
+
+
+@app.command()
+def check(project: ProjectArg, model: ModelOpt = None, limit: LimitOpt = None,
+          fresh: Annotated[bool, typer.Option("--fresh", help="always run, never reuse an identical run")] = False,
+          as_json: JsonOpt = False) -> None:
+    """Run the eval set (or reuse an identical run) and judge every contract clause.
+
+    Exit 0 when every clause passes, 1 when any fails, 2 on bad config.
+    Example: slipway check ticket-triage --json
+    """
+    from framework.check import check as run_check
+    from framework.report import verdict_table
+    from framework.spec import load_project
+
+    try:
+        loaded = load_project(project)
+        result = _with_progress("check", lambda report: run_check(
+            loaded, model_key=model, limit=limit, fresh=fresh, progress=report))
+    except SlipwayError as exc:
+        _fail(exc)
+    verdict = result.verdict
+    if as_json:
+        console.print_json(json.dumps({"check_id": result.check_id, "report_html": result.report_html,
+                                       "report_json": result.report_json, **verdict.to_dict()}, default=str))
+    else:
+        if result.run.reused:
+            err.print(f"reused run {result.run.run_id} (identical program, notebook, model, eval set)")
+        title = (f"Contract verdict: {loaded.name} on {result.run.n} eval examples, "
+                 f"model {result.run.model_key}")
+        console.print(verdict_table(verdict, title))
+        status = "[bold green]PASS[/]" if verdict.passed else f"[bold red]FAIL[/]: {', '.join(verdict.failed)}"
+        console.print(f"{status}\nreport: {result.report_html}")
+    raise typer.Exit(0 if verdict.passed else 1)
+
+
+@app.command()
+def optimize(project: ProjectArg, model: ModelOpt = None,
+             dev_limit: Annotated[int | None, typer.Option(min=1, help="score only N dev examples")] = None,
+             as_json: JsonOpt = False) -> None:
+    """Compile the program with the optimiser in [optimize] on the train split; save it.
+
+    Prints dev-split scores before and after. Example: slipway optimize ticket-triage
+    """
+    from framework.optimize import optimize as run_optimize
+    from framework.spec import load_project
+
+    try:
+        loaded = load_project(project)
+        outcome = run_optimize(loaded, model_key=model, dev_limit=dev_limit)
+    except SlipwayError as exc:
+        _fail(exc)
+    data = {"optimizer": outcome.optimizer, "metric": outcome.metric, "dev_before": outcome.before,
+            "dev_after": outcome.after, "demos": outcome.demos, "saved": str(outcome.path)}
+    if as_json:
+        console.print_json(json.dumps(data))
+    else:
+        console.print(f"{outcome.optimizer}: dev {outcome.metric} {outcome.before:.3f} → {outcome.after:.3f} "
+                      f"({outcome.demos} demos); saved {outcome.path}")
+
+
+@runs_app.command("list")
+def runs_list(project: ProjectArg, limit: Annotated[int, typer.Option(min=1)] = 20, as_json: JsonOpt = False) -> None:
+    """Recent runs, newest first. Example: slipway runs list ticket-triage"""
+    from rich.table import Table
+
+    from framework.evaluate import store_path
+    from framework.spec import load_project
+    from framework.store import Store
+
+    try:
+        loaded = load_project(project)
+        with Store(store_path(loaded), read_only=True) as store:
+            rows = store.list_runs(limit)
+    except SlipwayError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(rows, default=str))
+        return
+    table = Table()
+    for col in ("run_id", "split", "model_key", "status", "done", "started_at"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["run_id"], r["split"], r["model_key"], r["status"], f"{r['done']}/{r['n_examples']}",
+                      str(r["started_at"])[:19])
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(project: ProjectArg, run_id: str, as_json: JsonOpt = False) -> None:
+    """One run's measurements and its failing examples. Example: slipway runs show ticket-triage run-…"""
+    from framework.evaluate import load_run
+    from framework.spec import load_project
+
+    try:
+        loaded = load_project(project)
+        run = load_run(loaded, run_id)
+    except SlipwayError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps({"run_id": run_id, **run.measurements.to_dict(),
+                                       "records": run.records}, default=str))
+        return
+    _print_metrics(run)
+    for r in run.records:
+        if r["error"] or any(v < 1 for v in r["scores"].values()):
+            console.print(f"[dim]{r['example_id']}[/] expected {r['expected']} got {r['output'] or r['error']}",
+                          markup=True, highlight=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except SlipwayError as exc:  # raised outside a command's own handler
+        err.print(f"error ({exc.code}): {exc.render()}")
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Labelled JSONL splits (train / dev / eval) → `Example`s.
+
+One row per line: {"id", "inputs": {...}, "expected": {...}, "tags": [...]}.
+A corrupt row stops the load before anything runs, with file:line for every
+bad row, so a check never silently scores a smaller set than declared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from framework.errors import DatasetError
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    inputs: dict[str, Any] = Field(min_length=1)
+    expected: dict[str, Any] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    inputs: dict[str, Any]
+    expected: dict[str, Any]
+    tags: tuple[str, ...] = ()
+    line: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dspy(self):
+        import dspy
+
+        return dspy.Example(**self.inputs, **self.expected).with_inputs(*self.inputs)
+
+
+def parse_rows(text: str, path: str, *, input_fields: tuple[str, ...] = ()) -> list[Example]:
+    """Parse JSONL text; raise `DatasetError` listing every bad row as file:line."""
+    examples: list[Example] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = _Row.model_validate(json.loads(line))
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except ValidationError as exc:
+            detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors())
+            problems.append(f"{path}:{number}: {detail}")
+            continue
+        missing = [name for name in input_fields if name not in row.inputs]
+        if missing:
+            problems.append(f"{path}:{number}: inputs lacks {', '.join(missing)} (the program's input fields)")
+            continue
+        if row.id in seen:
+            problems.append(f"{path}:{number}: duplicate id {row.id!r} (first on line {seen[row.id]})")
+            continue
+        seen[row.id] = number
+        examples.append(Example(id=row.id, inputs=row.inputs, expected=row.expected, tags=tuple(row.tags),
+                                line=number))
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise DatasetError(f"{len(problems)} bad row(s); nothing was run or recorded:\n  " + "\n  ".join(shown),
+                           path=path, hint="fix or remove those lines; each row is "
+                           '{"id": ..., "inputs": {...}, "expected": {...}}')
+    if not examples:
+        raise DatasetError("no rows", path=path, hint="the split must hold at least one example")
+    return examples
+
+
+def load_examples(path: Path, *, input_fields: tuple[str, ...] = ()) -> list[Example]:
+    if not path.exists():
+        raise DatasetError("file not found", path=str(path), hint="check [eval] paths in project.toml")
+    return parse_rows(path.read_text(encoding="utf-8"), str(path), input_fields=input_fields)
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

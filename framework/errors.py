@@ -1,0 +1,88 @@
+"""Every error Slipway raises on purpose, in one small tree.
+
+The CLI maps the tree to exit codes (see `exit_code`): a user error prints one
+clean message that says what happened, where (file, line, field) and how to fix
+it, never a traceback. Each class carries a stable kebab-case `code` that docs
+and tests can rely on.
+"""
+
+from __future__ import annotations
+
+
+class SlipwayError(Exception):
+    """Base of every deliberate Slipway error."""
+
+    code = "slipway-error"
+    exit_code = 3
+
+    def __init__(self, message: str, *, path: str | None = None, field: str | None = None,
+                 line: int | None = None, hint: str | None = None):
+        self.message = message
+        self.path = path
+        self.field = field
+        self.line = line
+        self.hint = hint
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        where = ""
+        if self.path:
+            where = f"{self.path}:{self.line}: " if self.line else f"{self.path}: "
+        field = f"{self.field}: " if self.field else ""
+        text = f"{where}{field}{self.message}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+class SpecError(SlipwayError):
+    """project.toml is missing, unparsable or does not validate."""
+
+    code = "spec-invalid"
+    exit_code = 2
+
+
+class DatasetError(SlipwayError):
+    """An eval/dev/train JSONL file is missing or has a corrupt row."""
+
+    code = "dataset-invalid"
+    exit_code = 2
+
+
+class ModelError(SlipwayError):
+    """A model file is missing, cannot be fetched, or does not match its sha256 pin."""
+
+    code = "model-invalid"
+    exit_code = 2
+
+
+class NotebookError(SlipwayError):
+    """The pipeline notebook cannot be imported or lacks the declared program."""
+
+    code = "notebook-invalid"
+    exit_code = 2
+
+
+class StoreError(SlipwayError):
+    """The DuckDB store cannot be opened or has an unknown schema version."""
+
+    code = "store-error"
+    exit_code = 3
+
+
+class ContractFailed(SlipwayError):
+    """At least one contract clause failed; carries the failing clause names."""
+
+    code = "contract-failed"
+    exit_code = 1
+
+    def __init__(self, message: str, *, clauses: list[str], **kwargs):
+        self.clauses = clauses
+        super().__init__(message, **kwargs)
+
+
+def exit_code(error: BaseException) -> int:
+    """0 ok, 1 contract failed, 2 bad input/config, 3 internal."""
+    if isinstance(error, SlipwayError):
+        return error.exit_code
+    return 3

@@ -1,0 +1,209 @@
+"""Run a program over a split on the real model and record every example.
+
+This is where the pieces meet: the spec names the model (weights, verified),
+the notebook supplies the program, llama.cpp answers through DSPy, each
+example's output, scores, latency, tokens and cost go to the store as soon as
+it finishes, and the run ends as `Measurements` the contract can judge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from framework import weights
+from framework.dataset import Example, file_hash, load_examples
+from framework.lm import make_lm, metering
+from framework.metrics import Measurements, exact_match, measure, metric_name
+from framework.notebook import (
+    input_fields,
+    load_program,
+    notebook_function,
+    output_fields,
+    program_hash,
+)
+from framework.spec import Project
+from framework.store import Store, new_id
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class EvalRun:
+    """One scored pass over a split; `records` mirror the store's results rows."""
+
+    run_id: str
+    split: str
+    model_key: str
+    content_hash: str
+    records: list[dict[str, Any]]
+    measurements: Measurements
+    recorded: bool = True
+    reused: bool = False
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.records)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.measurements.metrics
+
+
+def store_path(project: Project):
+    return project.state_dir / "store.duckdb"
+
+
+def language_model(project: Project, model_key: str | None = None, *, gpu_layers: int | None = None):
+    """The project's `dspy.LM` on the verified local GGUF (loaded once per process)."""
+    key = model_key or project.spec.pipeline.model
+    spec = project.model(key)
+    path = weights.ensure(spec, project.dir, toml=str(project.toml_path), field=f"models.{key}")
+    return make_lm(spec, path, gpu_layers=gpu_layers)
+
+
+def adapter(project: Project):
+    import dspy
+
+    from framework.lm import json_adapter
+
+    return json_adapter() if project.spec.pipeline.adapter == "json" else dspy.ChatAdapter()
+
+
+def load_split(project: Project, split: str, program=None) -> list[Example]:
+    fields = input_fields(program if program is not None else load_program(project))
+    return load_examples(project.split_path(split), input_fields=fields)
+
+
+def git_commit(root) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def content_hashes(project: Project, program, split: str, model_key: str, limit: int | None) -> dict[str, str]:
+    """The hashes that decide whether an earlier run measured exactly this content."""
+    model = project.model(model_key)
+    parts = {
+        "program_hash": program_hash(program),
+        "notebook_hash": hashlib.sha256(project.notebook_path.read_bytes()).hexdigest(),
+        "dataset_hash": file_hash(project.split_path(split)),
+        "settings_hash": hashlib.sha256(json.dumps(model.load_settings(), sort_keys=True).encode()).hexdigest(),
+    }
+    key = {**parts, "split": split, "limit": limit, "metrics": project.spec.eval.metrics,
+           "adapter": project.spec.pipeline.adapter}
+    parts["content_hash"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return parts
+
+
+def _custom_metrics(project: Project) -> dict[str, Callable]:
+    return {metric_name(item): notebook_function(project, item.partition(":")[2])
+            for item in project.spec.eval.metrics if item.startswith("notebook:")}
+
+
+def score_example(example: Example, output: dict | None, error: str | None, metric_items: list[str],
+                  custom: dict[str, Callable], prediction=None) -> dict[str, float]:
+    """Per-example scores in [0, 1]. An errored example scores 0 on everything."""
+    scores: dict[str, float] = {}
+    for item in metric_items:
+        kind, _, arg = item.partition(":")
+        name = metric_name(item)
+        if kind == "macro_f1":
+            continue  # a run-level metric: see metrics.measure
+        if error is not None or output is None:
+            scores[name] = 0.0
+        elif kind == "exact_match":
+            scores[name] = exact_match(example.expected.get(arg), output.get(arg))
+        elif kind == "format_validity":
+            scores[name] = 1.0
+        elif kind == "notebook":
+            import dspy
+
+            value = custom[name](dspy.Example(**example.inputs, **example.expected), prediction, None)
+            scores[name] = float(value)
+    return scores
+
+
+def run_eval(project: Project, *, split: str = "eval", limit: int | None = None, program=None,
+             model_key: str | None = None, record: bool = True, progress: Progress | None = None) -> EvalRun:
+    """Score every example of `split` (or the first `limit`) on the real model."""
+    import dspy
+
+    model_key = model_key or project.spec.pipeline.model
+    model = project.model(model_key)
+    lm = language_model(project, model_key)
+    program = program if program is not None else load_program(project)
+    examples = load_split(project, split, program)[: limit or None]
+    outputs = output_fields(program)
+    metric_items = project.spec.eval.metrics
+    custom = _custom_metrics(project)
+    hashes = content_hashes(project, program, split, model_key, limit)
+    run_id = new_id("run")
+    store = Store(store_path(project)) if record else None
+    if store:
+        store.start_run({"run_id": run_id, "project": project.name, "split": split, "model_key": model_key,
+                         "model_name": model.name, "model_sha256": model.sha256, "git_commit":
+                         git_commit(project.root), "n_examples": len(examples), **hashes})
+    records: list[dict[str, Any]] = []
+    status = "interrupted"
+    try:
+        with dspy.context(lm=lm, adapter=adapter(project)):
+            for position, example in enumerate(examples):
+                records.append(_run_one(program, example, position, outputs, metric_items, custom, model))
+                if store:
+                    store.add_result(run_id, records[-1])
+                if progress:
+                    progress(position + 1, len(examples))
+        status = "complete"
+    finally:
+        measurements = measure(records, metric_items, bootstrap_samples=project.spec.eval.bootstrap_samples)
+        if store:
+            store.finish_run(run_id, status, measurements.to_dict() if status == "complete" else None)
+            store.close()
+    return EvalRun(run_id=run_id, split=split, model_key=model_key, content_hash=hashes["content_hash"],
+                   records=records, measurements=measurements, recorded=record, hashes=hashes)
+
+
+def _run_one(program, example: Example, position: int, outputs: tuple[str, ...], metric_items: list[str],
+             custom: dict[str, Callable], model) -> dict[str, Any]:
+    error = None
+    output = None
+    prediction = None
+    with metering() as calls:
+        start = time.perf_counter()
+        try:
+            prediction = program(**example.inputs)
+            output = {name: prediction.get(name) for name in outputs}
+        except Exception as exc:  # a failing example is a measurement, not a crash
+            error = f"{type(exc).__name__}: {str(exc)[:500]}"
+        latency_ms = (time.perf_counter() - start) * 1000
+    tokens_in = sum(c.tokens_in for c in calls)
+    tokens_out = sum(c.tokens_out for c in calls)
+    cost = tokens_in / 1000 * model.price_per_1k_input + tokens_out / 1000 * model.price_per_1k_output
+    return {
+        "example_id": example.id, "position": position, "inputs": example.inputs, "expected": example.expected,
+        "output": json.loads(json.dumps(output, default=str)) if output is not None else None,
+        "scores": score_example(example, output, error, metric_items, custom, prediction),
+        "latency_ms": latency_ms, "tokens_in": tokens_in, "tokens_out": tokens_out, "cost": cost, "error": error,
+    }
+
+
+def load_run(project: Project, run_id: str) -> EvalRun:
+    """A run from the store as an `EvalRun` (a check reuses complete ones; partial ones are re-measured)."""
+    with Store(store_path(project), read_only=True) as store:
+        row = store.run(run_id)
+        records = store.results(run_id)
+    measurements = (Measurements.from_dict(row["measurements"]) if row["measurements"] else
+                    measure(records, project.spec.eval.metrics, bootstrap_samples=project.spec.eval.bootstrap_samples))
+    hashes = {k: row[k] for k in ("program_hash", "notebook_hash", "dataset_hash", "settings_hash", "content_hash")}
+    return EvalRun(run_id=run_id, split=row["split"], model_key=row["model_key"], content_hash=row["content_hash"],
+                   records=records, measurements=measurements, reused=True, hashes=hashes)

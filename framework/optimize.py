@@ -1,0 +1,75 @@
+"""Compile the notebook's program with a DSPy optimiser on the train split.
+
+The optimiser and its parameters come from [optimize] in project.toml; scores
+before and after are measured on the dev split (never on eval, which is kept
+for the contract). The result is saved with DSPy's own `Module.save` JSON
+format beside project.toml, and eval/check/build load it when present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from framework.evaluate import adapter, language_model, load_split, run_eval
+from framework.metrics import exact_match, metric_name
+from framework.notebook import load_program, notebook_function
+from framework.spec import Project
+
+
+@dataclass
+class OptimizeOutcome:
+    optimizer: str
+    metric: str
+    before: float
+    after: float
+    path: Path
+    demos: int
+
+
+def _metric_fn(project: Project):
+    item = project.spec.optimize.metric
+    kind, _, arg = item.partition(":")
+    if kind == "notebook":
+        return notebook_function(project, arg)
+    if kind == "exact_match":
+        return lambda example, pred, trace=None: exact_match(example.get(arg), pred.get(arg)) == 1.0
+    raise ValueError(f"optimize.metric must be exact_match:<field> or notebook:<fn>, got {item!r}")
+
+
+def _make_optimizer(project: Project, metric):
+    import dspy
+
+    spec = project.spec.optimize
+    params = dict(spec.params)
+    if spec.optimizer == "LabeledFewShot":
+        return dspy.LabeledFewShot(**params)
+    if spec.optimizer == "BootstrapFewShot":
+        return dspy.BootstrapFewShot(metric=metric, **params)
+    if spec.optimizer == "BootstrapFewShotWithRandomSearch":
+        return dspy.BootstrapFewShotWithRandomSearch(metric=metric, **params)
+    return dspy.MIPROv2(metric=metric, **params)
+
+
+def optimize(project: Project, *, model_key: str | None = None, dev_limit: int | None = None) -> OptimizeOutcome:
+    import dspy
+
+    score_name = metric_name(project.spec.optimize.metric)
+    baseline = load_program(project, saved=False)
+    trainset = [ex.to_dspy() for ex in load_split(project, "train", baseline)]
+    lm = language_model(project, model_key)
+    before = run_eval(project, split="dev", limit=dev_limit, program=baseline, model_key=model_key)
+    with dspy.context(lm=lm, adapter=adapter(project)):
+        compiled = _make_optimizer(project, _metric_fn(project)).compile(load_program(project, saved=False),
+                                                                          trainset=trainset)
+    after = run_eval(project, split="dev", limit=dev_limit, program=compiled, model_key=model_key)
+    path = project.saved_program_path
+    compiled.save(str(path))
+    demos = sum(len(p.demos) for p in compiled.predictors())
+    return OptimizeOutcome(optimizer=project.spec.optimize.optimizer, metric=score_name,
+                           before=_score(before, score_name), after=_score(after, score_name), path=path,
+                           demos=demos)
+
+
+def _score(run, name: str) -> float:
+    return run.metrics.get(name, float("nan"))

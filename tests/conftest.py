@@ -1,0 +1,60 @@
+"""Shared fixtures: every test works on a copy of the demo project in tmp_path.
+
+The copy keeps tests away from the developer's real store and reports; the
+model cache is the real one (models are pulled by `make test` before pytest),
+because re-downloading weights per test would test pip, not Slipway.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "tiny"
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch, tmp_path):
+    for key in list(os.environ):
+        if key.startswith("SLIPWAY_") and key != "SLIPWAY_CACHE":
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "dspy-cache"))
+    yield
+
+
+@pytest.fixture
+def project_root(tmp_path) -> Path:
+    """A throw-away repository root holding a copy of the ticket-triage project and its notebook."""
+    root = tmp_path / "repo"
+    shutil.copytree(REPO / "projects" / "ticket-triage", root / "projects" / "ticket-triage",
+                    ignore=shutil.ignore_patterns(".slipway", "program.json"))
+    shutil.copytree(REPO / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("__marimo__"))
+    return root
+
+
+@pytest.fixture
+def toml_path(project_root) -> Path:
+    return project_root / "projects" / "ticket-triage" / "project.toml"
+
+
+def edit_toml(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.fixture
+def tiny_model_present():
+    from framework import load_project
+    from framework.weights import model_path
+
+    project = load_project("ticket-triage", root=REPO)
+    path = model_path(project.model(TINY))
+    if not path.exists():
+        pytest.fail(f"tiny model missing at {path}: run `make test` (it pulls it) or "
+                    "`slipway models pull ticket-triage --model tiny`")
+    return path

@@ -1,0 +1,69 @@
+"""Contract clauses → verdict: pure arithmetic over measurements."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from framework.contract import judge
+from framework.metrics import Measurements
+from framework.spec import ContractSpec
+
+
+def _m(**overrides) -> Measurements:
+    base = dict(n=200, metrics={"category_macro_f1": 0.9}, intervals={"category_macro_f1": (0.85, 0.94)},
+                latency_p50_ms=1000, latency_p95_ms=2000, latency_p99_ms=3000, error_rate=0.0,
+                tokens_per_request=700, tokens_per_request_p95=900, cost_per_request=0.0001)
+    return Measurements(**{**base, **overrides})
+
+
+CONTRACT = ContractSpec(latency_p50_ms=1500, latency_p95_ms=2500, latency_p99_ms=4000, error_rate_max=0.01,
+                        cost_per_request_max=0.001, tokens_per_request_max=1000, monthly_budget=10,
+                        expected_requests_per_day=1000, eval={"category_macro_f1": ">= 0.8"})
+
+
+def test_all_clauses_pass_when_within_bounds():
+    verdict = judge(CONTRACT, _m())
+    assert verdict.passed, verdict.table_rows()
+    assert [c.name for c in verdict.clauses] == [
+        "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "error_rate_max", "cost_per_request_max",
+        "tokens_per_request_max", "monthly_budget", "category_macro_f1"]
+
+
+def test_each_failing_clause_is_named():
+    verdict = judge(CONTRACT, _m(latency_p95_ms=2600, metrics={"category_macro_f1": 0.79}))
+    assert not verdict.passed
+    assert verdict.failed == ["latency_p95_ms", "category_macro_f1"]
+
+
+def test_a_metric_the_run_did_not_measure_fails_with_a_note():
+    contract = ContractSpec(eval={"rouge": 0.5})
+    verdict = judge(contract, _m())
+    assert verdict.failed == ["rouge"]
+    assert "declare it in [eval].metrics" in verdict.clauses[0].note
+
+
+@given(cost=st.floats(min_value=0, max_value=1, allow_nan=False),
+       per_day=st.floats(min_value=0, max_value=1e6, allow_nan=False),
+       budget=st.floats(min_value=0, max_value=1e6, allow_nan=False))
+def test_budget_clause_is_cost_times_volume_times_thirty(cost, per_day, budget):
+    contract = ContractSpec(monthly_budget=budget, expected_requests_per_day=per_day)
+    verdict = judge(contract, _m(cost_per_request=cost))
+    (clause,) = verdict.clauses
+    assert clause.measured == cost * per_day * 30
+    assert clause.passed == (cost * per_day * 30 <= budget)
+
+
+@given(limit=st.floats(min_value=1, max_value=1e5), measured=st.floats(min_value=0, max_value=1e5))
+def test_latency_clause_is_an_upper_bound(limit, measured):
+    verdict = judge(ContractSpec(latency_p99_ms=limit), _m(latency_p99_ms=measured))
+    assert verdict.passed == (measured <= limit)
+
+
+@given(threshold=st.floats(min_value=0, max_value=1), measured=st.floats(min_value=0, max_value=1),
+       op=st.sampled_from([">=", "<=", ">", "<"]))
+def test_quality_clause_follows_its_operator(threshold, measured, op):
+    verdict = judge(ContractSpec(eval={"q": f"{op} {threshold!r}"}), _m(metrics={"q": measured}))
+    expected = {">=": measured >= threshold, "<=": measured <= threshold,
+                ">": measured > threshold, "<": measured < threshold}[op]
+    assert verdict.passed == expected

@@ -1,0 +1,102 @@
+"""Metric arithmetic: percentiles, macro-F1, bootstrap intervals, aggregation."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from framework.metrics import bootstrap_interval, exact_match, macro_f1, measure, metric_name, percentile
+
+finite = st.floats(min_value=0, max_value=1e5, allow_nan=False, allow_infinity=False)
+
+
+@given(st.lists(finite, min_size=1, max_size=200), st.floats(min_value=0, max_value=100))
+def test_percentile_matches_numpy(values, q):
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-9, abs=1e-9)
+
+
+@given(st.lists(finite, min_size=1, max_size=100))
+def test_percentiles_are_ordered_and_bounded(values):
+    p50, p95, p99 = (percentile(values, q) for q in (50, 95, 99))
+    assert min(values) <= p50 <= p95 <= p99 <= max(values)
+
+
+labels = st.sampled_from(["billing", "bug", "account", "outage"])
+
+
+@given(st.lists(st.tuples(labels, labels), min_size=1, max_size=60))
+def test_macro_f1_matches_definition(pairs):
+    truth = [t for t, _ in pairs]
+    pred = [p for _, p in pairs]
+    expected = []
+    for label in set(truth):
+        tp = sum(t == p == label for t, p in pairs)
+        fp = sum(p == label != t for t, p in pairs)
+        fn = sum(t == label != p for t, p in pairs)
+        expected.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    assert macro_f1(truth, pred) == pytest.approx(sum(expected) / len(expected))
+
+
+@given(st.lists(labels, min_size=1, max_size=60))
+def test_macro_f1_perfect_and_missing(truth):
+    assert macro_f1(truth, truth) == 1.0
+    assert macro_f1(truth, [None] * len(truth)) == 0.0
+
+
+def test_exact_match_normalises_case_and_bool_strings():
+    assert exact_match("Billing", " billing ") == 1.0
+    assert exact_match(True, "true") == 1.0
+    assert exact_match("bug", "outage") == 0.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(min_value=0.1, max_value=0.9), st.integers(0, 10_000))
+def test_bootstrap_interval_brackets_the_estimate(p, seed):
+    rng = random.Random(seed)
+    rows = [float(rng.random() < p) for _ in range(200)]
+    mean = sum(rows) / len(rows)
+    lo, hi = bootstrap_interval(rows, lambda r: sum(r) / len(r), samples=300, seed=seed)
+    assert lo <= mean <= hi
+    assert hi - lo < 0.25
+
+
+def test_bootstrap_interval_covers_true_mean_at_about_the_stated_rate():
+    rng = random.Random(7)
+    true_p, covered, trials = 0.8, 0, 120
+    for trial in range(trials):
+        rows = [float(rng.random() < true_p) for _ in range(150)]
+        lo, hi = bootstrap_interval(rows, lambda r: sum(r) / len(r), samples=400, seed=trial)
+        covered += lo <= true_p <= hi
+    assert 0.88 <= covered / trials <= 0.99
+
+
+def _record(category, predicted, latency, tokens_in=100, tokens_out=20, error=None):
+    return {"expected": {"category": category}, "output": None if error else {"category": predicted},
+            "scores": {"category_accuracy": float(category == predicted and not error)},
+            "latency_ms": latency, "tokens_in": tokens_in, "tokens_out": tokens_out,
+            "cost": 0.001, "error": error}
+
+
+def test_measure_aggregates_quality_latency_errors_and_cost():
+    records = [_record("bug", "bug", 100), _record("bug", "billing", 200), _record("billing", "billing", 300),
+               _record("billing", None, 400, error="TimeoutError")]
+    m = measure(records, ["exact_match:category", "macro_f1:category"], bootstrap_samples=200)
+    assert m.metrics["category_accuracy"] == 0.5
+    assert m.metrics["category_macro_f1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m.latency_p50_ms == 250
+    assert m.error_rate == 0.25
+    assert m.tokens_per_request == 120
+    assert m.projected_monthly_cost(1000) == pytest.approx(30.0)
+    assert not math.isnan(m.intervals["category_accuracy"][0])
+
+
+def test_metric_names():
+    assert metric_name("exact_match:category") == "category_accuracy"
+    assert metric_name("macro_f1:category") == "category_macro_f1"
+    assert metric_name("format_validity") == "format_validity"
+    assert metric_name("notebook:priority_band_match") == "priority_band_match"

@@ -1,0 +1,120 @@
+"""project.toml → spec: validation errors name file, line and field."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from framework import SpecError, load_project, parse_spec
+from framework.spec import Threshold, locate
+from tests.conftest import REPO, edit_toml
+
+
+def test_demo_project_validates():
+    project = load_project("ticket-triage", root=REPO)
+    assert project.spec.pipeline.model in project.spec.models
+    assert project.notebook_path.exists()
+    assert project.spec.contract.eval["category_macro_f1"].op == ">="
+
+
+def test_unknown_key_names_file_line_and_field(toml_path):
+    edit_toml(toml_path, "latency_p95_ms = ", "latency_p59_ms = 1\nlatency_p95_ms = ")
+    with pytest.raises(SpecError) as info:
+        load_project(str(toml_path))
+    message = str(info.value)
+    assert str(toml_path) in message
+    assert "contract.latency_p59_ms" in message
+    assert "unknown key" in message
+    line = toml_path.read_text().splitlines().index("latency_p59_ms = 1") + 1
+    assert f":{line}:" in message
+
+
+def test_wrong_type_names_the_field_and_value(toml_path):
+    edit_toml(toml_path, "latency_p95_ms = 5000", 'latency_p95_ms = "fast"')
+    with pytest.raises(SpecError) as info:
+        load_project(str(toml_path))
+    assert "contract.latency_p95_ms" in str(info.value)
+    assert "'fast'" in str(info.value)
+
+
+def test_broken_toml_reports_the_line(toml_path):
+    edit_toml(toml_path, 'owner = "support-platform"', 'owner = "support-platform')
+    with pytest.raises(SpecError) as info:
+        load_project(str(toml_path))
+    assert "not valid TOML" in str(info.value)
+    assert f"{toml_path}:" in str(info.value)
+    assert info.value.line is not None
+
+
+def test_pipeline_model_must_be_declared(toml_path):
+    edit_toml(toml_path, 'model = "qwen15"', 'model = "gpt-9"')
+    with pytest.raises(SpecError, match="gpt-9"):
+        load_project(str(toml_path))
+
+
+def test_every_problem_is_reported_at_once(toml_path):
+    edit_toml(toml_path, "error_rate_max = 0.01", "error_rate_max = 3")
+    edit_toml(toml_path, "max_tokens = 96", "max_tokens = 0")
+    with pytest.raises(SpecError) as info:
+        load_project(str(toml_path))
+    assert "contract.error_rate_max" in str(info.value)
+    assert "models.qwen15.max_tokens" in str(info.value)
+
+
+def test_unknown_metric_kind_is_rejected(toml_path):
+    edit_toml(toml_path, '"format_validity",', '"bleu:category",')
+    with pytest.raises(SpecError, match="unknown metric 'bleu:category'"):
+        load_project(str(toml_path))
+
+
+def test_unknown_project_lists_known_ones(project_root):
+    with pytest.raises(SpecError, match="known projects: ticket-triage"):
+        load_project("nope", root=project_root)
+
+
+@given(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
+       st.sampled_from([">=", "<=", ">", "<", "=="]), st.sampled_from(["", " ", "  "]))
+def test_threshold_parse_roundtrip(value, op, pad):
+    threshold = Threshold.parse(f"{op}{pad}{value!r}")
+    assert threshold.op == op
+    assert threshold.value == value
+    assert Threshold.parse(str(threshold)).op == op
+
+
+@given(st.floats(min_value=-1e3, max_value=1e3, allow_nan=False))
+def test_bare_number_means_at_least(value):
+    threshold = Threshold.parse(value)
+    assert threshold.holds(value) and not threshold.holds(value - 1)
+
+
+@given(st.text(alphabet=string.ascii_letters + "!@#% ", min_size=1, max_size=12))
+def test_threshold_garbage_is_rejected(raw):
+    with pytest.raises(ValueError):
+        Threshold.parse(raw)
+
+
+@given(st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3), st.integers(0, 5))
+def test_locate_finds_key_under_its_table(path, blank_lines):
+    *tables, key = path
+    header = f"[{'.'.join(tables)}]\n" if tables else ""
+    text = "# comment\n" + "\n" * blank_lines + header + f"{key} = 1\n"
+    assert locate(text, path) == text.splitlines().index(f"{key} = 1") + 1
+
+
+@given(st.text(max_size=200))
+def test_parse_spec_never_crashes_on_garbage(text):
+    with pytest.raises(SpecError):
+        parse_spec(text, "fuzz.toml")
+
+
+def test_every_spec_key_is_documented():
+    from framework import spec as s
+
+    doc = (REPO / "docs" / "project-toml.md").read_text()
+    for model in (s.ProjectMeta, s.PipelineSpec, s.ModelSpec, s.ModelSource, s.EvalSpec, s.OptimizeSpec,
+                  s.ContractSpec):
+        for key in model.model_fields:
+            assert f"`{key}`" in doc or f"source.{key}" in doc, f"{model.__name__}.{key} missing from docs"
