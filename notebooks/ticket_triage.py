@@ -38,7 +38,7 @@ class TriageTicket(dspy.Signature):
     priority: Literal["low", "medium", "high", "urgent"] = dspy.OutputField()
     needs_human: bool = dspy.OutputField()
     # max_length goes into the JSON-schema grammar: the model cannot ramble.
-    reason: str = dspy.OutputField(desc="a few words, in English", max_length=60)
+    reason: str = dspy.OutputField(desc="3 to 6 words, in English, e.g. \"double charge on invoice\"", max_length=48)
 
 
 @app.class_definition
@@ -75,8 +75,12 @@ def _():
 
 @app.cell
 def _(mo, project):
+    import os
+
     model_choice = mo.ui.dropdown(
-        options=sorted(project.spec.models), value=project.spec.pipeline.model, label="model"
+        options=sorted(project.spec.models),
+        value=os.environ.get("SLIPWAY_MODEL", project.spec.pipeline.model),
+        label="model",
     )
     slice_size = mo.ui.slider(5, 60, value=12, step=1, label="dev examples to score live")
     mo.hstack([model_choice, slice_size])
