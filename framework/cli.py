@@ -245,13 +245,67 @@ def optimize(project: ProjectArg, model: ModelOpt = None,
         outcome = run_optimize(loaded, model_key=model, dev_limit=dev_limit)
     except SlipwayError as exc:
         _fail(exc)
-    data = {"optimizer": outcome.optimizer, "metric": outcome.metric, "dev_before": outcome.before,
-            "dev_after": outcome.after, "demos": outcome.demos, "saved": str(outcome.path)}
+    data = {"optimizer": outcome.optimizer, "dev_before": outcome.before, "dev_after": outcome.after,
+            "demos": outcome.demos, "saved": str(outcome.path)}
     if as_json:
         console.print_json(json.dumps(data))
-    else:
-        console.print(f"{outcome.optimizer}: dev {outcome.metric} {outcome.before:.3f} → {outcome.after:.3f} "
-                      f"({outcome.demos} demos); saved {outcome.path}")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{outcome.optimizer}: dev split before → after ({outcome.demos} demos)",
+                  title_justify="left")
+    for column in ("metric", "before", "after", "change"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name, before in outcome.before.items():
+        after = outcome.after.get(name, float("nan"))
+        table.add_row(name, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
+    console.print(table)
+    console.print(f"saved {outcome.path} (DSPy JSON); eval, check and build now use it")
+
+
+@app.command()
+def build(project: ProjectArg,
+          run_check: Annotated[bool, typer.Option("--check", help="run the check first when none matches")] = False,
+          as_json: JsonOpt = False) -> None:
+    """Build a versioned BentoML bento, refused unless the current content passed its check.
+
+    Exit 0 built (or already built: same version), 1 refused, 2 bad config.
+    Example: slipway build ticket-triage --check
+    """
+    from framework.build import build as run_build
+    from framework.spec import load_project
+
+    try:
+        loaded = load_project(project)
+        result = run_build(loaded, run_check=run_check)
+    except SlipwayError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps({"tag": result.tag, "created": result.created, "model": result.model_tag,
+                                       "labels": result.labels, "path": result.path}))
+        return
+    verb = "built" if result.created else "unchanged, already built"
+    console.print(f"[green]{verb}[/] {result.tag}  (model {result.model_tag})")
+    console.print(f"serve it: slipway serve {result.tag}   or   BENTOML_HOME=bentos bentoml serve {result.tag}")
+
+
+@app.command()
+def serve(target: Annotated[str, typer.Argument(help="<project> or <project>:<version> (default: newest build)")],
+          port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 3000,
+          host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+          workers: Annotated[int | None, typer.Option(min=1, help="worker processes (default: [serve].workers)")]
+          = None) -> None:
+    """Serve a built bento over HTTP with BentoML (each worker loads the model once).
+
+    Example: slipway serve ticket-triage --port 3000 --workers 2
+    """
+    from framework.serve import serve as run_serve
+
+    try:
+        code = run_serve(target, host=host, port=port, workers=workers, echo=lambda m: err.print(m))
+    except SlipwayError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
 
 
 @runs_app.command("list")

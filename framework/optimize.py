@@ -12,17 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from framework.evaluate import adapter, language_model, load_split, run_eval
-from framework.metrics import exact_match, metric_name
+from framework.metrics import exact_match
 from framework.notebook import load_program, notebook_function
 from framework.spec import Project
 
 
 @dataclass
 class OptimizeOutcome:
+    """Dev-split metrics (all of [eval].metrics) before and after compiling."""
+
     optimizer: str
-    metric: str
-    before: float
-    after: float
+    before: dict[str, float]
+    after: dict[str, float]
     path: Path
     demos: int
 
@@ -54,7 +55,6 @@ def _make_optimizer(project: Project, metric):
 def optimize(project: Project, *, model_key: str | None = None, dev_limit: int | None = None) -> OptimizeOutcome:
     import dspy
 
-    score_name = metric_name(project.spec.optimize.metric)
     baseline = load_program(project, saved=False)
     trainset = [ex.to_dspy() for ex in load_split(project, "train", baseline)]
     lm = language_model(project, model_key)
@@ -66,10 +66,5 @@ def optimize(project: Project, *, model_key: str | None = None, dev_limit: int |
     path = project.saved_program_path
     compiled.save(str(path))
     demos = sum(len(p.demos) for p in compiled.predictors())
-    return OptimizeOutcome(optimizer=project.spec.optimize.optimizer, metric=score_name,
-                           before=_score(before, score_name), after=_score(after, score_name), path=path,
-                           demos=demos)
-
-
-def _score(run, name: str) -> float:
-    return run.metrics.get(name, float("nan"))
+    return OptimizeOutcome(optimizer=project.spec.optimize.optimizer, before=dict(before.metrics),
+                           after=dict(after.metrics), path=path, demos=demos)

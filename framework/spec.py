@@ -176,6 +176,15 @@ class OptimizeSpec(_Strict):
     params: dict[str, int | float | str | bool] = Field(default_factory=dict)
 
 
+class ServeSpec(_Strict):
+    """How the built bento serves: route, workers and per-request limits."""
+
+    endpoint: Annotated[str, Field(pattern=r"^/?[a-z][a-z0-9_/-]*$")] = "predict"
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    timeout_s: Annotated[int, Field(ge=1, le=3600)] = 60
+    max_concurrency: Annotated[int, Field(ge=1, le=10000)] = 32
+
+
 class ProjectMeta(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")]
     description: str = ""
@@ -189,6 +198,7 @@ class ProjectSpec(_Strict):
     eval: EvalSpec
     contract: ContractSpec
     optimize: OptimizeSpec = Field(default_factory=OptimizeSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
 
     @model_validator(mode="after")
     def _pipeline_model_exists(self) -> ProjectSpec:

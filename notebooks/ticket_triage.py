@@ -63,6 +63,15 @@ def priority_band_match(example, prediction, trace=None) -> float:
     return float((example.priority in hot) == (getattr(prediction, "priority", None) in hot))
 
 
+@app.function
+def all_labels_match(example, prediction, trace=None) -> bool:
+    """Optimiser metric: a bootstrapped demo must get category, priority and needs_human all right."""
+    return all(
+        str(getattr(prediction, name, "")).lower() == str(example[name]).lower()
+        for name in ("category", "priority", "needs_human")
+    )
+
+
 @app.cell
 def _():
     import marimo as mo
@@ -136,8 +145,11 @@ def _(mo):
 def _(framework, mo, optimize_button, project):
     mo.stop(not optimize_button.value, mo.md("_Press the button to run the optimiser declared in project.toml._"))
     _outcome = framework.optimize(project)
-    mo.md(f"dev {_outcome.metric}: before **{_outcome.before:.3f}**, after **{_outcome.after:.3f}**, "
-          f"saved to `{_outcome.path}`")
+    mo.vstack([
+        mo.md(f"{_outcome.optimizer}: {_outcome.demos} demos, saved to `{_outcome.path}`"),
+        mo.ui.table([{"metric": k, "dev before": round(v, 3), "dev after": round(_outcome.after[k], 3)}
+                     for k, v in _outcome.before.items()], selection=None),
+    ])
     return
 
 

@@ -1,0 +1,62 @@
+"""`slipway serve`: find the bento for a project (or a given version) and run `bentoml serve` on it.
+
+Serving is BentoML's own server, started as `bentoml serve <tag>` against the
+repository's store, so what runs here is exactly what `bentoml serve` or a
+container built from the same bento would run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from framework.build import use_bentoml_home
+from framework.errors import SpecError
+from framework.spec import load_project
+
+
+def resolve_tag(target: str) -> tuple[str, str]:
+    """(project name, bento tag) for `project` (newest build) or `project:version`."""
+    name, _, version = target.partition(":")
+    project = load_project(name)
+    use_bentoml_home(project)
+    import bentoml
+
+    if version:
+        try:
+            return project.name, str(bentoml.get(f"{project.name}:{version}").tag)
+        except bentoml.exceptions.NotFound:
+            raise SpecError(f"no bento {project.name}:{version}", hint=f"list builds: BENTOML_HOME="
+                            f"{os.environ['BENTOML_HOME']} bentoml list {project.name}") from None
+    bentos = sorted(bentoml.list(project.name), key=lambda b: b.info.creation_time)
+    if not bentos:
+        raise SpecError(f"{project.name} has no build yet", path=str(project.toml_path),
+                        hint=f"run `slipway build {project.name}`")
+    return project.name, str(bentos[-1].tag)
+
+
+def serve_command(tag: str, *, host: str, port: int) -> list[str]:
+    return [str(Path(sys.executable).parent / "bentoml"), "serve", tag, "--host", host, "--port", str(port)]
+
+
+def serve_env(service_name: str, workers: int | None) -> dict[str, str]:
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
+    if workers:
+        env["BENTOML_CONFIG_OPTIONS"] = f"services.{service_name}.workers={workers}"
+    return env
+
+
+def serve(target: str, *, host: str, port: int, workers: int | None,
+          echo: Callable[[str], None] = print) -> int:
+    name, tag = resolve_tag(target)
+    echo(f"serving {tag} on http://{host}:{port} (BENTOML_HOME={os.environ['BENTOML_HOME']})")
+    process = subprocess.Popen(serve_command(tag, host=host, port=port),
+                               env=serve_env(name.replace("-", "_"), workers))
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        return process.wait()

@@ -1,0 +1,154 @@
+"""The one BentoML service every Slipway bento runs (generic, not written per project).
+
+At import it reads the bento's `slipway/` folder (written by build.py): the
+project spec, the notebook, the saved DSPy program and the version labels.
+Request and response schemas are pydantic models derived from the program's
+DSPy signature. Each worker loads the GGUF once from the BentoML model store
+and answers in process; llama.cpp calls are serialised by the engine's lock.
+Every response says which versions produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import bentoml
+from pydantic import BaseModel, Field, create_model
+
+from framework.errors import SlipwayError
+from framework.lm import load_engine
+from framework.spec import parse_spec
+
+
+def _bento_dir() -> Path:
+    """Where the bento's `slipway/` folder is: env (build time), beside this package, or the cwd."""
+    candidates = [os.environ.get("SLIPWAY_BENTO_DIR"), Path(__file__).resolve().parent.parent / "slipway",
+                  Path.cwd() / "slipway"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "bento.json").exists():
+            return Path(candidate)
+    raise RuntimeError("framework.service runs inside a bento built by `slipway build`; no slipway/bento.json found")
+
+
+BENTO_DIR = _bento_dir()
+CONFIG: dict[str, Any] = json.loads((BENTO_DIR / "bento.json").read_text())
+SPEC = parse_spec((BENTO_DIR / "project.toml").read_text(), str(BENTO_DIR / "project.toml"))
+MODEL = SPEC.models[CONFIG["model_key"]]
+LABELS = CONFIG["labels"]
+VERSION = {"bento": f"{CONFIG['project']}:{CONFIG['bento_version']}", "model_sha256": MODEL.sha256,
+           "program_hash": LABELS["slipway.program_hash"]}
+
+
+def _program():
+    from framework.notebook import import_notebook
+
+    program = getattr(import_notebook(BENTO_DIR / "notebook.py"), CONFIG["program"])()
+    program.load(str(BENTO_DIR / "program.json"))
+    return program
+
+
+def _schemas():
+    """Request/response pydantic models from the program's DSPy signature."""
+    from framework.notebook import input_fields
+
+    program = _program()
+    signature = program.predictors()[-1].signature
+    limit = SPEC.contract.max_input_chars
+    inputs = {name: (signature.input_fields[name].annotation, Field(description=_desc(signature.input_fields[name])))
+              for name in input_fields(program)}
+    outputs = {name: (field.annotation, ...) for name, field in signature.output_fields.items()}
+    request = create_model("Request", __base__=bentoml.IODescriptor, **inputs)
+    version = create_model("Version", bento=(str, ...), model_sha256=(str, ...), program_hash=(str, ...))
+    response = create_model("Response", **outputs, request_id=(str, ...), version=(version, ...))
+    return request, response, limit
+
+
+def _desc(field) -> str:
+    return (field.json_schema_extra or {}).get("desc", "") if hasattr(field, "json_schema_extra") else ""
+
+
+Request, Response, MAX_INPUT_CHARS = _schemas()
+ENDPOINT = "/" + SPEC.serve.endpoint.strip("/")
+
+_latency = bentoml.metrics.Histogram(
+    name="slipway_request_seconds", documentation="End-to-end request latency",
+    labelnames=["bento_version", "outcome"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64))
+_tokens = bentoml.metrics.Counter(name="slipway_tokens", documentation="Tokens processed",
+                                  labelnames=["bento_version", "direction"])
+_cost = bentoml.metrics.Counter(name="slipway_cost", documentation="Cost from token prices",
+                                labelnames=["bento_version"])
+_errors = bentoml.metrics.Counter(name="slipway_errors", documentation="Requests answered with an error",
+                                  labelnames=["bento_version", "status"])
+
+
+class ErrorBody(BaseModel):
+    error: str
+    request_id: str
+    version: dict[str, str]
+
+
+@bentoml.service(name=CONFIG["service_name"], workers=SPEC.serve.workers,
+                 traffic={"timeout": SPEC.serve.timeout_s, "max_concurrency": SPEC.serve.max_concurrency},
+                 labels={k.replace("slipway.", "slipway-"): v for k, v in LABELS.items()})
+class SlipwayService:
+    gguf = bentoml.models.BentoModel(CONFIG["model_tag"])
+
+    def __init__(self) -> None:
+        self.ready = False
+        from framework import weights
+        from framework.lm import json_adapter, make_lm
+
+        path = Path(self.gguf.path) / "model.gguf"
+        weights.verify(MODEL, path, field=f"models.{CONFIG['model_key']}.sha256")
+        self.lm = make_lm(MODEL, path)
+        self.engine = load_engine(MODEL, path)
+        self.program = _program()
+        self.adapter = json_adapter() if SPEC.pipeline.adapter == "json" else None
+        self.ready = True
+
+    def __is_ready__(self) -> bool:
+        return self.ready
+
+    @bentoml.api(route=ENDPOINT, input_spec=Request)
+    def predict(self, ctx: bentoml.Context, **inputs: Any) -> dict:
+        import dspy
+
+        from framework.lm import metering
+
+        request_id = ctx.request.headers.get("x-request-id") or uuid.uuid4().hex
+        ctx.response.headers["X-Request-ID"] = request_id
+        version = VERSION["bento"]
+        start = time.perf_counter()
+        size = sum(len(str(v)) for v in inputs.values())
+        if size > MAX_INPUT_CHARS:
+            return self._error(ctx, 413, request_id, f"input is {size} characters; the contract allows "
+                               f"{MAX_INPUT_CHARS} (contract.max_input_chars)", start)
+        try:
+            with metering() as calls, dspy.context(lm=self.lm, adapter=self.adapter):
+                prediction = self.program(**inputs)
+            outputs = {name: prediction.get(name) for name in Response.model_fields
+                       if name not in ("request_id", "version")}
+        except SlipwayError as exc:
+            return self._error(ctx, 503, request_id, exc.render(), start)
+        except Exception as exc:  # a request never kills the worker; the caller gets its id to report
+            return self._error(ctx, 503, request_id, f"model error: {type(exc).__name__}: {str(exc)[:300]}", start)
+        tokens_in = sum(c.tokens_in for c in calls)
+        tokens_out = sum(c.tokens_out for c in calls)
+        _tokens.labels(version, "input").inc(tokens_in)
+        _tokens.labels(version, "output").inc(tokens_out)
+        _cost.labels(version).inc(tokens_in / 1000 * MODEL.price_per_1k_input
+                                  + tokens_out / 1000 * MODEL.price_per_1k_output)
+        _latency.labels(version, "ok").observe(time.perf_counter() - start)
+        return {**json.loads(json.dumps(outputs, default=str)), "request_id": request_id, "version": VERSION}
+
+    def _error(self, ctx, status: int, request_id: str, message: str, start: float) -> dict:
+        ctx.response.status_code = status
+        _errors.labels(VERSION["bento"], str(status)).inc()
+        _latency.labels(VERSION["bento"], "error").observe(time.perf_counter() - start)
+        return ErrorBody(error=message, request_id=request_id, version=VERSION).model_dump()
