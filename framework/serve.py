@@ -8,7 +8,6 @@ container built from the same bento would run.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -51,12 +50,12 @@ def serve_env(service_name: str, workers: int | None) -> dict[str, str]:
 
 def serve(target: str, *, host: str, port: int, workers: int | None,
           echo: Callable[[str], None] = print) -> int:
+    """Replace this process with `bentoml serve`: signals (Ctrl-C, SIGTERM from a supervisor) then reach
+    BentoML directly, which drains in-flight requests and stops its workers."""
     name, tag = resolve_tag(target)
     echo(f"serving {tag} on http://{host}:{port} (BENTOML_HOME={os.environ['BENTOML_HOME']})")
-    process = subprocess.Popen(serve_command(tag, host=host, port=port),
-                               env=serve_env(name.replace("-", "_"), workers))
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        return process.wait()
+    command = serve_command(tag, host=host, port=port)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command[0], command, serve_env(name.replace("-", "_"), workers))
+    return 0  # not reached

@@ -62,7 +62,9 @@ def _schemas():
     inputs = {name: (signature.input_fields[name].annotation, Field(description=_desc(signature.input_fields[name])))
               for name in input_fields(program)}
     outputs = {name: (field.annotation, ...) for name, field in signature.output_fields.items()}
-    request = create_model("Request", __base__=bentoml.IODescriptor, **inputs)
+    request = create_model("Request", __base__=bentoml.IODescriptor, __config__=None, **inputs)
+    request.model_config["extra"] = "forbid"  # a misspelt field is an error, not silently ignored
+    request.model_rebuild(force=True)
     version = create_model("Version", bento=(str, ...), model_sha256=(str, ...), program_hash=(str, ...))
     response = create_model("Response", **outputs, request_id=(str, ...), version=(version, ...))
     return request, response, limit
@@ -91,6 +93,24 @@ class ErrorBody(BaseModel):
     error: str
     request_id: str
     version: dict[str, str]
+
+
+class ValidationErrorsAs422:
+    """BentoML answers schema errors with 400; HTTP APIs (and FastAPI users) expect 422. Body unchanged."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") != ENDPOINT:
+            return await self.app(scope, receive, send)
+
+        async def send_422(message):
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                message = {**message, "status": 422}
+            await send(message)
+
+        await self.app(scope, receive, send_422)
 
 
 @bentoml.service(name=CONFIG["service_name"], workers=SPEC.serve.workers,
@@ -152,3 +172,6 @@ class SlipwayService:
         _errors.labels(VERSION["bento"], str(status)).inc()
         _latency.labels(VERSION["bento"], "error").observe(time.perf_counter() - start)
         return ErrorBody(error=message, request_id=request_id, version=VERSION).model_dump()
+
+
+SlipwayService.add_asgi_middleware(ValidationErrorsAs422)

@@ -1,0 +1,126 @@
+"""Build and serve through the real path: check → bento → `bentoml serve` over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from framework.cli import app
+from tests.conftest import edit_toml
+
+runner = CliRunner()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.model
+def test_build_gate_determinism_and_staleness(tiny_project, tiny_model_present):
+    refused = runner.invoke(app, ["build", "ticket-triage"])
+    assert refused.exit_code == 1, refused.output
+    assert "no check has been run" in refused.output
+
+    assert runner.invoke(app, ["check", "ticket-triage"]).exit_code == 0
+    first = runner.invoke(app, ["build", "ticket-triage", "--json"])
+    assert first.exit_code == 0, first.output
+    built = json.loads(first.output)
+    assert built["created"] and built["labels"]["slipway.model_sha256"].startswith("b179c952")
+
+    again = runner.invoke(app, ["build", "ticket-triage", "--json"])
+    assert again.exit_code == 0 and json.loads(again.output)["tag"] == built["tag"]
+    assert not json.loads(again.output)["created"]
+
+    edit_toml(Path("notebooks/ticket_triage.py"), "Triage one customer-support ticket",
+              "Triage one customer support ticket")
+    stale = runner.invoke(app, ["build", "ticket-triage"])
+    assert stale.exit_code == 1
+    assert "stale" in stale.output and "notebook source" in stale.output
+
+    rebuilt = runner.invoke(app, ["build", "ticket-triage", "--check", "--json"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert json.loads(rebuilt.output)["tag"] != built["tag"]
+
+    listed = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "list", "ticket-triage", "-o", "json"],
+                            capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert {b["tag"] for b in json.loads(listed.stdout)} == {built["tag"], json.loads(rebuilt.output)["tag"]}
+
+
+@pytest.mark.model
+def test_failing_check_blocks_the_build(tiny_project, tiny_model_present):
+    edit_toml(tiny_project, 'category_accuracy = ">= 0.0"', 'category_accuracy = ">= 0.999"')
+    assert runner.invoke(app, ["check", "ticket-triage"]).exit_code == 1
+    refused = runner.invoke(app, ["build", "ticket-triage"])
+    assert refused.exit_code == 1
+    assert "failed category_accuracy" in refused.output
+
+
+@pytest.mark.model
+def test_served_bento_answers_concurrently_with_versions(tiny_project, tiny_model_present):
+    assert runner.invoke(app, ["check", "ticket-triage"]).exit_code == 0
+    built = json.loads(runner.invoke(app, ["build", "ticket-triage", "--json"]).output)
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "slipway"), "serve", "ticket-triage",
+                               "--port", str(port), "--workers", "2"], env=os.environ.copy(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.stdout.read()
+            time.sleep(1)
+        else:
+            pytest.fail("server never became ready")
+
+        tickets = [f"Ticket {i}: I was charged twice on invoice INV-{i}" for i in range(8)]
+
+        def ask(i):
+            return httpx.post(f"{base}/triage", json={"ticket": tickets[i]},
+                              headers={"X-Request-ID": f"req-{i}"}, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(8)))
+        for i, response in enumerate(answers):
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["request_id"] == f"req-{i}" and response.headers["x-request-id"] == f"req-{i}"
+            assert body["category"] in ("billing", "bug", "account", "feature_request", "outage", "abuse")
+            assert body["version"] == {"bento": built["tag"], "model_sha256": built["labels"]["slipway.model_sha256"],
+                                       "program_hash": built["labels"]["slipway.program_hash"]}
+
+        wrong = httpx.post(f"{base}/triage", json={"tickt": "typo"}, timeout=30)
+        assert wrong.status_code == 422 and "ticket" in wrong.text
+        broken = httpx.post(f"{base}/triage", content=b'{"ticket": ', headers={"content-type": "application/json"},
+                            timeout=30)
+        assert broken.status_code == 422
+        huge = httpx.post(f"{base}/triage", json={"ticket": "x" * 9000}, timeout=30)
+        assert huge.status_code == 413 and huge.json()["request_id"]
+        assert "max_input_chars" in huge.json()["error"]
+
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        assert f'slipway_request_seconds_count{{bento_version="{built["tag"]}",outcome="ok"}}' in metrics
+        assert "slipway_tokens_total" in metrics and 'status="413"' in metrics
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
