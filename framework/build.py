@@ -10,6 +10,7 @@ as a BentoML model and referenced by every bento that uses it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -100,6 +101,18 @@ def gate(project: Project, *, run_check: bool = False) -> CheckResult | dict:
     return {**found, **hashes}
 
 
+def bento_version(passing: dict) -> str:
+    """Deterministic: the checked content, the contract, and the framework release that packs them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        framework = version("slipway")
+    except PackageNotFoundError:
+        framework = "dev"
+    key = f"{passing['content_hash']}:{passing['contract_hash']}:{framework}"
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
 def build(project: Project, *, run_check: bool = False) -> BuildResult:
     passing = gate(project, run_check=run_check)
     use_bentoml_home(project)
@@ -107,7 +120,7 @@ def build(project: Project, *, run_check: bool = False) -> BuildResult:
 
     key = project.spec.pipeline.model
     model_spec = project.model(key)
-    version = passing["content_hash"][:20]
+    version = bento_version(passing)
     name = project.name
     tag = f"{name}:{version}"
     model_tag = _ensure_model(project, key)
@@ -174,5 +187,5 @@ def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels
             shutil.copyfile(passing[kind], out / f"check_report{Path(passing[kind]).suffix}")
     config = {"project": project.name, "service_name": project.name.replace("-", "_"), "model_key": key,
               "model_tag": model_tag, "program": project.spec.pipeline.program, "labels": labels,
-              "bento_version": passing["content_hash"][:20]}
+              "bento_version": bento_version(passing)}
     (out / "bento.json").write_text(json.dumps(config, indent=2))
