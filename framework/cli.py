@@ -232,6 +232,7 @@ def check(project: ProjectArg, model: ModelOpt = None, limit: LimitOpt = None,
 @app.command()
 def optimize(project: ProjectArg, model: ModelOpt = None,
              dev_limit: Annotated[int | None, typer.Option(min=1, help="score only N dev examples")] = None,
+             force: Annotated[bool, typer.Option("--force", help="save even when dev gets worse")] = False,
              as_json: JsonOpt = False) -> None:
     """Compile the program with the optimiser in [optimize] on the train split; save it.
 
@@ -242,11 +243,13 @@ def optimize(project: ProjectArg, model: ModelOpt = None,
 
     try:
         loaded = load_project(project)
-        outcome = run_optimize(loaded, model_key=model, dev_limit=dev_limit)
+        outcome = run_optimize(loaded, model_key=model, dev_limit=dev_limit, force=force)
     except SlipwayError as exc:
         _fail(exc)
     data = {"optimizer": outcome.optimizer, "dev_before": outcome.before, "dev_after": outcome.after,
-            "demos": outcome.demos, "saved": str(outcome.path)}
+            "objective": outcome.objective, "objective_before": outcome.objective_before,
+            "objective_after": outcome.objective_after, "demos": outcome.demos, "saved": outcome.saved,
+            "path": str(outcome.path)}
     if as_json:
         console.print_json(json.dumps(data))
         return
@@ -260,7 +263,13 @@ def optimize(project: ProjectArg, model: ModelOpt = None,
         after = outcome.after.get(name, float("nan"))
         table.add_row(name, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
     console.print(table)
-    console.print(f"saved {outcome.path} (DSPy JSON); eval, check and build now use it")
+    console.print(f"objective {outcome.objective} on dev: {outcome.objective_before:.3f} → "
+                  f"{outcome.objective_after:.3f}")
+    if outcome.saved:
+        console.print(f"saved {outcome.path} (DSPy JSON); eval, check and build now use it")
+    else:
+        console.print("[yellow]not saved[/]: the compiled program is worse on dev; the baseline stays "
+                      "(use --force to save it anyway)")
 
 
 @app.command()

@@ -26,6 +26,10 @@ class OptimizeOutcome:
     after: dict[str, float]
     path: Path
     demos: int
+    saved: bool = True
+    objective: str = ""
+    objective_before: float = float("nan")
+    objective_after: float = float("nan")
 
 
 def _metric_fn(project: Project):
@@ -52,7 +56,28 @@ def _make_optimizer(project: Project, metric):
     return dspy.MIPROv2(metric=metric, **params)
 
 
-def optimize(project: Project, *, model_key: str | None = None, dev_limit: int | None = None) -> OptimizeOutcome:
+def objective(project: Project, run) -> float:
+    """Mean of the optimiser's own metric over a dev run's records (errors score 0)."""
+    import dspy
+
+    metric = _metric_fn(project)
+    scores = []
+    for record in run.records:
+        if record["output"] is None:
+            scores.append(0.0)
+            continue
+        example = dspy.Example(**record["inputs"], **record["expected"])
+        scores.append(float(metric(example, dspy.Prediction(**record["output"]), None)))
+    return sum(scores) / len(scores) if scores else float("nan")
+
+
+def optimize(project: Project, *, model_key: str | None = None, dev_limit: int | None = None,
+             force: bool = False) -> OptimizeOutcome:
+    """Compile, score both programs on dev, and save the compiled one only if it is not worse there.
+
+    An optimiser can overfit a small train split (BootstrapFewShot did, on the demo): keeping the
+    baseline unless dev agrees is what stops `optimize` from quietly making the pipeline worse.
+    """
     import dspy
 
     baseline = load_program(project, saved=False)
@@ -63,8 +88,13 @@ def optimize(project: Project, *, model_key: str | None = None, dev_limit: int |
         compiled = _make_optimizer(project, _metric_fn(project)).compile(load_program(project, saved=False),
                                                                           trainset=trainset)
     after = run_eval(project, split="dev", limit=dev_limit, program=compiled, model_key=model_key)
+    objective_before, objective_after = objective(project, before), objective(project, after)
     path = project.saved_program_path
-    compiled.save(str(path))
+    saved = force or objective_after >= objective_before
+    if saved:
+        compiled.save(str(path))
     demos = sum(len(p.demos) for p in compiled.predictors())
     return OptimizeOutcome(optimizer=project.spec.optimize.optimizer, before=dict(before.metrics),
-                           after=dict(after.metrics), path=path, demos=demos)
+                           after=dict(after.metrics), path=path, demos=demos, saved=saved,
+                           objective=project.spec.optimize.metric,
+                           objective_before=objective_before, objective_after=objective_after)

@@ -20,10 +20,11 @@ def test_optimize_saves_a_program_that_eval_then_uses(toml_path, tiny_model_pres
               "params = { k = 3 }")
     project = load_project(str(toml_path))
     before_hash = program_hash(load_program(project))
-    result = CliRunner().invoke(app, ["optimize", str(toml_path), "--model", TINY, "--dev-limit", "3", "--json"])
+    result = CliRunner().invoke(app, ["optimize", str(toml_path), "--model", TINY, "--dev-limit", "3", "--force",
+                                      "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert data["demos"] == 3
+    assert data["demos"] == 3 and data["saved"] is True
     assert set(data["dev_before"]) == set(data["dev_after"]) >= {"category_accuracy", "category_macro_f1"}
     saved = json.loads(project.saved_program_path.read_text())
     assert len(saved["triage"]["demos"]) == 3  # DSPy's own save format
