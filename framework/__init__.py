@@ -2,7 +2,8 @@
 
 The public API, in the order data flows through it:
 project.toml → `load_project` → `load_program` (from the notebook) →
-`language_model` (llama.cpp) → `run_eval` → `judge` / `check` → report.
+`language_model` (llama.cpp) → `run_eval` → `judge` / `check` → report →
+`build` (a BentoML bento, refused unless the check passed) → `slipway serve`.
 Heavy libraries (dspy, llama_cpp, duckdb) are imported only when used.
 """
 
@@ -10,6 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+# `check` and `build` share their names with their modules: import them eagerly so that a later
+# `import framework.check` cannot replace the function with the module on this package.
+# Both modules import dspy, llama_cpp and bentoml only inside their functions.
+from framework.build import build
+from framework.check import check
 from framework.errors import (
     ContractFailed,
     DatasetError,
@@ -36,6 +42,7 @@ __all__ = [
     "SpecError",
     "StoreError",
     "adapter",
+    "build",
     "check",
     "judge",
     "language_model",
@@ -90,15 +97,9 @@ def judge(project: Project, run: EvalRun) -> Verdict:
     return _judge(project.spec.contract, run.measurements)
 
 
-def check(project: Project, **kwargs):
-    """Eval (or reuse an identical run) + verdict + reports, recorded in the store."""
-    from framework.check import check as _check
-
-    return _check(project, **kwargs)
-
-
 def optimize(project: Project, **kwargs):
     """Compile the program with the project's DSPy optimiser and save it beside project.toml."""
     from framework.optimize import optimize as _optimize
 
     return _optimize(project, **kwargs)
+

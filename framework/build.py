@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,7 +44,30 @@ def use_bentoml_home(project: Project) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     os.environ["BENTOML_HOME"] = str(home)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    if "bentoml" in sys.modules:
+        _repoint_imported_bentoml(home)
     return home
+
+
+def _repoint_imported_bentoml(home: Path) -> None:
+    """BentoML reads BENTOML_HOME once, at first use. A process that builds for two repositories
+    (a notebook, the test suite) would otherwise write the second project's bento into the first
+    one's store, so override BentoML's store providers with ones rooted at `home`."""
+    from bentoml._internal.bento import BentoStore
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    dirs = {name: home / name for name in ("bentos", "models", "envs", "tmp")}
+    for path in dirs.values():
+        path.mkdir(parents=True, exist_ok=True)
+    BentoMLContainer.bentoml_home.set(str(home))
+    BentoMLContainer.bento_store_dir.set(str(dirs["bentos"]))
+    BentoMLContainer.model_store_dir.set(str(dirs["models"]))
+    BentoMLContainer.env_store_dir.set(str(dirs["envs"]))
+    BentoMLContainer.tmp_bento_store_dir.set(str(dirs["tmp"]))
+    BentoMLContainer.bento_store.set(BentoStore(str(dirs["bentos"])))
+    BentoMLContainer.tmp_bento_store.set(BentoStore(str(dirs["tmp"])))
+    BentoMLContainer.model_store.set(ModelStore(str(dirs["models"])))
 
 
 @dataclass

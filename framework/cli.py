@@ -25,7 +25,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
 
 console = Console(stderr=False, highlight=False)
-err = Console(stderr=True, highlight=False)
+# soft_wrap: error lines carry file:line:field paths that must stay whole to be copied or clicked.
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 _state = {"debug": False}
 
 ProjectArg = Annotated[str, typer.Argument(help="project name (projects/<name>) or path to its project.toml")]

@@ -26,7 +26,10 @@ def import_notebook(path: Path) -> ModuleType:
         raise NotebookError("notebook not found", path=str(path), field="pipeline.notebook",
                             hint="fix [pipeline].notebook in project.toml (relative to the repository root)")
     source = path.read_bytes()
-    name = f"slipway_notebook_{path.stem}_{hashlib.sha256(source).hexdigest()[:12]}"
+    # Keyed on path and content: an edited notebook re-imports, and two copies of one
+    # notebook (a test's throw-away project, a bento) never share a module.
+    key = hashlib.sha256(str(path.resolve()).encode() + b"\0" + source).hexdigest()[:12]
+    name = f"slipway_notebook_{path.stem}_{key}"
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)

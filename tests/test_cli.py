@@ -65,7 +65,7 @@ def test_corrupt_eval_row_exits_2_and_keeps_earlier_runs(toml_path, tiny_model_p
     assert result.exit_code == 2
     assert f"{eval_path}:5: not valid JSON" in result.output
     runs = runner.invoke(app, ["runs", "list", str(toml_path), "--json"])
-    assert [r["status"] for r in json.loads(runs.output)] == ["complete"]
+    assert [r["status"] for r in json.loads(runs.stdout)] == ["complete"]
 
 
 @pytest.mark.model
@@ -73,7 +73,7 @@ def test_failing_clause_exits_1_and_is_named(toml_path, tiny_model_present):
     edit_toml(toml_path, 'category_accuracy = ">= 0.70"', 'category_accuracy = ">= 0.999"')
     result = runner.invoke(app, ["check", str(toml_path), "--model", TINY, "--limit", "6", "--json"])
     assert result.exit_code == 1, result.output
-    verdict = json.loads(result.output)
+    verdict = json.loads(result.stdout)
     assert "category_accuracy" in verdict["failed"]
     assert verdict["passed"] is False
     human = runner.invoke(app, ["check", str(toml_path), "--model", TINY, "--limit", "6"])

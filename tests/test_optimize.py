@@ -23,7 +23,7 @@ def test_optimize_saves_a_program_that_eval_then_uses(toml_path, tiny_model_pres
     result = CliRunner().invoke(app, ["optimize", str(toml_path), "--model", TINY, "--dev-limit", "3", "--force",
                                       "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["demos"] == 3 and data["saved"] is True
     assert set(data["dev_before"]) == set(data["dev_after"]) >= {"category_accuracy", "category_macro_f1"}
     saved = json.loads(project.saved_program_path.read_text())

@@ -36,12 +36,12 @@ def test_build_gate_determinism_and_staleness(tiny_project, tiny_model_present):
     assert runner.invoke(app, ["check", "ticket-triage"]).exit_code == 0
     first = runner.invoke(app, ["build", "ticket-triage", "--json"])
     assert first.exit_code == 0, first.output
-    built = json.loads(first.output)
+    built = json.loads(first.stdout)
     assert built["created"] and built["labels"]["slipway.model_sha256"].startswith("b179c952")
 
     again = runner.invoke(app, ["build", "ticket-triage", "--json"])
-    assert again.exit_code == 0 and json.loads(again.output)["tag"] == built["tag"]
-    assert not json.loads(again.output)["created"]
+    assert again.exit_code == 0 and json.loads(again.stdout)["tag"] == built["tag"]
+    assert not json.loads(again.stdout)["created"]
 
     edit_toml(Path("notebooks/ticket_triage.py"), "Triage one customer-support ticket",
               "Triage one customer support ticket")
@@ -51,12 +51,12 @@ def test_build_gate_determinism_and_staleness(tiny_project, tiny_model_present):
 
     rebuilt = runner.invoke(app, ["build", "ticket-triage", "--check", "--json"])
     assert rebuilt.exit_code == 0, rebuilt.output
-    assert json.loads(rebuilt.output)["tag"] != built["tag"]
+    assert json.loads(rebuilt.stdout)["tag"] != built["tag"]
 
     listed = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "list", "ticket-triage", "-o", "json"],
                             capture_output=True, text=True, env=os.environ.copy(), timeout=120)
     assert listed.returncode == 0, listed.stderr
-    assert {b["tag"] for b in json.loads(listed.stdout)} == {built["tag"], json.loads(rebuilt.output)["tag"]}
+    assert {b["tag"] for b in json.loads(listed.stdout)} == {built["tag"], json.loads(rebuilt.stdout)["tag"]}
 
 
 @pytest.mark.model
@@ -71,7 +71,7 @@ def test_failing_check_blocks_the_build(tiny_project, tiny_model_present):
 @pytest.mark.model
 def test_served_bento_answers_concurrently_with_versions(tiny_project, tiny_model_present):
     assert runner.invoke(app, ["check", "ticket-triage"]).exit_code == 0
-    built = json.loads(runner.invoke(app, ["build", "ticket-triage", "--json"]).output)
+    built = json.loads(runner.invoke(app, ["build", "ticket-triage", "--json"]).stdout)
     port = _free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "slipway"), "serve", "ticket-triage",
                                "--port", str(port), "--workers", "2"], env=os.environ.copy(),
