@@ -24,7 +24,8 @@ runs_app = typer.Typer(no_args_is_help=True, help="Browse eval runs recorded in 
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
 
-console = Console(stderr=False, highlight=False)
+# Piped or in CI, rich would wrap tables at 80 columns and truncate clause names: use 120.
+console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 120)
 # soft_wrap: error lines carry file:line:field paths that must stay whole to be copied or clicked.
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 _state = {"debug": False}

@@ -66,7 +66,7 @@ def tiny_project(project_root, monkeypatch):
     so a full check (what build requires) takes seconds. BENTOML_HOME goes to the throw-away root."""
     toml = project_root / "projects" / "ticket-triage" / "project.toml"
     edit_toml(toml, 'model = "qwen15"', 'model = "tiny"')
-    for metric in ("category_macro_f1", "category_accuracy", "format_validity"):
+    for metric in ("category_macro_f1", "category_accuracy", "priority_band_match", "format_validity"):
         text = toml.read_text()
         start = text.index(f"{metric} = ")
         end = text.index("\n", start)
