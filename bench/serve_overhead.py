@@ -8,8 +8,8 @@ not throughput), all on 127.0.0.1:
   in-process/full the program with llama.cpp's full-schema grammar (skeleton off)
   llama_cpp.server the same chat messages and JSON schema sent to llama-cpp-python's own server
 
-Needs a build of the project (`slipway build`) and `pip install 'llama-cpp-python[server]'` for the last
-mode (skipped with a note when missing).
+Needs a build of the project (`slipway build`); the last mode needs llama-cpp-python's server
+dependencies, `.venv/bin/pip install -e '.[bench]'` (skipped with a note when missing).
 
     .venv/bin/python bench/serve_overhead.py --model qwen15 -n 20
 """
@@ -106,7 +106,7 @@ def main() -> None:
         server.wait(timeout=60)
 
     if importlib.util.find_spec("sse_starlette") is None:
-        print("note: llama_cpp.server needs `pip install 'llama-cpp-python[server]'`; mode skipped")
+        print("note: llama_cpp.server needs `.venv/bin/pip install -e '.[bench]'`; mode skipped")
     else:
         spec = project.model(key)
         port = free_port()
