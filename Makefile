@@ -12,14 +12,14 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
                     -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 PROJECT ?= ticket-triage
 
-.PHONY: demo test install llama-wheel lint clean-venv
+.PHONY: demo test install llama-wheel browser lint clean-venv
 
 demo: install
 	$(BIN)/slipway validate $(PROJECT)
 	$(BIN)/slipway models pull $(PROJECT)
 	$(BIN)/slipway check $(PROJECT)
 
-test: install
+test: install browser
 	$(BIN)/slipway models pull $(PROJECT) --model tiny
 	$(BIN)/python -m pytest -q
 
@@ -41,6 +41,16 @@ llama-wheel:
 	    CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --quiet --no-cache-dir --no-deps \
 	        -w $(WHEELS) "$(LLAMA)"; \
 	fi
+
+# The report tests open pages in a real headless Chromium (Debian's package; Playwright drives it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	        echo "installing Debian's chromium for the browser tests"; \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	    else \
+	        echo "note: no chromium found; browser tests will be skipped (sudo apt-get install chromium)"; \
+	    fi; }
 
 lint: install
 	$(BIN)/ruff check framework tests bench
