@@ -56,6 +56,13 @@ class ModelError(SlipwayError):
     exit_code = 2
 
 
+class ModelTimeout(ModelError):
+    """A model call ran past its deadline (`serve.timeout_s` when served)."""
+
+    code = "model-timeout"
+    exit_code = 1
+
+
 class NotebookError(SlipwayError):
     """The pipeline notebook cannot be imported or lacks the declared program."""
 

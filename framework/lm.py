@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from framework import structured
-from framework.errors import ModelError
+from framework.errors import ModelError, ModelTimeout, SlipwayError
 from framework.spec import ModelSpec
 
 
@@ -39,6 +39,56 @@ class CallStats:
 
 
 _meter: contextvars.ContextVar[list[CallStats] | None] = contextvars.ContextVar("slipway_meter", default=None)
+
+
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("slipway_deadline", default=None)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Bound the model calls inside the block, waiting for the model included, to `seconds` in all.
+
+    A served request queues on the engine's lock behind others; past its deadline it must fail
+    with a clear error (the service answers 503) instead of holding its caller until the HTTP
+    layer gives up. A skeleton-decoded answer is also cut off mid-generation at the deadline.
+    """
+    token = _deadline.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def _remaining() -> float | None:
+    end = _deadline.get()
+    return None if end is None else end - time.monotonic()
+
+
+def _timed_out(waited_for: str) -> ModelTimeout:
+    return ModelTimeout(f"model call timed out {waited_for}", field="serve.timeout_s",
+                        hint="raise serve.timeout_s, add workers, or send fewer concurrent requests")
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The Slipway error behind an exception DSPy wrapped (it re-raises engine errors as its own
+    LM errors), so callers can tell a timeout or a bad model file from a bug; else `exc` itself."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, SlipwayError):
+            return seen
+        seen = seen.__cause__
+    return exc
+
+
+@contextlib.contextmanager
+def _holding(lock: threading.Lock) -> Iterator[None]:
+    remaining = _remaining()
+    if not lock.acquire(timeout=-1 if remaining is None else max(remaining, 0.0)):
+        raise _timed_out("waiting for the model (other requests held it)")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager
@@ -145,7 +195,7 @@ class LlamaCppEngine:
     # -- plain calls (used by the engine, the service and benchmarks) -------------
     def chat(self, messages: list[dict], *, grammar=None, **kwargs) -> tuple[str, dict, str, CallStats]:
         """One chat completion under the lock; returns text, usage, finish reason and stats."""
-        with self._lock:
+        with _holding(self._lock):
             start = time.perf_counter()
             result = self._llama.create_chat_completion(messages=messages, grammar=grammar, **kwargs)
             latency_ms = (time.perf_counter() - start) * 1000
@@ -164,10 +214,14 @@ class LlamaCppEngine:
         if self._formatter is None:
             raise ModelError(f"{self.model_path} has no chat template; set skeleton=False")
         prompt = self._formatter(messages=messages).prompt
-        with self._lock:
+        with _holding(self._lock):
             start = time.perf_counter()
+            end = _deadline.get()
             text, finish, _ = structured.decode(self._llama, prompt, steps, max_tokens=max_tokens,
-                                                temperature=temperature, grammar_cache=self._grammars)
+                                                temperature=temperature, grammar_cache=self._grammars,
+                                                stop_at=end)
+            if finish == "deadline":
+                raise _timed_out(f"after {(time.perf_counter() - start):.1f} s of generation")
             latency_ms = (time.perf_counter() - start) * 1000
             tokens_in = len(self._llama.tokenize(prompt.encode(), special=True))
             tokens_out = len(self._llama.tokenize(text.encode(), add_bos=False))

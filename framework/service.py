@@ -113,8 +113,12 @@ class ValidationErrorsAs422:
         await self.app(scope, receive, send_422)
 
 
-@bentoml.service(name=CONFIG["service_name"], workers=SPEC.serve.workers,
-                 traffic={"timeout": SPEC.serve.timeout_s, "max_concurrency": SPEC.serve.max_concurrency},
+# BentoML's own timeout is the backstop; Slipway's deadline (serve.timeout_s, enforced in the engine)
+# fires first so the caller gets a 503 naming the request instead of a bare gateway error. BentoML
+# runs a sync API on `threads` threads (default 1), so requests would queue inside BentoML where no
+# deadline applies; one thread per admitted request makes them queue on the engine's lock instead.
+@bentoml.service(name=CONFIG["service_name"], workers=SPEC.serve.workers, threads=SPEC.serve.max_concurrency,
+                 traffic={"timeout": SPEC.serve.timeout_s + 10, "max_concurrency": SPEC.serve.max_concurrency},
                  labels={k.replace("slipway.", "slipway-"): v for k, v in LABELS.items()})
 class SlipwayService:
     gguf = bentoml.models.BentoModel(CONFIG["model_tag"])
@@ -139,7 +143,7 @@ class SlipwayService:
     def predict(self, ctx: bentoml.Context, **inputs: Any) -> dict:
         import dspy
 
-        from framework.lm import metering
+        from framework.lm import deadline, metering, root_cause
 
         request_id = ctx.request.headers.get("x-request-id") or uuid.uuid4().hex
         ctx.response.headers["X-Request-ID"] = request_id
@@ -150,14 +154,15 @@ class SlipwayService:
             return self._error(ctx, 413, request_id, f"input is {size} characters; the contract allows "
                                f"{MAX_INPUT_CHARS} (contract.max_input_chars)", start)
         try:
-            with metering() as calls, dspy.context(lm=self.lm, adapter=self.adapter):
+            with metering() as calls, deadline(SPEC.serve.timeout_s), dspy.context(lm=self.lm, adapter=self.adapter):
                 prediction = self.program(**inputs)
             outputs = {name: prediction.get(name) for name in Response.model_fields
                        if name not in ("request_id", "version")}
-        except SlipwayError as exc:
-            return self._error(ctx, 503, request_id, exc.render(), start)
         except Exception as exc:  # a request never kills the worker; the caller gets its id to report
-            return self._error(ctx, 503, request_id, f"model error: {type(exc).__name__}: {str(exc)[:300]}", start)
+            cause = root_cause(exc)
+            message = cause.render() if isinstance(cause, SlipwayError) else \
+                f"model error: {type(exc).__name__}: {str(exc)[:300]}"
+            return self._error(ctx, 503, request_id, message, start)
         tokens_in = sum(c.tokens_in for c in calls)
         tokens_out = sum(c.tokens_out for c in calls)
         _tokens.labels(version, "input").inc(tokens_in)

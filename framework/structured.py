@@ -17,6 +17,7 @@ falls back to the full-schema grammar).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 _CHAR = r'[^"\\\x7F\x00-\x1F]'
@@ -66,14 +67,20 @@ def plan(schema: dict) -> list[Step] | None:
 
 
 def decode(llama, prompt: str, steps: list[Step], *, max_tokens: int | None, temperature: float,
-           grammar_cache: dict) -> tuple[str, str, int]:
+           grammar_cache: dict, stop_at: float | None = None) -> tuple[str, str, int]:
     """Fill the steps on `llama` (a llama_cpp.Llama). Returns (json text, finish reason, generated tokens).
+
+    `stop_at` is a `time.monotonic()` deadline: generation stops at the next token past it and the
+    finish reason is "deadline" (the caller turns that into a timeout error).
 
     Each step is one `create_completion` whose prompt extends the previous one,
     so llama.cpp's prefix cache evaluates only the new skeleton text.
     """
-    from llama_cpp import LlamaGrammar
+    from llama_cpp import LlamaGrammar, StoppingCriteriaList
 
+    stopping = None
+    if stop_at is not None:
+        stopping = StoppingCriteriaList([lambda _ids, _logits: time.monotonic() > stop_at])
     answer = ""
     generated = 0
     finish = "stop"
@@ -82,11 +89,16 @@ def decode(llama, prompt: str, steps: list[Step], *, max_tokens: int | None, tem
         answer += step.prefix
         if step.grammar not in grammar_cache:
             grammar_cache[step.grammar] = LlamaGrammar.from_string(step.grammar, verbose=False)
+        if stop_at is not None and time.monotonic() > stop_at:
+            return answer, "deadline", generated
         result = llama.create_completion(prompt + answer, max_tokens=max(budget - generated, 1),
-                                         temperature=temperature, grammar=grammar_cache[step.grammar])
+                                         temperature=temperature, grammar=grammar_cache[step.grammar],
+                                         stopping_criteria=stopping)
         choice = result["choices"][0]
         generated += result["usage"]["completion_tokens"]
         value = choice["text"]
+        if stop_at is not None and time.monotonic() > stop_at:
+            return answer + value, "deadline", generated
         if choice.get("finish_reason") == "length":
             finish = "length"
             value = _close(value, step.kind)

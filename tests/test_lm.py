@@ -77,3 +77,29 @@ def test_non_gguf_file_is_a_model_error(tmp_path):
     bogus.write_bytes(b"not a gguf at all" * 100)
     with pytest.raises(ModelError, match="could not load"):
         LlamaCppEngine(bogus)
+
+
+def test_a_request_past_its_deadline_fails_cleanly_and_the_engine_stays_usable(lm, tiny_model_present):
+    """What a served request gets when the model is busy or slow: a timeout error, not a hang."""
+    from framework.errors import ModelTimeout
+    from framework.lm import deadline, root_cause
+
+    project = load_project("ticket-triage", root=REPO)
+    from framework.notebook import load_program
+
+    program = load_program(project, saved=False)
+    engine = lm.engine
+    with dspy.context(lm=lm, adapter=adapter(project)):
+        engine._lock.acquire()  # another request holds the model
+        try:
+            with deadline(0.2), pytest.raises(Exception) as waited:
+                program(ticket="my invoice is wrong")
+            assert isinstance(root_cause(waited.value), ModelTimeout)
+            assert "waiting for the model" in str(root_cause(waited.value))
+        finally:
+            engine._lock.release()
+        with deadline(0.001), pytest.raises(Exception) as cut:
+            program(ticket="generation cut off at the deadline, not after max_tokens")
+        assert isinstance(root_cause(cut.value), ModelTimeout) and "generation" in str(root_cause(cut.value))
+        with deadline(60):
+            assert program(ticket="refund please, charged twice").category  # nothing left locked or broken

@@ -27,6 +27,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _wait_ready(base: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert server.poll() is None, server.stdout.read()
+        time.sleep(1)
+    pytest.fail("server never became ready")
+
+
 @pytest.mark.model
 def test_build_gate_determinism_and_staleness(tiny_project, tiny_model_present):
     refused = runner.invoke(app, ["build", "ticket-triage"])
@@ -78,17 +91,7 @@ def test_served_bento_answers_concurrently_with_versions(tiny_project, tiny_mode
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.stdout.read()
-            time.sleep(1)
-        else:
-            pytest.fail("server never became ready")
+        _wait_ready(base, server)
 
         tickets = [f"Ticket {i}: I was charged twice on invoice INV-{i}" for i in range(8)]
 
@@ -118,6 +121,46 @@ def test_served_bento_answers_concurrently_with_versions(tiny_project, tiny_mode
         metrics = httpx.get(f"{base}/metrics", timeout=10).text
         assert f'slipway_request_seconds_count{{bento_version="{built["tag"]}",outcome="ok"}}' in metrics
         assert "slipway_tokens_total" in metrics and 'status="413"' in metrics
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.mark.model
+def test_requests_past_the_timeout_get_503_and_the_worker_survives(tiny_project, tiny_model_present):
+    """One worker, a 1 s deadline, six long tickets at once: the queued ones must come back as 503s
+    naming their request id (not hang, not crash the worker), and the service keeps answering."""
+    edit_toml(tiny_project, "timeout_s = 60", "timeout_s = 1")
+    assert runner.invoke(app, ["check", "ticket-triage"]).exit_code == 0
+    assert runner.invoke(app, ["build", "ticket-triage"]).exit_code == 0
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "slipway"), "serve", "ticket-triage",
+                               "--port", str(port), "--workers", "1"], env=os.environ.copy(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, server)
+        ticket = "Our exports fail with error 500 every time since Monday. " * 100  # ~5,800 characters
+
+        def ask(i):
+            return httpx.post(f"{base}/triage", json={"ticket": ticket}, headers={"X-Request-ID": f"slow-{i}"},
+                              timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, range(6)))
+        statuses = [a.status_code for a in answers]
+        assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+        for i, answer in enumerate(answers):
+            if answer.status_code == 503:
+                assert answer.json()["request_id"] == f"slow-{i}"
+                assert "timed out" in answer.json()["error"] and "serve.timeout_s" in answer.json()["error"]
+        assert server.poll() is None
+        assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+        short = httpx.post(f"{base}/triage", json={"ticket": "refund please"}, timeout=60)
+        assert short.status_code == 200, short.text
     finally:
         server.terminate()
         try:
