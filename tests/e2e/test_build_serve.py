@@ -167,3 +167,39 @@ def test_requests_past_the_timeout_get_503_and_the_worker_survives(tiny_project,
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+@pytest.mark.model
+def test_exported_bento_serves_from_a_fresh_store_with_plain_bentoml(tiny_project, tiny_model_present, tmp_path):
+    """`bentoml export` is self-contained (the GGUF model travels with it) and plain `bentoml serve` runs it."""
+    assert runner.invoke(app, ["check", "ticket-triage"]).exit_code == 0
+    built = json.loads(runner.invoke(app, ["build", "ticket-triage", "--json"]).stdout)
+    bentoml_bin = str(Path(sys.executable).parent / "bentoml")
+    archive = tmp_path / "triage.bento"
+    exported = subprocess.run([bentoml_bin, "export", built["tag"], str(archive)], capture_output=True, text=True,
+                              env=os.environ.copy(), timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    elsewhere = {**os.environ, "BENTOML_HOME": str(tmp_path / "other-machine")}
+    imported = subprocess.run([bentoml_bin, "import", str(archive)], capture_output=True, text=True, env=elsewhere,
+                              timeout=300)
+    assert imported.returncode == 0, imported.stderr
+    models = subprocess.run([bentoml_bin, "models", "list", "-o", "json"], capture_output=True, text=True,
+                            env=elsewhere, timeout=120)
+    assert "ticket-triage-tiny" in models.stdout
+
+    port = _free_port()
+    server = subprocess.Popen([bentoml_bin, "serve", built["tag"], "--host", "127.0.0.1", "--port", str(port)],
+                              env=elsewhere, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, server)
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+        answer = httpx.post(f"{base}/triage", json={"ticket": "The whole dashboard is down for everyone"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["version"]["bento"] == built["tag"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
