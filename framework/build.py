@@ -125,15 +125,18 @@ def gate(project: Project, *, run_check: bool = False) -> CheckResult | dict:
     return {**found, **hashes}
 
 
-def bento_version(passing: dict) -> str:
-    """Deterministic: the checked content, the contract, and the framework release that packs them."""
+def bento_version(passing: dict, project: Project) -> str:
+    """Deterministic: the checked content, the contract, the [serve] settings baked into the bento
+    (endpoint, workers, timeout) and the framework release that packs them. Changing any of them
+    must give a new version, or a rebuild would keep serving the old settings under the old tag."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         framework = version("slipway")
     except PackageNotFoundError:
         framework = "dev"
-    key = f"{passing['content_hash']}:{passing['contract_hash']}:{framework}"
+    serve = project.spec.serve.model_dump_json()
+    key = f"{passing['content_hash']}:{passing['contract_hash']}:{serve}:{framework}"
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -144,7 +147,7 @@ def build(project: Project, *, run_check: bool = False) -> BuildResult:
 
     key = project.spec.pipeline.model
     model_spec = project.model(key)
-    version = bento_version(passing)
+    version = bento_version(passing, project)
     name = project.name
     tag = f"{name}:{version}"
     model_tag = _ensure_model(project, key)
@@ -211,5 +214,5 @@ def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels
             shutil.copyfile(passing[kind], out / f"check_report{Path(passing[kind]).suffix}")
     config = {"project": project.name, "service_name": project.name.replace("-", "_"), "model_key": key,
               "model_tag": model_tag, "program": project.spec.pipeline.program, "labels": labels,
-              "bento_version": bento_version(passing)}
+              "bento_version": bento_version(passing, project)}
     (out / "bento.json").write_text(json.dumps(config, indent=2))

@@ -56,6 +56,11 @@ def test_build_gate_determinism_and_staleness(tiny_project, tiny_model_present):
     assert again.exit_code == 0 and json.loads(again.stdout)["tag"] == built["tag"]
     assert not json.loads(again.stdout)["created"]
 
+    edit_toml(tiny_project, "timeout_s = 60", "timeout_s = 30")  # a serve setting: no new check needed,
+    reserved = runner.invoke(app, ["build", "ticket-triage", "--json"])  # but a new bento version
+    assert reserved.exit_code == 0, reserved.output
+    assert json.loads(reserved.stdout)["tag"] != built["tag"]
+
     edit_toml(Path("notebooks/ticket_triage.py"), "Triage one customer-support ticket",
               "Triage one customer support ticket")
     stale = runner.invoke(app, ["build", "ticket-triage"])
@@ -69,7 +74,8 @@ def test_build_gate_determinism_and_staleness(tiny_project, tiny_model_present):
     listed = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "list", "ticket-triage", "-o", "json"],
                             capture_output=True, text=True, env=os.environ.copy(), timeout=120)
     assert listed.returncode == 0, listed.stderr
-    assert {b["tag"] for b in json.loads(listed.stdout)} == {built["tag"], json.loads(rebuilt.stdout)["tag"]}
+    assert {b["tag"] for b in json.loads(listed.stdout)} == {built["tag"], json.loads(reserved.stdout)["tag"],
+                                                             json.loads(rebuilt.stdout)["tag"]}
 
 
 @pytest.mark.model
