@@ -113,12 +113,13 @@ class ValidationErrorsAs422:
         await self.app(scope, receive, send_422)
 
 
-# BentoML's own timeout is the backstop; Slipway's deadline (serve.timeout_s, enforced in the engine)
-# fires first so the caller gets a 503 naming the request instead of a bare gateway error. BentoML
+# BentoML's own timeout is only a backstop; Slipway's deadline (serve.timeout_s, enforced in the engine
+# at token boundaries; a prompt evaluation already under way finishes first, which on a loaded host can
+# take seconds) fires first, so the caller gets a 503 naming the request, not a bare 504. BentoML
 # runs a sync API on `threads` threads (default 1), so requests would queue inside BentoML where no
 # deadline applies; one thread per admitted request makes them queue on the engine's lock instead.
 @bentoml.service(name=CONFIG["service_name"], workers=SPEC.serve.workers, threads=SPEC.serve.max_concurrency,
-                 traffic={"timeout": SPEC.serve.timeout_s + 10, "max_concurrency": SPEC.serve.max_concurrency},
+                 traffic={"timeout": SPEC.serve.timeout_s + 60, "max_concurrency": SPEC.serve.max_concurrency},
                  labels={k.replace("slipway.", "slipway-"): v for k, v in LABELS.items()})
 class SlipwayService:
     gguf = bentoml.models.BentoModel(CONFIG["model_tag"])
