@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from framework import audit, weights
+from framework import weights
 from framework.check import CheckResult, check, contract_hash
 from framework.errors import ContractFailed
 from framework.evaluate import content_hashes, git_commit, store_path
@@ -141,12 +141,7 @@ def bento_version(passing: dict, project: Project) -> str:
 
 
 def build(project: Project, *, run_check: bool = False) -> BuildResult:
-    try:
-        passing = gate(project, run_check=run_check)
-    except ContractFailed as refused:
-        audit.record(project, "build-refused", project.name, {"reason": refused.message,
-                                                              "clauses": list(refused.clauses)})
-        raise
+    passing = gate(project, run_check=run_check)
     use_bentoml_home(project)
     import bentoml
 
@@ -179,10 +174,6 @@ def build(project: Project, *, run_check: bool = False) -> BuildResult:
             include=["framework/**", "slipway/**"], models=[model_tag],
             python={"packages": RUNTIME_REQUIREMENTS},
         )
-    audit.record(project, "build", str(bento.tag), {"check_id": passing["check_id"],
-                                                    "content_hash": passing["content_hash"],
-                                                    "contract_hash": passing["contract_hash"],
-                                                    "model_sha256": model_spec.sha256})
     return BuildResult(tag=str(bento.tag), created=True, model_tag=model_tag, labels=labels, path=str(bento.path))
 
 

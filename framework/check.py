@@ -11,7 +11,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from framework import audit
 from framework.contract import Verdict, judge
 from framework.evaluate import EvalRun, Progress, load_run, run_eval, store_path
 from framework.report import write_reports
@@ -70,9 +69,5 @@ def judge_run(project: Project, run: EvalRun) -> CheckResult:
                          "content_hash": run.content_hash, "contract_hash": contract_hash(project),
                          "passed": verdict.passed, "failed_clauses": verdict.failed, "verdict": verdict.to_dict(),
                          "report_json": str(report_json), "report_html": str(report_html)})
-    audit.record(project, "check", check_id, {"run_id": run.run_id, "passed": verdict.passed,
-                                              "failed": verdict.failed, "content_hash": run.content_hash,
-                                              "contract_hash": contract_hash(project), "model": run.model_key,
-                                              "examples": run.measurements.n})
     return CheckResult(check_id=check_id, run=run, verdict=verdict, report_json=str(report_json),
                        report_html=str(report_html))

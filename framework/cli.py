@@ -10,22 +10,19 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from framework.errors import SlipwayError, SpecError
+from framework.errors import SlipwayError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
                   help="Slipway: notebook → contract check → production service.")
 models_app = typer.Typer(no_args_is_help=True, help="Fetch and verify the GGUF models a project declares.")
 runs_app = typer.Typer(no_args_is_help=True, help="Browse eval runs recorded in the project's DuckDB store.")
-audit_app = typer.Typer(no_args_is_help=True, help="The hash-chained audit log: list, verify, export, prune.")
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
-app.add_typer(audit_app, name="audit")
 
 # Piped or in CI, rich would wrap tables at 80 columns and truncate clause names: use 120.
 console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -369,94 +366,6 @@ def runs_show(project: ProjectArg, run_id: str, as_json: JsonOpt = False) -> Non
         if r["error"] or any(v < 1 for v in r["scores"].values()):
             console.print(f"[dim]{r['example_id']}[/] expected {r['expected']} got {r['output'] or r['error']}",
                           markup=True, highlight=False)
-
-
-@audit_app.command("list")
-def audit_list(project: ProjectArg, since: Annotated[str | None, typer.Option(help="ISO date/time, e.g. 2026-11-01")]
-               = None, as_json: JsonOpt = False) -> None:
-    """Every recorded step, oldest first. Example: slipway audit list ticket-triage --since 2026-11-01"""
-    from rich.table import Table
-
-    from framework.evaluate import store_path
-    from framework.spec import load_project
-    from framework.store import Store
-
-    try:
-        with Store(store_path(load_project(project))) as store:
-            rows = store.audit_rows(since)
-    except SlipwayError as exc:
-        _fail(exc)
-    if as_json:
-        console.print_json(json.dumps([{**r, "details": json.loads(r["details"])} for r in rows], default=str))
-        return
-    table = Table()
-    for col in ("seq", "recorded_at", "actor", "action", "subject", "details"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(str(r["seq"]), r["recorded_at"][:19], r["actor"], r["action"], r["subject"] or "",
-                      r["details"][:80])
-    console.print(table)
-
-
-@audit_app.command("verify")
-def audit_verify(project: ProjectArg) -> None:
-    """Re-hash the chain; exit 1 naming the first edited or missing row. Example: slipway audit verify ticket-triage"""
-    from framework import audit
-    from framework.spec import load_project
-
-    try:
-        checked, problem = audit.verify(load_project(project))
-    except SlipwayError as exc:
-        _fail(exc)
-    if problem is not None:
-        err.print(f"[bold red]audit log broken[/]: {problem}")
-        raise typer.Exit(1)
-    console.print(f"ok: {checked} audit rows verify (hash chain intact)")
-
-
-@audit_app.command("export")
-def audit_export(project: ProjectArg,
-                 output: Annotated[Path, typer.Option("--output", "-o", help="file to write")],
-                 fmt: Annotated[str, typer.Option("--format", help="jsonl or parquet")] = "jsonl",
-                 since: Annotated[str | None, typer.Option(help="ISO date/time, e.g. 2026-11-01")] = None) -> None:
-    """Copy the log out of the store. Example: slipway audit export ticket-triage -o audit.parquet --format parquet"""
-    from framework.evaluate import store_path
-    from framework.spec import load_project
-    from framework.store import Store
-
-    if fmt not in ("jsonl", "parquet"):
-        _fail(SpecError(f"unknown format {fmt!r}", field="--format", hint="use jsonl or parquet"))
-    try:
-        with Store(store_path(load_project(project))) as store:
-            count = store.export_audit(output, fmt, since)
-    except SlipwayError as exc:
-        _fail(exc)
-    console.print(f"wrote {count} audit rows to {output}")
-
-
-@audit_app.command("prune")
-def audit_prune(project: ProjectArg) -> None:
-    """Apply [audit].retention_days, keeping a checkpoint so the chain still verifies.
-
-    Example: slipway audit prune ticket-triage
-    """
-    from framework import audit
-    from framework.evaluate import store_path
-    from framework.spec import load_project
-    from framework.store import Store
-
-    try:
-        loaded = load_project(project)
-        days = loaded.spec.audit.retention_days
-        if days is None:
-            console.print("[audit].retention_days is not set: keeping every row")
-            return
-        with Store(store_path(loaded)) as store:
-            pruned = store.prune_audit(audit.retention_cutoff(days))
-        audit.record(loaded, "prune", loaded.name, {"rows": pruned, "retention_days": days})
-    except SlipwayError as exc:
-        _fail(exc)
-    console.print(f"pruned {pruned} audit rows older than {days} days; checkpoint written")
 
 
 def main() -> None:

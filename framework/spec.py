@@ -185,12 +185,6 @@ class ServeSpec(_Strict):
     max_concurrency: Annotated[int, Field(ge=1, le=10000)] = 32
 
 
-class AuditSpec(_Strict):
-    """How long the hash-chained audit log keeps rows (pruning leaves a verifiable checkpoint)."""
-
-    retention_days: Annotated[int, Field(ge=1)] | None = None
-
-
 class ProjectMeta(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")]
     description: str = ""
@@ -205,7 +199,6 @@ class ProjectSpec(_Strict):
     contract: ContractSpec
     optimize: OptimizeSpec = Field(default_factory=OptimizeSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
-    audit: AuditSpec = Field(default_factory=AuditSpec)
 
     @model_validator(mode="after")
     def _pipeline_model_exists(self) -> ProjectSpec:

@@ -18,7 +18,6 @@ from typing import Any
 from framework.errors import StoreError
 
 SCHEMA_VERSION = 1
-AUDIT_COLUMNS = ("seq", "recorded_at", "actor", "action", "subject", "details", "prev_hash", "hash")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -69,23 +68,6 @@ CREATE TABLE IF NOT EXISTS checks (
     report_json VARCHAR,
     report_html VARCHAR,
     created_at TIMESTAMP
-);
--- Hash-chained audit log (framework/audit.py). `recorded_at` is ISO text so the hashed bytes round-trip exactly.
-CREATE TABLE IF NOT EXISTS audit (
-    seq BIGINT PRIMARY KEY,
-    recorded_at VARCHAR NOT NULL,
-    actor VARCHAR NOT NULL,
-    action VARCHAR NOT NULL,     -- check | build | build-refused | approve | deploy | rollback | override | prune
-    subject VARCHAR,             -- what it acted on: a check id, a bento tag
-    details JSON,
-    prev_hash VARCHAR NOT NULL,
-    hash VARCHAR NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit_checkpoint (
-    seq BIGINT NOT NULL,         -- the last pruned row; verification starts after it
-    hash VARCHAR NOT NULL,
-    pruned_at VARCHAR NOT NULL,
-    rows_pruned BIGINT NOT NULL
 );
 """
 
@@ -198,76 +180,3 @@ class Store:
             [content_hash, contract_hash])
         row = cursor.fetchone()
         return dict(zip([d[0] for d in cursor.description], row, strict=True)) if row else None
-
-    # -- audit log (hash-chained; see framework/audit.py) ------------------------
-    def audit_head(self) -> tuple[int, str] | None:
-        rows = dict(self.con.execute(
-            "SELECT key, value FROM meta WHERE key IN ('audit_head_seq', 'audit_head_hash')").fetchall())
-        return (int(rows["audit_head_seq"]), rows["audit_head_hash"]) if len(rows) == 2 else None
-
-    def audit_checkpoint(self) -> tuple[int, str]:
-        from framework.audit import GENESIS
-
-        row = self.con.execute("SELECT seq, hash FROM audit_checkpoint ORDER BY seq DESC LIMIT 1").fetchone()
-        return (int(row[0]), row[1]) if row else (0, GENESIS)
-
-    def append_audit(self, actor: str, action: str, subject: str, details: dict[str, Any]) -> dict[str, Any]:
-        from framework.audit import new_row
-
-        self.con.execute("BEGIN TRANSACTION")
-        try:
-            row = new_row(self.audit_head() or self.audit_checkpoint(), actor, action, subject, details)
-            self.con.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [row[k] for k in AUDIT_COLUMNS])
-            self.con.execute("INSERT OR REPLACE INTO meta VALUES ('audit_head_seq', ?), ('audit_head_hash', ?)",
-                             [str(row["seq"]), row["hash"]])
-            self.con.execute("COMMIT")
-        except Exception:
-            self.con.execute("ROLLBACK")
-            raise
-        return row
-
-    def audit_rows(self, since: str | None = None) -> list[dict[str, Any]]:
-        cursor = self.con.execute("SELECT * FROM audit WHERE recorded_at >= ? ORDER BY seq", [since or ""])
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-    def prune_audit(self, cutoff: str) -> int:
-        """Delete rows older than `cutoff` (a contiguous prefix), keeping a checkpoint of the last one."""
-        from framework.audit import Problem, verify_chain
-
-        rows = self.audit_rows()
-        doomed = []
-        for row in rows:
-            if row["recorded_at"] >= cutoff:
-                break
-            doomed.append(row)
-        if not doomed:
-            return 0
-        problem: Problem | None = verify_chain(rows, start=self.audit_checkpoint(), head=self.audit_head())
-        if problem is not None:
-            raise StoreError(f"refusing to prune a broken audit log: {problem}", path=str(self.path),
-                             hint="run `slipway audit verify` and investigate before pruning")
-        last = doomed[-1]
-        self.con.execute("BEGIN TRANSACTION")
-        try:
-            self.con.execute("INSERT INTO audit_checkpoint VALUES (?, ?, ?, ?)",
-                             [last["seq"], last["hash"], now().isoformat(), len(doomed)])
-            self.con.execute("DELETE FROM audit WHERE seq <= ?", [last["seq"]])
-            self.con.execute("COMMIT")
-        except Exception:
-            self.con.execute("ROLLBACK")
-            raise
-        return len(doomed)
-
-    def export_audit(self, path: Path, fmt: str, since: str | None = None) -> int:
-        rows = self.audit_rows(since)
-        if fmt == "parquet":
-            quoted = str(path).replace("'", "''")
-            self.con.execute(f"COPY (SELECT * FROM audit WHERE recorded_at >= '{(since or '').replace(chr(39), '')}' "
-                             f"ORDER BY seq) TO '{quoted}' (FORMAT parquet)")
-        else:
-            with path.open("w") as out:
-                for row in rows:
-                    out.write(json.dumps({**row, "details": json.loads(row["details"])}) + "\n")
-        return len(rows)
-
