@@ -41,7 +41,7 @@ def who(explicit: str | None = None) -> str:
 
 def canonical(row: dict[str, Any]) -> str:
     """The hashed content of a row: everything but its own hash, as sorted compact JSON."""
-    at = row["at"]
+    at = row["logged_at"]
     body = {"seq": int(row["seq"]), "at": at.isoformat() if isinstance(at, datetime) else str(at),
             "actor": row["actor"], "action": row["action"], "target": row["target"],
             "details": json.loads(row["details"]) if isinstance(row["details"], str) else row["details"]}
@@ -54,7 +54,7 @@ def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
 
 def make_row(seq: int, prev_hash: str, *, actor: str, action: str, target: str | None,
              details: dict | None = None, at: datetime | None = None) -> dict[str, Any]:
-    row = {"seq": seq, "at": at or now(), "actor": actor, "action": action, "target": target,
+    row = {"seq": seq, "logged_at": at or now(), "actor": actor, "action": action, "target": target,
            "details": json.dumps(details or {}, sort_keys=True, default=str), "prev_hash": prev_hash}
     row["hash"] = row_hash(prev_hash, row)
     return row
@@ -97,7 +97,7 @@ def prune_upto(rows: list[dict[str, Any]], before: datetime) -> dict[str, Any] |
     """The last row of the oldest prefix dated before `before` (the new checkpoint), or None."""
     last = None
     for row in rows:
-        if row["at"] >= before:
+        if row["logged_at"] >= before:
             break
         last = row
     return last
@@ -144,11 +144,11 @@ def export(rows: list[dict[str, Any]], out: Path, fmt: str) -> int:
         import duckdb
 
         con = duckdb.connect()
-        con.execute("CREATE TABLE audit (seq BIGINT, at TIMESTAMP, actor VARCHAR, action VARCHAR, target VARCHAR,"
-                    " details JSON, prev_hash VARCHAR, hash VARCHAR)")
+        con.execute("CREATE TABLE audit (seq BIGINT, logged_at TIMESTAMP, actor VARCHAR, action VARCHAR, "
+                    "target VARCHAR, details JSON, prev_hash VARCHAR, hash VARCHAR)")
         con.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        [[r["seq"], r["at"], r["actor"], r["action"], r["target"], r["details"], r["prev_hash"],
-                          r["hash"]] for r in rows])
+                        [[r["seq"], r["logged_at"], r["actor"], r["action"], r["target"], r["details"],
+                          r["prev_hash"], r["hash"]] for r in rows])
         con.execute(f"COPY audit TO '{str(out).replace(chr(39), chr(39) * 2)}' (FORMAT parquet)")
         con.close()
     else:

@@ -91,7 +91,7 @@ CREATE TABLE IF NOT EXISTS deployments (
 );
 CREATE TABLE IF NOT EXISTS audit (
     seq BIGINT PRIMARY KEY,      -- 1, 2, 3 … never reused, even after pruning
-    at TIMESTAMP NOT NULL,
+    logged_at TIMESTAMP NOT NULL,
     actor VARCHAR NOT NULL,
     action VARCHAR NOT NULL,     -- check | build | approve | deploy | rollback | override
     target VARCHAR,
@@ -252,11 +252,11 @@ class Store:
     def audit_rows(self, since: datetime | None = None) -> list[dict[str, Any]]:
         if since is None:
             return self._rows("SELECT * FROM audit ORDER BY seq", [])
-        return self._rows("SELECT * FROM audit WHERE at >= ? ORDER BY seq", [since])
+        return self._rows("SELECT * FROM audit WHERE logged_at >= ? ORDER BY seq", [since])
 
     def audit_append(self, row: dict[str, Any]) -> None:
         self.con.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         [row["seq"], row["at"], row["actor"], row["action"], row["target"], row["details"],
+                         [row["seq"], row["logged_at"], row["actor"], row["action"], row["target"], row["details"],
                           row["prev_hash"], row["hash"]])
         self.con.execute("INSERT OR REPLACE INTO meta VALUES ('audit_head', ?)", [f"{row['seq']}:{row['hash']}"])
 
