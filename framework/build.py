@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from framework import weights
+from framework import audit, weights
 from framework.check import CheckResult, check, contract_hash
 from framework.errors import ContractFailed
 from framework.evaluate import content_hashes, git_commit, store_path
@@ -163,7 +163,7 @@ def build(project: Project, *, run_check: bool = False) -> BuildResult:
         "slipway.dataset_hash": passing["dataset_hash"], "slipway.contract_hash": passing["contract_hash"],
         "slipway.content_hash": passing["content_hash"], "slipway.check_id": passing["check_id"],
         "slipway.check_run_id": passing["run_id"], "slipway.git_commit": git_commit(project.root) or "none",
-        "slipway.build_time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "slipway.build_time": datetime.now(UTC).isoformat(timespec="seconds"), "slipway.author": audit.who(),
     }
     with tempfile.TemporaryDirectory(prefix="slipway-build-") as ctx:
         _write_context(Path(ctx), project, key, model_tag, labels, passing)
@@ -174,6 +174,8 @@ def build(project: Project, *, run_check: bool = False) -> BuildResult:
             include=["framework/**", "slipway/**"], models=[model_tag],
             python={"packages": RUNTIME_REQUIREMENTS},
         )
+    audit.record(store_path(project), actor=labels["slipway.author"], action="build", target=str(bento.tag),
+                 details={"content_hash": passing["content_hash"], "check_id": passing["check_id"]})
     return BuildResult(tag=str(bento.tag), created=True, model_tag=model_tag, labels=labels, path=str(bento.path))
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from framework import audit
 from framework.contract import Verdict, judge
 from framework.evaluate import EvalRun, Progress, load_run, run_eval, store_path
 from framework.report import write_reports
@@ -32,7 +33,8 @@ class CheckResult:
 
 
 def contract_hash(project: Project) -> str:
-    data = project.spec.contract.model_dump(mode="json")
+    # Review policy is not a clause: changing who must approve does not invalidate a check.
+    data = project.spec.contract.model_dump(mode="json", exclude={"approvals_required", "allow_self_approval"})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -69,5 +71,8 @@ def judge_run(project: Project, run: EvalRun) -> CheckResult:
                          "content_hash": run.content_hash, "contract_hash": contract_hash(project),
                          "passed": verdict.passed, "failed_clauses": verdict.failed, "verdict": verdict.to_dict(),
                          "report_json": str(report_json), "report_html": str(report_html)})
+        audit.append(store, actor=audit.who(), action="check", target=project.name,
+                     details={"check_id": check_id, "passed": verdict.passed, "failed": verdict.failed,
+                              "content_hash": run.content_hash, "contract_hash": contract_hash(project)})
     return CheckResult(check_id=check_id, run=run, verdict=verdict, report_json=str(report_json),
                        report_html=str(report_html))

@@ -23,6 +23,8 @@ models_app = typer.Typer(no_args_is_help=True, help="Fetch and verify the GGUF m
 runs_app = typer.Typer(no_args_is_help=True, help="Browse eval runs recorded in the project's DuckDB store.")
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
+audit_app = typer.Typer(no_args_is_help=True, help="Verify and export the hash-chained audit log.")
+app.add_typer(audit_app, name="audit")
 
 # Piped or in CI, rich would wrap tables at 80 columns and truncate clause names: use 120.
 console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -302,6 +304,7 @@ def build(project: ProjectArg,
 
 @app.command()
 def serve(target: Annotated[str, typer.Argument(help="<project> or <project>:<version> (default: newest build)")],
+          channel: Annotated[str | None, typer.Option(help="serve what this channel points to")] = None,
           port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 3000,
           host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
           workers: Annotated[int | None, typer.Option(min=1, help="worker processes (default: [serve].workers)")]
@@ -313,6 +316,11 @@ def serve(target: Annotated[str, typer.Argument(help="<project> or <project>:<ve
     from framework.serve import serve as run_serve
 
     try:
+        if channel:
+            from framework import release
+            from framework.spec import load_project
+
+            target = f"{target}:{release.channel_version(load_project(target.partition(':')[0]), channel)}"
         code = run_serve(target, host=host, port=port, workers=workers, echo=lambda m: err.print(m))
     except SlipwayError as exc:
         _fail(exc)
@@ -366,6 +374,158 @@ def runs_show(project: ProjectArg, run_id: str, as_json: JsonOpt = False) -> Non
         if r["error"] or any(v < 1 for v in r["scores"].values()):
             console.print(f"[dim]{r['example_id']}[/] expected {r['expected']} got {r['output'] or r['error']}",
                           markup=True, highlight=False)
+
+
+AsOpt = Annotated[str | None, typer.Option("--as", help="who is acting (default: SLIPWAY_USER or git user.name)")]
+ChannelOpt = Annotated[str, typer.Option("--channel", "-c", help="staging or prod")]
+
+
+def _target(target: str):
+    from framework.spec import load_project
+
+    name, _, version = target.partition(":")
+    if not version:
+        raise typer.BadParameter(f"expected <project>:<version>, got {target!r}")
+    return load_project(name), version
+
+
+def _print_row(row: dict, as_json: bool, text: str) -> None:
+    if as_json:
+        console.print_json(json.dumps(row, default=str))
+    else:
+        console.print(text)
+
+
+@app.command()
+def approve(target: Annotated[str, typer.Argument(help="<project>:<version>")],
+            note: Annotated[str, typer.Option(help="what you reviewed")] = "",
+            actor: AsOpt = None, as_json: JsonOpt = False) -> None:
+    """Approve the exact content of a built version.
+
+    Example: slipway approve ticket-triage:1a2b3c --note "diff reviewed"
+    """
+    from framework import audit, release
+
+    try:
+        loaded, version = _target(target)
+        row = release.approve(loaded, version, actor=audit.who(actor), note=note)
+    except SlipwayError as exc:
+        _fail(exc)
+    _print_row(row, as_json, f"[green]approved[/] {target} as {row['approver']} (content {row['content_hash'][:12]})")
+
+
+@app.command()
+def deploy(target: Annotated[str, typer.Argument(help="<project>:<version>")], channel: ChannelOpt,
+           override: Annotated[str | None, typer.Option(help="admin only: deploy past the gate, with a reason")]
+           = None, actor: AsOpt = None, as_json: JsonOpt = False) -> None:
+    """Point a channel at a version that passed its contract and holds its approvals.
+
+    Exit 1 refused, naming what is missing. Example: slipway deploy ticket-triage:1a2b3c --channel prod
+    """
+    from framework import audit, release
+
+    try:
+        loaded, version = _target(target)
+        row = release.deploy(loaded, version, channel, actor=audit.who(actor), override=override)
+    except SlipwayError as exc:
+        _fail(exc)
+    note = f" [yellow](override: {row['override_reason']})[/]" if row["override_reason"] else ""
+    _print_row(row, as_json, f"[green]deployed[/] {target} to {channel}{note}")
+
+
+@app.command()
+def rollback(project: ProjectArg, channel: ChannelOpt, actor: AsOpt = None, as_json: JsonOpt = False) -> None:
+    """Point a channel back at its previous version. Example: slipway rollback ticket-triage --channel prod"""
+    from framework import audit, release
+    from framework.spec import load_project
+
+    try:
+        row = release.rollback(load_project(project), channel, actor=audit.who(actor))
+    except SlipwayError as exc:
+        _fail(exc)
+    _print_row(row, as_json, f"[green]rolled back[/] {channel} to {row['project']}:{row['version']}")
+
+
+@app.command()
+def status(project: ProjectArg, as_json: JsonOpt = False) -> None:
+    """Each channel's version, when and by whom. Example: slipway status ticket-triage"""
+    from rich.table import Table
+
+    from framework import release
+    from framework.spec import load_project
+
+    try:
+        channels = release.status(load_project(project))
+    except SlipwayError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(channels, default=str))
+        return
+    table = Table()
+    for col in ("channel", "version", "action", "by", "at", "override"):
+        table.add_column(col)
+    for name, row in channels.items():
+        if row is None:
+            table.add_row(name, "-", "", "", "", "")
+        else:
+            table.add_row(name, row["version"], row["action"], row["actor"], str(row["created_at"])[:19],
+                          row["override_reason"] or "")
+    console.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(project: ProjectArg, as_json: JsonOpt = False) -> None:
+    """Check the audit log's hash chain; exit 1 naming the first edited or deleted row.
+
+    Example: slipway audit verify ticket-triage
+    """
+    from framework import audit
+    from framework.errors import AuditBroken
+    from framework.evaluate import store_path
+    from framework.spec import load_project
+    from framework.store import Store
+
+    try:
+        loaded = load_project(project)
+        with Store(store_path(loaded)) as store:
+            pruned = audit.prune(store, loaded.spec.audit.retention_days)
+            problem = audit.verify(store)
+            count = len(store.audit_rows())
+        if problem:
+            raise AuditBroken(problem.message, path=str(store_path(loaded)), field=f"audit.seq={problem.seq}",
+                              hint="restore the store from a backup; the log from this row on cannot be trusted")
+    except SlipwayError as exc:
+        _fail(exc)
+    _print_row({"ok": True, "rows": count, "pruned": pruned}, as_json,
+               f"[green]ok[/] audit log verifies: {count} row(s)" + (f", {pruned} pruned" if pruned else ""))
+
+
+@audit_app.command("export")
+def audit_export(project: ProjectArg, out: Annotated[str, typer.Option("--out", "-o", help="output file")],
+                 since: Annotated[str | None, typer.Option(help="ISO date or time, e.g. 2026-11-01")] = None,
+                 fmt: Annotated[str, typer.Option("--format", help="jsonl or parquet")] = "jsonl") -> None:
+    """Write audit rows to a file. Example: slipway audit export ticket-triage --since 2026-11-01 -o a.jsonl"""
+    from datetime import datetime
+    from pathlib import Path
+
+    from framework import audit
+    from framework.errors import SpecError
+    from framework.evaluate import store_path
+    from framework.spec import load_project
+    from framework.store import Store
+
+    try:
+        loaded = load_project(project)
+        try:
+            start = datetime.fromisoformat(since) if since else None
+        except ValueError:
+            raise SpecError(f"--since {since!r} is not an ISO date", hint="e.g. --since 2026-11-01") from None
+        with Store(store_path(loaded), read_only=True) as store:
+            rows = store.audit_rows(start)
+        count = audit.export(rows, Path(out), fmt)
+    except SlipwayError as exc:
+        _fail(exc)
+    err.print(f"wrote {count} row(s) to {out}")
 
 
 def main() -> None:

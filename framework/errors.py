@@ -88,6 +88,20 @@ class ContractFailed(SlipwayError):
         super().__init__(message, **kwargs)
 
 
+class ReleaseRefused(SlipwayError):
+    """A deploy, approval or rollback is not allowed: missing check or approvals, self-approval, not an admin."""
+
+    code = "release-refused"
+    exit_code = 1
+
+
+class AuditBroken(SlipwayError):
+    """The audit log's hash chain does not verify: a row was edited or deleted."""
+
+    code = "audit-broken"
+    exit_code = 1
+
+
 def exit_code(error: BaseException) -> int:
     """0 ok, 1 contract failed, 2 bad input/config, 3 internal."""
     if isinstance(error, SlipwayError):

@@ -153,6 +153,8 @@ class ContractSpec(_Strict):
     expected_requests_per_day: Annotated[float, Field(ge=0)] | None = None
     max_input_chars: Annotated[int, Field(gt=0)] = 8000
     eval: dict[str, Threshold] = Field(default_factory=dict)
+    approvals_required: Annotated[int, Field(ge=0)] = Field(0, description="approvals a version needs to deploy")
+    allow_self_approval: bool = Field(False, description="may a build's author approve it (when approvals >= 1)")
 
     @field_validator("eval", mode="before")
     @classmethod
@@ -189,6 +191,13 @@ class ProjectMeta(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")]
     description: str = ""
     owner: str = ""
+    admins: list[str] = Field(default_factory=list, description="people who may `slipway deploy --override`")
+
+
+class AuditSpec(_Strict):
+    """How long the hash-chained audit log keeps rows."""
+
+    retention_days: Annotated[int, Field(ge=1)] | None = None
 
 
 class ProjectSpec(_Strict):
@@ -199,6 +208,7 @@ class ProjectSpec(_Strict):
     contract: ContractSpec
     optimize: OptimizeSpec = Field(default_factory=OptimizeSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
+    audit: AuditSpec = Field(default_factory=AuditSpec)
 
     @model_validator(mode="after")
     def _pipeline_model_exists(self) -> ProjectSpec:

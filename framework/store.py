@@ -17,7 +17,7 @@ from typing import Any
 
 from framework.errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -69,6 +69,41 @@ CREATE TABLE IF NOT EXISTS checks (
     report_html VARCHAR,
     created_at TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS approvals (
+    approval_id VARCHAR PRIMARY KEY,
+    project VARCHAR NOT NULL,
+    version VARCHAR NOT NULL,    -- bento version
+    content_hash VARCHAR NOT NULL,  -- the slipway.content_hash label of that bento
+    approver VARCHAR NOT NULL,
+    note VARCHAR,
+    created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS deployments (
+    deploy_id VARCHAR PRIMARY KEY,
+    project VARCHAR NOT NULL,
+    channel VARCHAR NOT NULL,    -- staging | prod
+    version VARCHAR NOT NULL,
+    previous_version VARCHAR,    -- what the channel pointed to before; rollback returns there
+    action VARCHAR NOT NULL,     -- deploy | rollback
+    actor VARCHAR NOT NULL,
+    override_reason VARCHAR,     -- set when an admin deployed past the gate
+    created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq BIGINT PRIMARY KEY,      -- 1, 2, 3 … never reused, even after pruning
+    logged_at TIMESTAMP NOT NULL,
+    actor VARCHAR NOT NULL,
+    action VARCHAR NOT NULL,     -- check | build | approve | deploy | rollback | override
+    target VARCHAR,
+    details JSON,
+    prev_hash VARCHAR NOT NULL,
+    hash VARCHAR NOT NULL        -- sha256(prev_hash + canonical row), see framework/audit.py
+);
+CREATE TABLE IF NOT EXISTS audit_checkpoint (
+    seq BIGINT PRIMARY KEY,      -- last pruned row
+    hash VARCHAR NOT NULL,       -- its hash: the next kept row's prev_hash
+    pruned_at TIMESTAMP
+);
 """
 
 
@@ -99,6 +134,9 @@ class Store:
         if not read_only:
             self.con.execute(SCHEMA)
             self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+            # Upgrade 1 -> 2 only added tables, which SCHEMA creates when missing.
+            self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND value = '1'",
+                             [str(SCHEMA_VERSION)])
         version = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if version and int(version[0]) != SCHEMA_VERSION:
             raise StoreError(f"schema version {version[0]}, this slipway knows {SCHEMA_VERSION}", path=str(path),
@@ -180,3 +218,62 @@ class Store:
             [content_hash, contract_hash])
         row = cursor.fetchone()
         return dict(zip([d[0] for d in cursor.description], row, strict=True)) if row else None
+
+    # -- approvals and channels -----------------------------------------------
+    def _rows(self, sql: str, params: list) -> list[dict[str, Any]]:
+        cursor = self.con.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def add_approval(self, approval: dict[str, Any]) -> None:
+        self.con.execute("INSERT INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         [approval["approval_id"], approval["project"], approval["version"],
+                          approval["content_hash"], approval["approver"], approval.get("note"), now()])
+
+    def approvals(self, project: str, version: str, content_hash: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM approvals WHERE project = ? AND version = ? AND content_hash = ? "
+                          "ORDER BY created_at", [project, version, content_hash])
+
+    def add_deployment(self, row: dict[str, Any]) -> None:
+        self.con.execute("INSERT INTO deployments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         [row["deploy_id"], row["project"], row["channel"], row["version"],
+                          row.get("previous_version"), row["action"], row["actor"], row.get("override_reason"),
+                          now()])
+
+    def deployments(self, project: str, channel: str | None = None) -> list[dict[str, Any]]:
+        """Newest first."""
+        if channel is None:
+            return self._rows("SELECT * FROM deployments WHERE project = ? ORDER BY rowid DESC",
+                              [project])
+        return self._rows("SELECT * FROM deployments WHERE project = ? AND channel = ? "
+                          "ORDER BY rowid DESC", [project, channel])
+
+    # -- audit ----------------------------------------------------------------
+    def audit_rows(self, since: datetime | None = None) -> list[dict[str, Any]]:
+        if since is None:
+            return self._rows("SELECT * FROM audit ORDER BY seq", [])
+        return self._rows("SELECT * FROM audit WHERE logged_at >= ? ORDER BY seq", [since])
+
+    def audit_append(self, row: dict[str, Any]) -> None:
+        self.con.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         [row["seq"], row["logged_at"], row["actor"], row["action"], row["target"], row["details"],
+                          row["prev_hash"], row["hash"]])
+        self.con.execute("INSERT OR REPLACE INTO meta VALUES ('audit_head', ?)", [f"{row['seq']}:{row['hash']}"])
+
+    def audit_head(self) -> tuple[int, str] | None:
+        row = self.con.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
+        if not row:
+            return None
+        seq, _, digest = row[0].partition(":")
+        return int(seq), digest
+
+    def audit_checkpoint(self) -> tuple[int, str] | None:
+        row = self.con.execute("SELECT seq, hash FROM audit_checkpoint ORDER BY seq DESC LIMIT 1").fetchone()
+        return (int(row[0]), row[1]) if row else None
+
+    def audit_prune(self, last_seq: int, last_hash: str) -> None:
+        """Delete rows up to `last_seq` and record the checkpoint the next row chains from, atomically."""
+        self.con.execute("BEGIN")
+        self.con.execute("INSERT INTO audit_checkpoint VALUES (?, ?, ?)", [last_seq, last_hash, now()])
+        self.con.execute("DELETE FROM audit WHERE seq <= ?", [last_seq])
+        self.con.execute("COMMIT")
