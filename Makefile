@@ -12,7 +12,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
                     -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 PROJECT ?= ticket-triage
 
-.PHONY: demo test install llama-wheel browser lint clean-venv
+.PHONY: demo test install llama-wheel browser lint clean-venv walkthrough
 
 demo: install
 	$(BIN)/slipway validate $(PROJECT)
@@ -51,6 +51,11 @@ browser:
 	    else \
 	        echo "note: no chromium found; browser tests will be skipped (sudo apt-get install chromium)"; \
 	    fi; }
+
+# README "Review and release": two versions, review page, approve, deploy, serve prod, roll back, audit.
+walkthrough: install
+	$(BIN)/slipway models pull $(PROJECT)
+	bash docs/walkthrough.sh
 
 lint: install
 	$(BIN)/ruff check framework tests bench

@@ -3,7 +3,8 @@
 The public API, in the order data flows through it:
 project.toml → `load_project` → `load_program` (from the notebook) →
 `language_model` (llama.cpp) → `run_eval` → `judge` / `check` → report →
-`build` (a BentoML bento, refused unless the check passed) → `slipway serve`.
+`build` (a BentoML bento, refused unless the check passed) → `review` (against the baseline) →
+`approve` → `deploy` / `rollback` (channels) → `slipway serve`.
 Heavy libraries (dspy, llama_cpp, duckdb) are imported only when used.
 """
 
@@ -11,20 +12,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-# `check` and `build` share their names with their modules: import them eagerly so that a later
-# `import framework.check` cannot replace the function with the module on this package.
-# Both modules import dspy, llama_cpp and bentoml only inside their functions.
+# `check`, `build` and `review` share their names with their modules: import them eagerly so that a
+# later `import framework.check` cannot replace the function with the module on this package.
+# These modules import dspy, llama_cpp and bentoml only inside their functions.
 from framework.build import build
 from framework.check import check
 from framework.errors import (
+    AuditBroken,
     ContractFailed,
     DatasetError,
     ModelError,
     NotebookError,
+    ReleaseRefused,
     SlipwayError,
     SpecError,
     StoreError,
 )
+from framework.release import approve, deploy, rollback
+from framework.review import review
 from framework.spec import Project, ProjectSpec, load_project, parse_spec
 
 if TYPE_CHECKING:
@@ -32,18 +37,22 @@ if TYPE_CHECKING:
     from framework.evaluate import EvalRun
 
 __all__ = [
+    "AuditBroken",
     "ContractFailed",
     "DatasetError",
     "ModelError",
     "NotebookError",
     "Project",
     "ProjectSpec",
+    "ReleaseRefused",
     "SlipwayError",
     "SpecError",
     "StoreError",
     "adapter",
+    "approve",
     "build",
     "check",
+    "deploy",
     "judge",
     "language_model",
     "load_program",
@@ -51,6 +60,8 @@ __all__ = [
     "load_split",
     "optimize",
     "parse_spec",
+    "review",
+    "rollback",
     "run_eval",
 ]
 

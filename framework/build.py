@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from framework import audit, weights
+from framework import audit, release, weights
 from framework.check import CheckResult, check, contract_hash
-from framework.errors import ContractFailed
+from framework.errors import ContractFailed, ReleaseRefused
 from framework.evaluate import content_hashes, git_commit, store_path
 from framework.notebook import load_program, program_state
 from framework.spec import Project
@@ -96,8 +96,13 @@ def _stale_parts(project: Project, current: dict[str, str]) -> list[str]:
     return changed
 
 
-def gate(project: Project, *, run_check: bool = False) -> CheckResult | dict:
-    """The passing check for the current content, or raise `ContractFailed` saying why not."""
+def gate(project: Project, *, run_check: bool = False, override: str | None = None,
+         actor: str | None = None) -> CheckResult | dict:
+    """The passing check for the current content, or raise `ContractFailed` saying why not.
+
+    An admin may pass a *failing* check with `override` (a reason, recorded on the bento and in the
+    audit log); content that was never checked cannot be overridden: there is nothing to review.
+    """
     program = load_program(project)
     hashes = content_hashes(project, program, "eval", project.spec.pipeline.model, None)
     hashes["contract_hash"] = contract_hash(project)
@@ -118,10 +123,17 @@ def gate(project: Project, *, run_check: bool = False) -> CheckResult | dict:
                              hint=f"run `slipway check {project.name}` (or `slipway build --check`)")
     if not found["passed"]:
         failed = json.loads(found["failed_clauses"])
+        if override:
+            if not release.is_admin(project, actor or audit.who()):
+                raise ReleaseRefused(f"{actor or audit.who()} is not an admin and may not build past failing "
+                                     f"clauses ({', '.join(failed)})", path=str(project.toml_path),
+                                     field="project.admins",
+                                     hint="add the person to [project] admins, or set SLIPWAY_ROLE=admin")
+            return {**found, **hashes, "override": override, "failed": failed}
         raise ContractFailed(f"refusing to build: check {found['check_id']} failed {', '.join(failed)}",
                              clauses=failed, path=str(project.toml_path),
-                             hint=f"see {found['report_html']}; fix the pipeline or, if the contract is wrong, "
-                                  "change it in review")
+                             hint=f"see {found['report_html']}; fix the pipeline, change the contract in review, "
+                                  "or an admin may pass --override \"<reason>\"")
     return {**found, **hashes}
 
 
@@ -140,8 +152,10 @@ def bento_version(passing: dict, project: Project) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def build(project: Project, *, run_check: bool = False) -> BuildResult:
-    passing = gate(project, run_check=run_check)
+def build(project: Project, *, run_check: bool = False, override: str | None = None,
+          actor: str | None = None) -> BuildResult:
+    actor = actor or audit.who()
+    passing = gate(project, run_check=run_check, override=override, actor=actor)
     use_bentoml_home(project)
     import bentoml
 
@@ -163,8 +177,10 @@ def build(project: Project, *, run_check: bool = False) -> BuildResult:
         "slipway.dataset_hash": passing["dataset_hash"], "slipway.contract_hash": passing["contract_hash"],
         "slipway.content_hash": passing["content_hash"], "slipway.check_id": passing["check_id"],
         "slipway.check_run_id": passing["run_id"], "slipway.git_commit": git_commit(project.root) or "none",
-        "slipway.build_time": datetime.now(UTC).isoformat(timespec="seconds"), "slipway.author": audit.who(),
+        "slipway.build_time": datetime.now(UTC).isoformat(timespec="seconds"), "slipway.author": actor,
     }
+    if passing.get("override"):
+        labels["slipway.override"] = passing["override"]
     with tempfile.TemporaryDirectory(prefix="slipway-build-") as ctx:
         _write_context(Path(ctx), project, key, model_tag, labels, passing)
         os.environ["SLIPWAY_BENTO_DIR"] = str(Path(ctx) / "slipway")  # bentoml imports the service to build
@@ -174,7 +190,10 @@ def build(project: Project, *, run_check: bool = False) -> BuildResult:
             include=["framework/**", "slipway/**"], models=[model_tag],
             python={"packages": RUNTIME_REQUIREMENTS},
         )
-    audit.record(store_path(project), actor=labels["slipway.author"], action="build", target=str(bento.tag),
+    if passing.get("override"):
+        audit.record(store_path(project), actor=actor, action="override", target=str(bento.tag),
+                     details={"step": "build", "reason": passing["override"], "failed": passing["failed"]})
+    audit.record(store_path(project), actor=actor, action="build", target=str(bento.tag),
                  details={"content_hash": passing["content_hash"], "check_id": passing["check_id"]})
     return BuildResult(tag=str(bento.tag), created=True, model_tag=model_tag, labels=labels, path=str(bento.path))
 

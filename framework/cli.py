@@ -36,6 +36,7 @@ ProjectArg = Annotated[str, typer.Argument(help="project name (projects/<name>) 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of tables")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m",
                                                help="model key from [models.*] (default: pipeline.model)")]
+AsOpt = Annotated[str | None, typer.Option("--as", help="who is acting (default: SLIPWAY_USER or git user.name)")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="score only the first N examples")]
 
 
@@ -279,7 +280,9 @@ def optimize(project: ProjectArg, model: ModelOpt = None,
 @app.command()
 def build(project: ProjectArg,
           run_check: Annotated[bool, typer.Option("--check", help="run the check first when none matches")] = False,
-          as_json: JsonOpt = False) -> None:
+          override: Annotated[str | None, typer.Option(help="admin only: build past failing clauses, with a "
+                                                             "reason (recorded, shown in red on the review)")]
+          = None, actor: AsOpt = None, as_json: JsonOpt = False) -> None:
     """Build a versioned BentoML bento, refused unless the current content passed its check.
 
     Exit 0 built (or already built: same version), 1 refused, 2 bad config.
@@ -290,7 +293,7 @@ def build(project: ProjectArg,
 
     try:
         loaded = load_project(project)
-        result = run_build(loaded, run_check=run_check)
+        result = run_build(loaded, run_check=run_check, override=override, actor=actor)
     except SlipwayError as exc:
         _fail(exc)
     if as_json:
@@ -299,29 +302,36 @@ def build(project: ProjectArg,
         return
     verb = "built" if result.created else "unchanged, already built"
     console.print(f"[green]{verb}[/] {result.tag}  (model {result.model_tag})")
+    if result.labels.get("slipway.override"):
+        console.print(f"[bold white on red] OVERRIDE [/] [red]built past failing clauses: "
+                      f"{result.labels['slipway.override']}[/]")
     console.print(f"serve it: slipway serve {result.tag}   or   BENTOML_HOME=bentos bentoml serve {result.tag}")
 
 
 @app.command()
 def serve(target: Annotated[str, typer.Argument(help="<project> or <project>:<version> (default: newest build)")],
-          channel: Annotated[str | None, typer.Option(help="serve what this channel points to")] = None,
+          channel: Annotated[str | None, typer.Option(help="serve what this channel points to, following changes")]
+          = None,
           port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 3000,
           host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
           workers: Annotated[int | None, typer.Option(min=1, help="worker processes (default: [serve].workers)")]
           = None) -> None:
     """Serve a built bento over HTTP with BentoML (each worker loads the model once).
 
+    With --channel, serve what the channel points to and follow deploys and rollbacks (restarting
+    on the same port within a few seconds).
     Example: slipway serve ticket-triage --port 3000 --workers 2
     """
     from framework.serve import serve as run_serve
 
     try:
         if channel:
-            from framework import release
-            from framework.spec import load_project
+            from framework.serve import serve_channel
 
-            target = f"{target}:{release.channel_version(load_project(target.partition(':')[0]), channel)}"
-        code = run_serve(target, host=host, port=port, workers=workers, echo=lambda m: err.print(m))
+            code = serve_channel(target.partition(":")[0], channel, host=host, port=port, workers=workers,
+                                 echo=lambda m: err.print(m))
+        else:
+            code = run_serve(target, host=host, port=port, workers=workers, echo=lambda m: err.print(m))
     except SlipwayError as exc:
         _fail(exc)
     raise typer.Exit(code)
@@ -376,7 +386,6 @@ def runs_show(project: ProjectArg, run_id: str, as_json: JsonOpt = False) -> Non
                           markup=True, highlight=False)
 
 
-AsOpt = Annotated[str | None, typer.Option("--as", help="who is acting (default: SLIPWAY_USER or git user.name)")]
 ChannelOpt = Annotated[str, typer.Option("--channel", "-c", help="staging or prod")]
 
 
@@ -394,6 +403,109 @@ def _print_row(row: dict, as_json: bool, text: str) -> None:
         console.print_json(json.dumps(row, default=str))
     else:
         console.print(text)
+
+
+@app.command()
+def review(target: Annotated[str, typer.Argument(help="<project> (newest build) or <project>:<version>")],
+           against: Annotated[str | None, typer.Option(help="baseline version (default: prod's, else the "
+                                                            "previous build)")] = None,
+           against_channel: Annotated[str | None, typer.Option(help="compare with what this channel serves")]
+           = None,
+           as_json: JsonOpt = False) -> None:
+    """What a reviewer decides on: contract, what changed, paired metric deltas, regressed examples, approvals.
+
+    Writes one self-contained HTML page (and JSON) beside the check reports.
+    Example: slipway review ticket-triage --against-channel prod
+    """
+    from framework.review import review as run_review
+    from framework.review import write_review
+    from framework.spec import load_project
+
+    try:
+        name, _, version = target.partition(":")
+        loaded = load_project(name)
+        data = run_review(loaded, version or None, against=against, against_channel=against_channel)
+        json_path, html_path = write_review(loaded, data)
+    except SlipwayError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps({**data, "report_json": str(json_path), "report_html": str(html_path)},
+                                      default=str))
+        return
+    _print_review(data)
+    console.print(f"review page: {html_path}")
+
+
+def _print_review(data: dict) -> None:
+    from rich.table import Table
+
+    from framework.report import clause_measured_text
+
+    t, b = data["target"], data["baseline"]
+    console.print(f"[bold]Review {t['tag']}[/] built {t['created']} by {t['author']}")
+    console.print(f"  against {b['tag']} ({data['baseline_reason']})" if b else f"  {data['baseline_reason']}")
+    for o in data["overrides"]:
+        console.print(f"[bold white on red] OVERRIDE [/] [red]{o['where']} by {o['actor']}: {o['reason']}[/]")
+    if data["contract"]:
+        table = Table(title="Contract", title_justify="left")
+        for column in ("clause", "target", "measured", "verdict"):
+            table.add_column(column)
+        for c in data["contract"]["clauses"]:
+            table.add_row(c["name"], c["target"], clause_measured_text(c),
+                          "[green]PASS[/]" if c["passed"] else "[bold red]FAIL[/]")
+        console.print(table)
+    changes = data["changes"]
+    if changes is not None:
+        console.print("[bold]What changed[/]")
+        for name, entry in changes["program"].items():
+            demos = entry["demos"]
+            console.print(f"  program {name}: instructions {'changed' if entry['instructions'] else 'same'}, "
+                          f"{len(entry['fields'])} field change(s), demos +{len(demos['added'])} "
+                          f"-{len(demos['removed'])}")
+            for tag, line in entry["instructions"]:
+                if tag != " ":
+                    console.print(f"    [{'red' if tag == '-' else 'green'}]{tag} {line}[/]", markup=True,
+                                  highlight=False, soft_wrap=True)
+        if not changes["program"]:
+            console.print("  program: unchanged")
+        for key in ("model", "contract"):
+            rows = changes[key]
+            console.print(f"  {key}: " + (", ".join(f"{c['key']} {c['old']!r} → {c['new']!r}" for c in rows)
+                                          if rows else "unchanged"), markup=False)
+        rows = changes["eval_set"]
+        console.print("  eval set: " + (", ".join(f"{len(v)} {k}" for k, v in rows.items())
+                                        if any(rows.values()) else "unchanged"))
+    if data["metrics"]:
+        table = Table(title=f"Metric deltas (paired, {data['comparison']['shared']} shared examples)",
+                      title_justify="left")
+        for column in ("metric", "before", "after", "Δ", "95% CI of Δ", "p"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        for d in data["metrics"]:
+            style = "bold red" if d["significant"] and d["delta"] < 0 else "green" if d["significant"] else ""
+            delta = f"[{style}]{d['delta']:+.3f}[/]" if style else f"{d['delta']:+.3f}"
+            table.add_row(d["metric"], f"{d['old']:.3f}", f"{d['new']:.3f}", delta,
+                          f"[{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]", f"{d['p_value']:.3f}")
+        console.print(table)
+    if data["slo"]:
+        from framework.report import change_text
+
+        console.print("  latency and cost: " + ", ".join(f"{s['name']} {change_text(s)}" for s in data["slo"]))
+    if data["comparison"]["note"]:
+        console.print(f"  [yellow]{data['comparison']['note']}[/]")
+    if data["baseline"]:
+        console.print(f"[bold]Regressed examples: {len(data['regressed'])}[/] ({data['improved']} improved)")
+        for r in data["regressed"][:10]:
+            console.print(f"  {r['example_id']}: lost {', '.join(r['dropped'])}; expected {r['expected']}, "
+                          f"before {r['old_output'] or r['old_error']}, now {r['new_output'] or r['new_error']}",
+                          markup=False, highlight=False)
+        if len(data["regressed"]) > 10:
+            console.print(f"  … {len(data['regressed']) - 10} more on the review page")
+    ready = data["readiness"]
+    if ready:
+        who = ", ".join(a["approver"] for a in data["approvals"]) or "nobody yet"
+        console.print(f"approvals: {len(ready['counted'])} of {ready['required']} required (approved by {who})")
+        console.print("[green]ready to deploy[/]" if not ready["missing"] else
+                      f"[yellow]not deployable yet: {'; '.join(ready['missing'])}[/]")
 
 
 @app.command()
@@ -470,6 +582,36 @@ def status(project: ProjectArg, as_json: JsonOpt = False) -> None:
         else:
             table.add_row(name, row["version"], row["action"], row["actor"], str(row["created_at"])[:19],
                           row["override_reason"] or "")
+    console.print(table)
+
+
+@audit_app.command("list")
+def audit_list(project: ProjectArg, limit: Annotated[int, typer.Option(min=1, help="newest N rows")] = 50,
+               as_json: JsonOpt = False) -> None:
+    """The audit log, oldest first: who did what to which version. Example: slipway audit list ticket-triage"""
+    from rich.table import Table
+
+    from framework.evaluate import store_path
+    from framework.spec import load_project
+    from framework.store import Store
+
+    try:
+        with Store(store_path(load_project(project)), read_only=True) as store:
+            rows = store.audit_rows()[-limit:]
+    except SlipwayError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(rows, default=str))
+        return
+    table = Table()
+    for column in ("seq", "at", "actor", "action", "target", "details"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        details = json.loads(r["details"] or "{}")
+        short = ", ".join(f"{k}={str(v)[:24]}" for k, v in details.items() if v not in (None, "", [], {}))
+        style = "bold red" if r["action"] == "override" else ""
+        table.add_row(str(r["seq"]), str(r["logged_at"])[:19], r["actor"],
+                      f"[{style}]{r['action']}[/]" if style else r["action"], r["target"] or "", short)
     console.print(table)
 
 

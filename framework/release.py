@@ -150,7 +150,7 @@ def status(project: Project) -> dict[str, dict[str, Any] | None]:
     """Each channel's current deployment row (version, when, by whom), or None when never deployed."""
     if not store_path(project).exists():
         return dict.fromkeys(CHANNELS)
-    with Store(store_path(project)) as store:
+    with Store(store_path(project), read_only=True) as store:
         return {channel: next(iter(store.deployments(project.name, channel)), None) for channel in CHANNELS}
 
 

@@ -59,3 +59,66 @@ def serve(target: str, *, host: str, port: int, workers: int | None,
     sys.stderr.flush()
     os.execve(command[0], command, serve_env(name.replace("-", "_"), workers))
     return 0  # not reached
+
+
+def serve_channel(project_name: str, channel: str, *, host: str, port: int, workers: int | None,
+                  poll_s: float = 2.0, echo: Callable[[str], None] = print) -> int:
+    """Serve what `channel` points to, and follow it.
+
+    Every `poll_s` seconds the store is read; when a deploy or rollback has moved the channel, the
+    running `bentoml serve` gets SIGTERM (BentoML stops accepting, finishes the requests in flight,
+    stops its workers) and the new version starts on the same port. Requests that arrive during the
+    switch are refused, not dropped mid-answer; the gap is the new version's model load (measured in
+    BENCHMARKS.md). A blue/green swap behind a proxy would close it, at the cost of a second copy of
+    the model in memory.
+    """
+    import signal
+    import subprocess
+    import time
+
+    from framework import release
+    from framework.errors import SlipwayError
+
+    project = load_project(project_name)
+    use_bentoml_home(project)
+    env = serve_env(project.name.replace("-", "_"), workers)
+    stopping = {"signal": None}
+
+    def start(version: str) -> subprocess.Popen:
+        _, tag = resolve_tag(f"{project.name}:{version}")
+        echo(f"serving {tag} ({channel} channel) on http://{host}:{port}")
+        return subprocess.Popen(serve_command(tag, host=host, port=port), env=env)
+
+    def stop(child: subprocess.Popen) -> None:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=project.spec.serve.timeout_s + 30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+    def on_signal(signum, _frame) -> None:
+        stopping["signal"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    version = release.channel_version(project, channel)
+    child = start(version)
+    while True:
+        time.sleep(poll_s)
+        if stopping["signal"] is not None:
+            stop(child)
+            return 0
+        if child.poll() is not None:
+            echo(f"bentoml serve exited with {child.returncode}")
+            return child.returncode
+        try:
+            current = release.channel_version(project, channel)
+        except SlipwayError as exc:  # store busy (a check is running) or the channel emptied: keep serving
+            echo(f"keeping {version}: cannot read the {channel} channel ({exc.args[0]})")
+            continue
+        if current != version:
+            echo(f"{channel} moved from {version} to {current}: draining and restarting")
+            stop(child)
+            version = current
+            child = start(version)

@@ -135,7 +135,25 @@ class SlipwayService:
         self.engine = load_engine(MODEL, path)
         self.program = _program()
         self.adapter = json_adapter() if SPEC.pipeline.adapter == "json" else None
+        self._warm_up()
         self.ready = True
+
+    def _warm_up(self) -> None:
+        """One throw-away answer before /readyz says yes: the first call pages the weights in and fills
+        llama.cpp's prompt cache with the instructions (measured: 3 s vs 0.6 s for the tiny model), and
+        it should not land on the first real request after a start, a deploy or a rollback."""
+        import dspy
+
+        from framework.notebook import input_fields
+
+        fields = self.program.predictors()[0].signature.input_fields
+        if not all(fields[name].annotation is str for name in input_fields(self.program)):
+            return
+        try:
+            with dspy.context(lm=self.lm, adapter=self.adapter):
+                self.program(**dict.fromkeys(input_fields(self.program), "Hello, how do I export my data?"))
+        except Exception:  # noqa: BLE001 - a failed warm-up is not a failed start; requests report their own errors
+            pass
 
     def __is_ready__(self) -> bool:
         return self.ready

@@ -107,6 +107,29 @@ CREATE TABLE IF NOT EXISTS audit_checkpoint (
 """
 
 
+LOCK_WAIT_S = 10.0
+
+
+def _connect(path: Path, read_only: bool):
+    """DuckDB lets one process write a file, or several read it. Slipway's commands hold the file for
+    milliseconds (a check holds it for the run), so wait a while for a short holder, such as a
+    `serve --channel` poll, to let go before failing."""
+    import time
+
+    import duckdb
+
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.Error as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise StoreError(f"cannot open the store: {exc}", path=str(path),
+                                 hint="is another slipway process (a running check?) using it? wait for it "
+                                      "or stop it") from None
+            time.sleep(0.05)
+
+
 def now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -119,18 +142,12 @@ class Store:
     """A connection to one project's store file; use as a context manager."""
 
     def __init__(self, path: Path, *, read_only: bool = False):
-        import duckdb
-
         self.path = path
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
         elif not path.exists():
             raise StoreError("no store yet", path=str(path), hint="run `slipway eval` or `slipway check` first")
-        try:
-            self.con = duckdb.connect(str(path), read_only=read_only)
-        except duckdb.Error as exc:
-            raise StoreError(f"cannot open the store: {exc}", path=str(path),
-                             hint="is another slipway process writing to it? wait for it or stop it") from None
+        self.con = _connect(path, read_only)
         if not read_only:
             self.con.execute(SCHEMA)
             self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])

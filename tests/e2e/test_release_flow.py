@@ -70,3 +70,76 @@ def test_check_build_approve_deploy_rollback_audit(tiny_project, tiny_model_pres
     broken = runner.invoke(app, ["audit", "verify", "ticket-triage"])
     assert broken.exit_code == 1
     assert "audit.seq=3" in broken.output and "edited" in broken.output
+
+
+@pytest.mark.model
+def test_serve_channel_follows_a_rollback_without_failing_requests(tiny_project, tiny_model_present, tmp_path):
+    """`slipway serve --channel prod` keeps answering through a rollback: in-flight requests finish on
+    the old version, new ones get the rolled-back version within seconds. Prints the recovery time."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    from tests.e2e.test_build_serve import _free_port, _wait_ready
+
+    ok(["check", "ticket-triage"])
+    v1 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
+    edit_toml(tiny_project, "timeout_s = 60", "timeout_s = 45")  # a serve setting: a new version, same check
+    v2 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
+    ok(["deploy", v1, "--channel", "prod", "--as", "carol"])
+    ok(["deploy", v2, "--channel", "prod", "--as", "carol"])
+
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "slipway"), "serve", "ticket-triage",
+                               "--channel", "prod", "--port", str(port)], env=os.environ.copy(),
+                              stdout=log, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    seen: list[tuple[float, int | str, str | None]] = []
+    done = threading.Event()
+
+    def traffic():  # one client, back to back, bounded in count and time
+        deadline = time.monotonic() + 150
+        while not done.is_set() and len(seen) < 2000 and time.monotonic() < deadline:
+            try:
+                r = httpx.post(f"{base}/triage", json={"ticket": "I was charged twice"}, timeout=60)
+                seen.append((time.monotonic(), r.status_code,
+                             r.json().get("version", {}).get("bento") if r.status_code == 200 else r.text[:200]))
+            except httpx.TransportError as exc:  # the port is closed while the new version loads
+                seen.append((time.monotonic(), type(exc).__name__, None))
+                time.sleep(0.05)
+
+    try:
+        _wait_ready(base, server)
+        assert httpx.post(f"{base}/triage", json={"ticket": "hi"}, timeout=60).json()["version"]["bento"] == v2
+        client = threading.Thread(target=traffic)
+        client.start()
+        time.sleep(1)
+        ok(["rollback", "ticket-triage", "--channel", "prod", "--as", "dave"])
+        rolled_back = time.monotonic()
+        while time.monotonic() - rolled_back < 90 and not any(v == v1 for _, _, v in seen):
+            time.sleep(0.2)
+        done.set()
+        client.join(timeout=70)
+        first_v1 = next((t for t, _, v in seen if v == v1), None)
+        assert first_v1 is not None, f"still serving {v2} 90 s after the rollback: {seen[-3:]}"
+        print(f"\nrecovery: first answer from {v1} {first_v1 - rolled_back:.1f} s after the rollback")
+        statuses = {s for _, s, _ in seen}
+        assert not {s for s in statuses if isinstance(s, int) and s != 200}, seen  # refused, never failed
+        versions = [v for _, s, v in seen if s == 200]
+        assert versions == sorted(versions, key=lambda v: v == v1), "answers went back to the old version"
+        assert server.poll() is None
+    finally:
+        done.set()
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    assert "draining and restarting" in (tmp_path / "serve.log").read_text()

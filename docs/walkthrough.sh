@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Review and release, end to end on the demo (README "Review and release"); run it as `make walkthrough`.
+#
+# Works on a copy of the project, notebook and store in $WALK (default /tmp/slipway-walkthrough), so your
+# working tree, store and bentos are untouched. Two versions of the demo, the second with a prompt change:
+# check, build, review (page with the diff and the regressed examples), approve, deploy to prod, serve
+# the prod channel, roll back while it serves, audit. About 10 minutes after `make demo` (one new check of
+# the 1.5B model on the 200-example eval set; the first check is reused from `make demo`'s store).
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+SLIPWAY="$REPO/.venv/bin/slipway"
+WALK="${WALK:-/tmp/slipway-walkthrough}"
+PORT="${PORT:-3077}"
+step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+
+rm -rf "$WALK" && mkdir -p "$WALK/projects"
+cp -r "$REPO/projects/ticket-triage" "$WALK/projects/"
+cp -r "$REPO/notebooks" "$WALK/"
+rm -rf "$WALK/notebooks/__marimo__" "$WALK/projects/ticket-triage/.slipway/reports"
+cd "$WALK"
+export BENTOML_HOME="$WALK/bentos" SLIPWAY_USER=alice   # alice is the data scientist; bob reviews; carol ships
+echo "walk-through in $WALK (BENTOML_HOME=$BENTOML_HOME)"
+
+echo; echo "== 1. The current prompt: check, build, approve, deploy to prod"
+step "$SLIPWAY" check ticket-triage
+step "$SLIPWAY" build ticket-triage
+V1=$("$SLIPWAY" build ticket-triage --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["tag"])')
+step "$SLIPWAY" deploy "$V1" --channel prod --as carol || echo "(refused, as it should be: nobody approved $V1 yet)"
+step "$SLIPWAY" approve "$V1" --as bob --note "baseline reviewed"
+step "$SLIPWAY" deploy "$V1" --channel prod --as carol
+
+echo; echo "== 2. A prompt change in the notebook: the old check is stale, a new one runs"
+# The data scientist asks for fewer escalations: one sentence of the needs_human guidance changes.
+OLD="needs_human: default false."
+NEW="needs_human: default false; escalate only when a standard reply cannot resolve it."
+python3 - "$OLD" "$NEW" <<'EOF'
+import sys
+from pathlib import Path
+path = Path("notebooks/ticket_triage.py")
+text = path.read_text()
+assert sys.argv[1] in text, f"{sys.argv[1]!r} not in {path}"
+path.write_text(text.replace(sys.argv[1], sys.argv[2], 1))
+EOF
+step "$SLIPWAY" build ticket-triage || echo "(refused: the check is stale)"
+step "$SLIPWAY" check ticket-triage
+step "$SLIPWAY" build ticket-triage
+V2=$("$SLIPWAY" build ticket-triage --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["tag"])')
+
+echo; echo "== 3. Review the new version against prod: contract, prompt diff, paired deltas, regressed examples"
+step "$SLIPWAY" review "$V2" --against-channel prod
+
+echo; echo "== 4. Approve and deploy it; serve the prod channel"
+step "$SLIPWAY" approve "$V2" --as bob --note "fewer escalations; regressions reviewed"
+step "$SLIPWAY" deploy "$V2" --channel prod --as carol
+step "$SLIPWAY" status ticket-triage
+"$SLIPWAY" serve ticket-triage --channel prod --port "$PORT" > "$WALK/serve.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+ask() { curl -s -m 60 -X POST "127.0.0.1:$PORT/triage" -H 'content-type: application/json' \
+             -d '{"ticket": "Since the update our whole team cannot log in, SSO loops forever."}' 2>/dev/null || true; }
+until curl -sf "127.0.0.1:$PORT/readyz" >/dev/null 2>&1; do sleep 1; done
+printf '\n$ curl -X POST 127.0.0.1:%s/triage ...\n%s\n' "$PORT" "$(ask)"
+
+echo; echo "== 5. Roll prod back while it serves; the server follows within seconds"
+step "$SLIPWAY" rollback ticket-triage --channel prod --as carol
+start=$(date +%s%N)
+until ask | grep -q "\"$V1\""; do sleep 0.2; done
+echo "first answer from $V1 $(( ($(date +%s%N) - start) / 100000000 ))00 ms after the rollback (server log: $WALK/serve.log)"
+printf '\n$ curl -X POST 127.0.0.1:%s/triage ...\n%s\n' "$PORT" "$(ask)"
+step "$SLIPWAY" status ticket-triage
+
+echo; echo "== 6. The audit log has every step, and detects an edit"
+step "$SLIPWAY" audit list ticket-triage
+step "$SLIPWAY" audit verify ticket-triage
+"$REPO/.venv/bin/python" -c "import duckdb; c = duckdb.connect('projects/ticket-triage/.slipway/store.duckdb'); \
+c.execute(\"UPDATE audit SET actor = 'mallory' WHERE action = 'approve'\")"
+echo "(someone edits the approvals in the store by hand)"
+step "$SLIPWAY" audit verify ticket-triage || echo "(exit $?: the edit is detected and the row named)"
+echo; echo "review page: $(ls "$WALK"/projects/ticket-triage/.slipway/reports/review-*.html)"
