@@ -305,7 +305,8 @@ def build(project: ProjectArg,
     if result.labels.get("slipway.override"):
         console.print(f"[bold white on red] OVERRIDE [/] [red]built past failing clauses: "
                       f"{result.labels['slipway.override']}[/]")
-    console.print(f"serve it: slipway serve {result.tag}   or   BENTOML_HOME=bentos bentoml serve {result.tag}")
+    console.print(f"serve it: slipway serve {result.tag}   or   BENTOML_HOME=bentos bentoml serve {result.tag}",
+                  soft_wrap=True)
 
 
 @app.command()
@@ -318,8 +319,8 @@ def serve(target: Annotated[str, typer.Argument(help="<project> or <project>:<ve
           = None) -> None:
     """Serve a built bento over HTTP with BentoML (each worker loads the model once).
 
-    With --channel, serve what the channel points to and follow deploys and rollbacks (restarting
-    on the same port within a few seconds).
+    With --channel, serve what the channel points to and follow deploys and rollbacks: the new version
+    starts beside the live one and takes over when ready, so no request is refused or dropped.
     Example: slipway serve ticket-triage --port 3000 --workers 2
     """
     from framework.serve import serve as run_serve
@@ -433,7 +434,17 @@ def review(target: Annotated[str, typer.Argument(help="<project> (newest build) 
                                       default=str))
         return
     _print_review(data)
-    console.print(f"review page: {html_path}")
+    console.print(f"review page: {html_path}", soft_wrap=True)
+
+
+def _what_moved(row: dict) -> str:
+    """'priority medium → high (expected medium); needs_human …' for the labelled fields that changed."""
+    if row["new_error"]:
+        return f"now fails: {row['new_error'][:120]}"
+    before, after = row["old_output"] or {}, row["new_output"] or {}
+    moved = [f"{k} {before.get(k)} → {after.get(k)} (expected {v})" for k, v in row["expected"].items()
+             if before.get(k) != after.get(k)]
+    return "; ".join(moved) or f"lost {', '.join(row['dropped'])}"
 
 
 def _print_review(data: dict) -> None:
@@ -489,15 +500,14 @@ def _print_review(data: dict) -> None:
     if data["slo"]:
         from framework.report import change_text
 
-        console.print("  latency and cost: " + ", ".join(f"{s['name']} {change_text(s)}" for s in data["slo"]))
+        console.print("  latency and cost: " + ", ".join(f"{s['name']} {change_text(s)}" for s in data["slo"]),
+                      soft_wrap=True)
     if data["comparison"]["note"]:
         console.print(f"  [yellow]{data['comparison']['note']}[/]")
     if data["baseline"]:
         console.print(f"[bold]Regressed examples: {len(data['regressed'])}[/] ({data['improved']} improved)")
         for r in data["regressed"][:10]:
-            console.print(f"  {r['example_id']}: lost {', '.join(r['dropped'])}; expected {r['expected']}, "
-                          f"before {r['old_output'] or r['old_error']}, now {r['new_output'] or r['new_error']}",
-                          markup=False, highlight=False)
+            console.print(f"  {r['example_id']}: {_what_moved(r)}", markup=False, highlight=False, soft_wrap=True)
         if len(data["regressed"]) > 10:
             console.print(f"  … {len(data['regressed']) - 10} more on the review page")
     ready = data["readiness"]
@@ -585,6 +595,13 @@ def status(project: ProjectArg, as_json: JsonOpt = False) -> None:
     console.print(table)
 
 
+def _short(value) -> str:
+    text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    if len(text) >= 32 and all(c in "0123456789abcdef" for c in text):
+        return text[:12]  # a hash: its prefix identifies it
+    return text if len(text) <= 48 else text[:47] + "…"
+
+
 @audit_app.command("list")
 def audit_list(project: ProjectArg, limit: Annotated[int, typer.Option(min=1, help="newest N rows")] = 50,
                as_json: JsonOpt = False) -> None:
@@ -604,11 +621,12 @@ def audit_list(project: ProjectArg, limit: Annotated[int, typer.Option(min=1, he
         console.print_json(json.dumps(rows, default=str))
         return
     table = Table()
-    for column in ("seq", "at", "actor", "action", "target", "details"):
-        table.add_column(column, overflow="fold")
+    for column in ("seq", "at", "actor", "action", "target"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("details", overflow="fold")
     for r in rows:
         details = json.loads(r["details"] or "{}")
-        short = ", ".join(f"{k}={str(v)[:24]}" for k, v in details.items() if v not in (None, "", [], {}))
+        short = ", ".join(f"{k}={_short(v)}" for k, v in details.items() if v not in (None, "", [], {}))
         style = "bold red" if r["action"] == "override" else ""
         table.add_row(str(r["seq"]), str(r["logged_at"])[:19], r["actor"],
                       f"[{style}]{r['action']}[/]" if style else r["action"], r["target"] or "", short)

@@ -105,10 +105,16 @@ def deploy(project: Project, version: str, channel: str, *, actor: str, override
         ready = readiness(project, store, version, labels)
         target = f"{project.name}:{version}"
         if ready.missing and not override:
+            steps = []
+            if ready.check_id is None:
+                steps.append(f"run `slipway check {project.name}` on this content")
+            elif ready.missing[0].startswith("check "):
+                steps.append(f"fix the failing clauses (see `slipway review {target}`)")
+            if len(ready.approvers) < ready.required:
+                steps.append(f"a reviewer other than the author runs `slipway approve {target}`")
             raise ReleaseRefused(f"refusing to deploy {target} to {channel}: {'; '.join(ready.missing)}",
                                  path=str(project.toml_path),
-                                 hint=f"run `slipway check {project.name}` / `slipway approve {target}`, or an "
-                                      "admin may pass --override \"<reason>\"")
+                                 hint="; ".join(steps) + "; or an admin may pass --override \"<reason>\"")
         if ready.missing and not is_admin(project, actor):
             raise ReleaseRefused(f"{actor} is not an admin and may not override ({'; '.join(ready.missing)})",
                                  path=str(project.toml_path), field="project.admins",

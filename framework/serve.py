@@ -63,62 +63,168 @@ def serve(target: str, *, host: str, port: int, workers: int | None,
 
 def serve_channel(project_name: str, channel: str, *, host: str, port: int, workers: int | None,
                   poll_s: float = 2.0, echo: Callable[[str], None] = print) -> int:
-    """Serve what `channel` points to, and follow it.
+    """Serve what `channel` points to, and follow it without downtime (blue/green).
 
-    Every `poll_s` seconds the store is read; when a deploy or rollback has moved the channel, the
-    running `bentoml serve` gets SIGTERM (BentoML stops accepting, finishes the requests in flight,
-    stops its workers) and the new version starts on the same port. Requests that arrive during the
-    switch are refused, not dropped mid-answer; the gap is the new version's model load (measured in
-    BENCHMARKS.md). A blue/green swap behind a proxy would close it, at the cost of a second copy of
-    the model in memory.
+    The public port is a small TCP relay in this process; behind it runs `bentoml serve` of the
+    channel's version on a private port. When a deploy or rollback moves the channel, the new
+    version starts on another private port while the old one keeps answering; once its /readyz
+    says yes, new connections go to it and the old server gets SIGTERM, which lets BentoML finish
+    the requests in flight. Nothing is refused or dropped during the switch; the time until the
+    new version answers is its start-up (measured in BENCHMARKS.md). The two servers share the
+    GGUF through the page cache when the model is the same. A version that fails to start is
+    logged and skipped; the old one keeps serving.
     """
+    import asyncio
+
+    return asyncio.run(_follow(project_name, channel, host=host, port=port, workers=workers, poll_s=poll_s,
+                               echo=echo))
+
+
+async def _follow(project_name: str, channel: str, *, host: str, port: int, workers: int | None, poll_s: float,
+                  echo: Callable[[str], None]) -> int:
+    import asyncio
     import signal
     import subprocess
-    import time
 
     from framework import release
     from framework.errors import SlipwayError
+    from framework.evaluate import store_path
 
     project = load_project(project_name)
     use_bentoml_home(project)
     env = serve_env(project.name.replace("-", "_"), workers)
-    stopping = {"signal": None}
+    store = store_path(project)
+    live: dict = {}  # version, port, process of the server that new connections go to
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
 
-    def start(version: str) -> subprocess.Popen:
-        _, tag = resolve_tag(f"{project.name}:{version}")
-        echo(f"serving {tag} ({channel} channel) on http://{host}:{port}")
-        return subprocess.Popen(serve_command(tag, host=host, port=port), env=env)
+    async def start(version: str) -> tuple[subprocess.Popen, int] | None:
+        _, tag = await asyncio.to_thread(resolve_tag, f"{project.name}:{version}")
+        private = _free_port()
+        process = subprocess.Popen(serve_command(tag, host="127.0.0.1", port=private), env=env)
+        echo(f"starting {tag} ({channel} channel) on private port {private}")
+        while not stop.is_set():
+            if process.poll() is not None:
+                echo(f"{tag} exited with {process.returncode} before it was ready")
+                return None
+            if await asyncio.to_thread(_ready, private):
+                return process, private
+            await asyncio.sleep(0.5)
+        await asyncio.to_thread(_terminate, process, project.spec.serve.timeout_s + 30)
+        return None
 
-    def stop(child: subprocess.Popen) -> None:
-        child.send_signal(signal.SIGTERM)
+    async def relay(client_reader, client_writer) -> None:
         try:
-            child.wait(timeout=project.spec.serve.timeout_s + 30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", live["port"])
+        except (OSError, KeyError):  # no server ready yet: refuse, as a starting server would
+            client_writer.close()
+            return
+        await asyncio.gather(_pipe(client_reader, upstream_writer), _pipe(upstream_reader, client_writer))
+        for writer in (client_writer, upstream_writer):
+            writer.close()
 
-    def on_signal(signum, _frame) -> None:
-        stopping["signal"] = signum
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    server = await asyncio.start_server(relay, host, port)
+    echo(f"serving the {project.name} {channel} channel on http://{host}:{port}")
+    failed: set[str] = set()
     version = release.channel_version(project, channel)
-    child = start(version)
-    while True:
-        time.sleep(poll_s)
-        if stopping["signal"] is not None:
-            stop(child)
-            return 0
-        if child.poll() is not None:
-            echo(f"bentoml serve exited with {child.returncode}")
-            return child.returncode
+    stamp = None
+    try:
+        started = await start(version)
+        if started is None:
+            return 0 if stop.is_set() else 1
+        live.update(version=version, process=started[0], port=started[1])
+        echo(f"{channel}: {project.name}:{version} is live")
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=poll_s)
+                break
+            except TimeoutError:
+                pass
+            if live["process"].poll() is not None:
+                echo(f"the server of {live['version']} exited with {live['process'].returncode}")
+                return live["process"].returncode or 1
+            if _stamp(store) == stamp:  # only open the store (a file lock) when something wrote to it
+                continue
+            stamp = _stamp(store)
+            try:
+                current = await asyncio.to_thread(release.channel_version, project, channel)
+            except SlipwayError as exc:  # store busy or the channel emptied: keep serving
+                echo(f"keeping {live['version']}: cannot read the {channel} channel ({exc.args[0]})")
+                stamp = None
+                continue
+            if current == live["version"] or current in failed:
+                continue
+            echo(f"{channel} moved from {live['version']} to {current}: starting it beside the live server")
+            started = await start(current)
+            if started is None:
+                failed.add(current)
+                echo(f"still serving {live['version']}")
+                continue
+            old = live["process"]
+            live.update(version=current, process=started[0], port=started[1])
+            echo(f"{channel}: {project.name}:{current} is live; draining the previous server")
+            await asyncio.to_thread(_terminate, old, project.spec.serve.timeout_s + 30)
+        return 0
+    finally:
+        server.close()
+        if live.get("process") is not None:
+            await asyncio.to_thread(_terminate, live["process"], project.spec.serve.timeout_s + 30)
+
+
+async def _pipe(reader, writer) -> None:
+    """Copy one direction of a relayed connection; pass on end-of-stream so HTTP closes cleanly."""
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError):
+        writer.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ready(port: int) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _terminate(process, timeout: float) -> None:
+    """SIGTERM: BentoML stops accepting, finishes in-flight requests, stops its workers."""
+    import subprocess
+
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _stamp(path: Path) -> tuple:
+    """Modification marks of the store and its write-ahead log."""
+    marks = []
+    for candidate in (path, path.with_name(path.name + ".wal")):
         try:
-            current = release.channel_version(project, channel)
-        except SlipwayError as exc:  # store busy (a check is running) or the channel emptied: keep serving
-            echo(f"keeping {version}: cannot read the {channel} channel ({exc.args[0]})")
-            continue
-        if current != version:
-            echo(f"{channel} moved from {version} to {current}: draining and restarting")
-            stop(child)
-            version = current
-            child = start(version)
+            info = candidate.stat()
+            marks.append((info.st_mtime_ns, info.st_size))
+        except FileNotFoundError:
+            marks.append(None)
+    return tuple(marks)

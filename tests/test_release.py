@@ -28,7 +28,6 @@ def add_check(project, content: str, passed: bool = True) -> None:
 
 @pytest.fixture
 def project(toml_path, project_root):
-    edit_toml(toml_path, "[contract]\n", "[contract]\napprovals_required = 1\n")
     edit_toml(toml_path, 'owner = "support-platform"\n', 'owner = "support-platform"\nadmins = ["root"]\n')
     return load_project("ticket-triage", root=project_root)
 

@@ -21,7 +21,6 @@ def ok(args: list[str]):
 
 @pytest.mark.model
 def test_check_build_approve_deploy_rollback_audit(tiny_project, tiny_model_present, monkeypatch, tmp_path):
-    edit_toml(tiny_project, "[contract]\n", "[contract]\napprovals_required = 1\n")
     for key in ("latency_p95_ms", "latency_p99_ms"):  # two checks here; do not fail on a busy machine
         edit_toml(tiny_project, f"{key} = 60000", f"{key} = 600000")
     monkeypatch.setenv("SLIPWAY_USER", "alice")
@@ -73,9 +72,10 @@ def test_check_build_approve_deploy_rollback_audit(tiny_project, tiny_model_pres
 
 
 @pytest.mark.model
-def test_serve_channel_follows_a_rollback_without_failing_requests(tiny_project, tiny_model_present, tmp_path):
-    """`slipway serve --channel prod` keeps answering through a rollback: in-flight requests finish on
-    the old version, new ones get the rolled-back version within seconds. Prints the recovery time."""
+def test_serve_channel_follows_a_rollback_without_downtime(tiny_project, tiny_model_present, tmp_path):
+    """`slipway serve --channel prod` keeps answering through a rollback: every request during the
+    switch gets a 200 (from the old version until the new one is ready, then from the new one).
+    Prints how long the rolled-back version took to answer."""
     import os
     import subprocess
     import sys
@@ -91,8 +91,9 @@ def test_serve_channel_follows_a_rollback_without_failing_requests(tiny_project,
     v1 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
     edit_toml(tiny_project, "timeout_s = 60", "timeout_s = 45")  # a serve setting: a new version, same check
     v2 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
-    ok(["deploy", v1, "--channel", "prod", "--as", "carol"])
-    ok(["deploy", v2, "--channel", "prod", "--as", "carol"])
+    for version in (v1, v2):
+        ok(["approve", version, "--as", "bob"])
+        ok(["deploy", version, "--channel", "prod", "--as", "carol"])
 
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")
@@ -103,16 +104,18 @@ def test_serve_channel_follows_a_rollback_without_failing_requests(tiny_project,
     seen: list[tuple[float, int | str, str | None]] = []
     done = threading.Event()
 
-    def traffic():  # one client, back to back, bounded in count and time
-        deadline = time.monotonic() + 150
-        while not done.is_set() and len(seen) < 2000 and time.monotonic() < deadline:
+    def traffic():  # one client, a request every ~0.5 s, bounded in count and time
+        deadline = time.monotonic() + 200
+        while not done.is_set() and len(seen) < 500 and time.monotonic() < deadline:
             try:
                 r = httpx.post(f"{base}/triage", json={"ticket": "I was charged twice"}, timeout=60)
                 seen.append((time.monotonic(), r.status_code,
                              r.json().get("version", {}).get("bento") if r.status_code == 200 else r.text[:200]))
-            except httpx.TransportError as exc:  # the port is closed while the new version loads
+            except httpx.TransportError as exc:
                 seen.append((time.monotonic(), type(exc).__name__, None))
-                time.sleep(0.05)
+            # Not back to back: on 2 cores a saturating client starves the new server's start-up (llama.cpp
+            # threads of both servers spin on the same cores); BENCHMARKS.md has that case measured.
+            time.sleep(0.5)
 
     try:
         _wait_ready(base, server)
@@ -122,24 +125,26 @@ def test_serve_channel_follows_a_rollback_without_failing_requests(tiny_project,
         time.sleep(1)
         ok(["rollback", "ticket-triage", "--channel", "prod", "--as", "dave"])
         rolled_back = time.monotonic()
-        while time.monotonic() - rolled_back < 90 and not any(v == v1 for _, _, v in seen):
+        while time.monotonic() - rolled_back < 150 and not any(v == v1 for _, _, v in seen):
             time.sleep(0.2)
+        time.sleep(1)  # a few answers from the new version, then stop
         done.set()
         client.join(timeout=70)
         first_v1 = next((t for t, _, v in seen if v == v1), None)
-        assert first_v1 is not None, f"still serving {v2} 90 s after the rollback: {seen[-3:]}"
-        print(f"\nrecovery: first answer from {v1} {first_v1 - rolled_back:.1f} s after the rollback")
-        statuses = {s for _, s, _ in seen}
-        assert not {s for s in statuses if isinstance(s, int) and s != 200}, seen  # refused, never failed
-        versions = [v for _, s, v in seen if s == 200]
+        assert first_v1 is not None, f"still serving {v2} 150 s after the rollback: {seen[-3:]}"
+        print(f"\nswitch: first answer from {v1} {first_v1 - rolled_back:.1f} s after the rollback; "
+              f"{len(seen)} requests during the test, statuses {sorted({str(s) for _, s, _ in seen})}")
+        assert {s for _, s, _ in seen} == {200}, [x for x in seen if x[1] != 200][:5]  # nothing refused or failed
+        versions = [v for _, _, v in seen]
         assert versions == sorted(versions, key=lambda v: v == v1), "answers went back to the old version"
         assert server.poll() is None
     finally:
         done.set()
         server.terminate()
         try:
-            server.wait(timeout=60)
+            server.wait(timeout=90)
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
-    assert "draining and restarting" in (tmp_path / "serve.log").read_text()
+    text = (tmp_path / "serve.log").read_text()
+    assert "is live; draining the previous server" in text, text[-2000:]
