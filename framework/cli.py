@@ -623,10 +623,11 @@ def audit_list(project: ProjectArg, limit: Annotated[int, typer.Option(min=1, he
     table = Table()
     for column in ("seq", "at", "actor", "action", "target"):
         table.add_column(column, no_wrap=True)
-    table.add_column("details", overflow="fold")
+    table.add_column("details", overflow="fold")  # shortened here; all of it: --json or audit export
     for r in rows:
         details = json.loads(r["details"] or "{}")
-        short = ", ".join(f"{k}={_short(v)}" for k, v in details.items() if v not in (None, "", [], {}))
+        short = ", ".join(f"{k}={_short(v)}" for k, v in details.items()
+                          if v not in (None, "", [], {}) and not k.endswith("_hash"))
         style = "bold red" if r["action"] == "override" else ""
         table.add_row(str(r["seq"]), str(r["logged_at"])[:19], r["actor"],
                       f"[{style}]{r['action']}[/]" if style else r["action"], r["target"] or "", short)

@@ -60,6 +60,10 @@ def test_check_build_approve_deploy_rollback_audit(tiny_project, tiny_model_pres
     assert [r["action"] for r in rows] == ["check", "build", "approve", "deploy", "check", "build", "approve",
                                            "deploy", "rollback"]
     assert json.loads(ok(["audit", "verify", "ticket-triage", "--json"]).stdout)["rows"] == 9
+    listed = json.loads(ok(["audit", "list", "ticket-triage", "--json"]).stdout)
+    assert [r["action"] for r in listed] == [r["action"] for r in rows]
+    table = ok(["audit", "list", "ticket-triage"]).stdout
+    assert "rollback" in table and "dave" in table and v2 in table
 
     import duckdb
 

@@ -33,6 +33,9 @@ def test_review_page_shows_diff_regressions_and_override(tiny_project, tiny_mode
     monkeypatch.setenv("SLIPWAY_USER", "alice")
     ok(["check", "ticket-triage"])
     v1 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
+    first = json.loads(ok(["review", v1, "--json"]).stdout)  # nothing to compare with yet
+    assert first["baseline"] is None and first["changes"] is None and first["regressed"] == []
+    assert first["contract"]["passed"] and first["readiness"]["missing"] == ["0 of 1 approvals"]
 
     edit_toml(Path("notebooks/ticket_triage.py"), "Triage one customer-support ticket",
               "Triage one customer-support request")
