@@ -11,7 +11,13 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 SLIPWAY="$REPO/.venv/bin/slipway"
 WALK="${WALK:-/tmp/slipway-walkthrough}"
 PORT="${PORT:-3077}"
-step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+# Print each command as you would type it (`slipway …`, arguments with spaces quoted), then run it.
+step() {
+    local shown="slipway" arg
+    for arg in "$@"; do [[ "$arg" == *" "* ]] && shown+=" \"$arg\"" || shown+=" $arg"; done
+    printf '\n$ %s\n' "$shown"
+    "$SLIPWAY" "$@"
+}
 
 rm -rf "$WALK" && mkdir -p "$WALK/projects"
 cp -r "$REPO/projects/ticket-triage" "$WALK/projects/"
@@ -22,12 +28,12 @@ export BENTOML_HOME="$WALK/bentos" SLIPWAY_USER=alice   # alice is the data scie
 echo "walk-through in $WALK (BENTOML_HOME=$BENTOML_HOME)"
 
 echo; echo "== 1. The current prompt: check, build, approve, deploy to prod"
-step "$SLIPWAY" check ticket-triage
-step "$SLIPWAY" build ticket-triage
+step check ticket-triage
+step build ticket-triage
 V1=$("$SLIPWAY" build ticket-triage --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["tag"])')
-step "$SLIPWAY" deploy "$V1" --channel prod --as carol || echo "(refused, as it should be: nobody approved $V1 yet)"
-step "$SLIPWAY" approve "$V1" --as bob --note "baseline reviewed"
-step "$SLIPWAY" deploy "$V1" --channel prod --as carol
+step deploy "$V1" --channel prod --as carol || echo "(refused, as it should be: nobody approved $V1 yet)"
+step approve "$V1" --as bob --note "baseline reviewed"
+step deploy "$V1" --channel prod --as carol
 
 echo; echo "== 2. A prompt change in the notebook: the old check is stale, a new one runs"
 # The data scientist asks for fewer escalations: one sentence of the needs_human guidance changes.
@@ -41,18 +47,19 @@ text = path.read_text()
 assert sys.argv[1] in text, f"{sys.argv[1]!r} not in {path}"
 path.write_text(text.replace(sys.argv[1], sys.argv[2], 1))
 EOF
-step "$SLIPWAY" build ticket-triage || echo "(refused: the check is stale)"
-step "$SLIPWAY" check ticket-triage
-step "$SLIPWAY" build ticket-triage
+printf '\n(edit in notebooks/ticket_triage.py, the TicketTriage instructions)\n- %s\n+ %s\n' "$OLD" "$NEW"
+step build ticket-triage || echo "(refused: the check is stale)"
+step check ticket-triage
+step build ticket-triage
 V2=$("$SLIPWAY" build ticket-triage --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["tag"])')
 
 echo; echo "== 3. Review the new version against prod: contract, prompt diff, paired deltas, regressed examples"
-step "$SLIPWAY" review "$V2" --against-channel prod
+step review "$V2" --against-channel prod
 
 echo; echo "== 4. Approve and deploy it; serve the prod channel"
-step "$SLIPWAY" approve "$V2" --as bob --note "fewer escalations; regressions reviewed"
-step "$SLIPWAY" deploy "$V2" --channel prod --as carol
-step "$SLIPWAY" status ticket-triage
+step approve "$V2" --as bob --note "fewer escalations; regressions reviewed"
+step deploy "$V2" --channel prod --as carol
+step status ticket-triage
 "$SLIPWAY" serve ticket-triage --channel prod --port "$PORT" > "$WALK/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
@@ -65,7 +72,7 @@ until "$REPO/.venv/bin/python" -c "import urllib.request as u; u.urlopen('http:/
 printf '\n$ curl -s -X POST 127.0.0.1:%s/triage -H "content-type: application/json" -d %s\n%s\n' "$PORT" "'$TICKET'" "$(ask)"
 
 echo; echo "== 5. Roll prod back while it serves; the server follows without refusing a request"
-step "$SLIPWAY" rollback ticket-triage --channel prod --as carol
+step rollback ticket-triage --channel prod --as carol
 start=$(date +%s%N)
 # Watch the server's log rather than hammering it: on 2 cores a busy live server slows the new one's start.
 until grep -q "$V1 is live" "$WALK/serve.log"; do sleep 0.2; done
@@ -73,14 +80,14 @@ ms=$(( ($(date +%s%N) - start) / 1000000 ))
 echo "$V1 took over $((ms / 1000)).$(( (ms % 1000) / 100 )) s after the rollback; the old version answered until then"
 grep -E "moved from|is live" "$WALK/serve.log" | tail -2
 printf '\n$ curl -s -X POST 127.0.0.1:%s/triage -H "content-type: application/json" -d %s\n%s\n' "$PORT" "'$TICKET'" "$(ask)"
-step "$SLIPWAY" status ticket-triage
+step status ticket-triage
 
 echo; echo "== 6. The audit log has every step, and detects an edit"
-step "$SLIPWAY" audit list ticket-triage
-step "$SLIPWAY" audit verify ticket-triage
+step audit list ticket-triage
+step audit verify ticket-triage
 kill $SERVER && wait $SERVER 2>/dev/null || true   # stop serving before touching the store file by hand
 "$REPO/.venv/bin/python" -c "import duckdb; c = duckdb.connect('projects/ticket-triage/.slipway/store.duckdb'); \
 c.execute(\"UPDATE audit SET actor = 'mallory' WHERE action = 'approve'\")"
 echo "(someone edits the approvals in the store by hand)"
-step "$SLIPWAY" audit verify ticket-triage || echo "(exit $?: the edit is detected and the row named)"
+step audit verify ticket-triage || echo "(exit $?: the edit is detected and the row named)"
 echo; echo "review page: $(ls "$WALK"/projects/ticket-triage/.slipway/reports/review-*.html)"

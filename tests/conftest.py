@@ -41,6 +41,17 @@ def toml_path(project_root) -> Path:
     return project_root / "projects" / "ticket-triage" / "project.toml"
 
 
+def cli_ok(args: list[str]):
+    """Run a `slipway` command in process and insist it exits 0 (showing its output when not)."""
+    from typer.testing import CliRunner
+
+    from framework.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
 def edit_toml(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text, f"{old!r} not in {path}"

@@ -8,15 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from framework.cli import app
+from tests.conftest import cli_ok as ok
 from tests.conftest import edit_toml
 
 runner = CliRunner()
-
-
-def ok(args: list[str]):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.mark.model
