@@ -10,6 +10,12 @@ LLAMA  := llama-cpp-python==0.3.36
 # these virtual machines; AVX2/FMA runs everywhere we deploy and is as fast here.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
                     -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+# `make install CUDA=1`: llama.cpp with its CUDA backend (needs nvcc), cached apart from the CPU wheel.
+# Run `make clean-venv` first if .venv already holds the CPU build. Measured: BENCHMARKS.md, "GPU".
+ifeq ($(CUDA),1)
+WHEELS := $(WHEELS)-cuda
+LLAMA_CMAKE_ARGS += -DGGML_CUDA=ON
+endif
 PROJECT ?= ticket-triage
 
 .PHONY: demo test install llama-wheel browser lint clean-venv walkthrough
