@@ -4,7 +4,7 @@
 # Works on a copy of the project, notebook and store in $WALK (default /tmp/slipway-walkthrough), so your
 # working tree, store and bentos are untouched. Two versions of the demo, the second with a prompt change:
 # check, build, review (page with the diff and the regressed examples), approve, deploy to prod, serve
-# the prod channel, roll back while it serves, audit. About 10 minutes after `make demo` (one new check of
+# the prod channel, roll back while it serves, audit. 10 to 20 minutes after `make demo` (one new check of
 # the 1.5B model on the 200-example eval set; the first check is reused from `make demo`'s store).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"

@@ -80,9 +80,12 @@ class ModelSpec(_Strict):
     price_per_1k_output: Annotated[float, Field(ge=0)] = 0.0
 
     def load_settings(self) -> dict:
-        """Settings that change what the model outputs; part of the content hash."""
+        """Settings that change what the model outputs or how fast: part of the content hash, because a
+        check measured answers and latency under them. `gpu_layers` belongs here: on a GPU, sums run in
+        another order and greedy decoding flips close choices (BENCHMARKS.md, "GPU")."""
         return {"sha256": self.sha256, "context_size": self.context_size, "temperature": self.temperature,
-                "max_tokens": self.max_tokens, "seed": self.seed}
+                "max_tokens": self.max_tokens, "seed": self.seed, "threads": self.threads,
+                "gpu_layers": self.gpu_layers}
 
 
 METRIC_KINDS = ("exact_match", "macro_f1", "format_validity", "notebook")

@@ -20,6 +20,14 @@ def test_demo_project_validates():
     assert project.spec.contract.eval["category_macro_f1"].op == ">="
 
 
+@pytest.mark.parametrize(("key", "value"), [("gpu_layers", -1), ("threads", 1), ("max_tokens", 8),
+                                            ("context_size", 2048), ("seed", 7)])
+def test_model_settings_a_check_measured_under_are_part_of_the_content(key, value):
+    """Answers and latency were measured under these settings; changing one makes the check stale."""
+    model = load_project("ticket-triage", root=REPO).model("qwen15")
+    assert model.model_copy(update={key: value}).load_settings() != model.load_settings()
+
+
 def test_unknown_key_names_file_line_and_field(toml_path):
     edit_toml(toml_path, "latency_p95_ms = ", "latency_p59_ms = 1\nlatency_p95_ms = ")
     with pytest.raises(SpecError) as info:
