@@ -18,7 +18,7 @@ from typing import Any
 
 from framework import weights
 from framework.dataset import Example, file_hash, load_examples
-from framework.lm import make_lm, metering
+from framework.lm import make_lm, metering, settings_hash
 from framework.metrics import Measurements, exact_match, measure, metric_name
 from framework.notebook import (
     input_fields,
@@ -97,7 +97,7 @@ def content_hashes(project: Project, program, split: str, model_key: str, limit:
         "program_hash": program_hash(program),
         "notebook_hash": hashlib.sha256(project.notebook_path.read_bytes()).hexdigest(),
         "dataset_hash": file_hash(project.split_path(split)),
-        "settings_hash": hashlib.sha256(json.dumps(model.load_settings(), sort_keys=True).encode()).hexdigest(),
+        "settings_hash": settings_hash(model),
     }
     key = {**parts, "split": split, "limit": limit, "metrics": project.spec.eval.metrics,
            "adapter": project.spec.pipeline.adapter}
