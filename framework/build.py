@@ -1,11 +1,12 @@
 """Contract gate → bento: the step the product exists for.
 
-`build` refuses unless a *passing* check exists for exactly the current
-content (program state, notebook source, model sha256 and settings, eval set,
-contract). It then writes an ordinary BentoML bento into the repository's
-`bentos/` store (BENTOML_HOME), versioned by that content hash: rebuilding the
-same content is a no-op, any change is a new version. The GGUF is stored once
-as a BentoML model and referenced by every bento that uses it.
+`build` refuses unless a *passing, signed* check exists for exactly the current content
+(framework/content.py names every input) and contract. It then writes an ordinary BentoML bento into
+the repository's `bentos/` store (framework/bentos.py), versioned by that content: rebuilding the same
+content is a no-op, any change is a new version. The bento holds the signed check and its report;
+after BentoML writes it, every file is hashed into a manifest, and the builder signs a build statement
+naming the manifest's hash, so an edit to any file of the bento afterwards is caught on serve and deploy.
+The GGUF is stored once as a BentoML model and referenced by every bento that uses it.
 """
 
 from __future__ import annotations
@@ -14,60 +15,25 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from framework import audit, release, weights
-from framework.check import CheckResult, check, contract_hash
+from framework import audit, bentos, signing, weights
+from framework.bentos import use_bentoml_home
+from framework.check import check, failed_clauses, verified_check
+from framework.content import content_hashes, contract_hash
 from framework.errors import ContractFailed, ReleaseRefused
-from framework.evaluate import content_hashes, git_commit, store_path
+from framework.evaluate import git_commit, store_path
 from framework.notebook import load_program, program_state
+from framework.release import CHECK_FILE
 from framework.spec import Project
 from framework.store import Store
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUNTIME_REQUIREMENTS = ["dspy>=3.4.1", "llama-cpp-python>=0.3.36", "pydantic>=2.13", "duckdb>=2.0.0",
                         "marimo>=0.25.2", "prometheus-client>=0.20", "typer>=0.29", "rich>=15.0"]
-
-
-def bentoml_home(project: Project) -> Path:
-    """The repository's own BentoML store: `bentos/` beside `projects/`."""
-    return Path(os.environ.get("BENTOML_HOME") or project.root / "bentos")
-
-
-def use_bentoml_home(project: Project) -> Path:
-    """Point BentoML at the repository store; must run before `import bentoml`."""
-    home = bentoml_home(project)
-    home.mkdir(parents=True, exist_ok=True)
-    os.environ["BENTOML_HOME"] = str(home)
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    if "bentoml" in sys.modules:
-        _repoint_imported_bentoml(home)
-    return home
-
-
-def _repoint_imported_bentoml(home: Path) -> None:
-    """BentoML reads BENTOML_HOME once, at first use. A process that builds for two repositories
-    (a notebook, the test suite) would otherwise write the second project's bento into the first
-    one's store, so override BentoML's store providers with ones rooted at `home`."""
-    from bentoml._internal.bento import BentoStore
-    from bentoml._internal.configuration.containers import BentoMLContainer
-    from bentoml._internal.models import ModelStore
-
-    dirs = {name: home / name for name in ("bentos", "models", "envs", "tmp")}
-    for path in dirs.values():
-        path.mkdir(parents=True, exist_ok=True)
-    BentoMLContainer.bentoml_home.set(str(home))
-    BentoMLContainer.bento_store_dir.set(str(dirs["bentos"]))
-    BentoMLContainer.model_store_dir.set(str(dirs["models"]))
-    BentoMLContainer.env_store_dir.set(str(dirs["envs"]))
-    BentoMLContainer.tmp_bento_store_dir.set(str(dirs["tmp"]))
-    BentoMLContainer.bento_store.set(BentoStore(str(dirs["bentos"])))
-    BentoMLContainer.tmp_bento_store.set(BentoStore(str(dirs["tmp"])))
-    BentoMLContainer.model_store.set(ModelStore(str(dirs["models"])))
 
 
 @dataclass
@@ -80,91 +46,99 @@ class BuildResult:
 
 
 def _stale_parts(project: Project, current: dict[str, str]) -> list[str]:
-    """Which inputs changed since the most recent full check (for the refusal message)."""
+    """Which inputs changed since the most recent check (for the refusal message)."""
     with Store(store_path(project)) as store:
-        row = store.con.execute(
-            "SELECT verdict FROM checks WHERE project = ? ORDER BY created_at DESC LIMIT 1", [project.name]
-        ).fetchone()
+        row = store.latest_check_any(project.name)
     if not row:
         return []
-    meta = json.loads(row[0]).get("meta", {})
-    names = {"program_hash": "program (prompt/demos)", "notebook_hash": "notebook source",
-             "dataset_hash": "eval set", "settings_hash": "model or its settings"}
+    verdict = json.loads(row["verdict"]) if isinstance(row["verdict"], str) else row["verdict"]
+    meta = verdict.get("meta", {})
+    names = {"program_hash": "program (prompt/demos)", "prompt_hash": "rendered prompt (adapter)",
+             "notebook_hash": "notebook source", "dataset_hash": "eval set", "settings_hash": "model or its settings",
+             "code_hash": "Slipway's answer-path code", "versions_hash": "slipway/dspy/llama-cpp-python version"}
     changed = [label for key, label in names.items() if meta.get(key) and meta.get(key) != current.get(key)]
     if meta.get("contract_hash") and meta["contract_hash"] != current.get("contract_hash"):
         changed.append("contract")
     return changed
 
 
-def gate(project: Project, *, run_check: bool = False, override: str | None = None,
-         actor: str | None = None) -> CheckResult | dict:
-    """The passing check for the current content, or raise `ContractFailed` saying why not.
+def gate(project: Project, *, run_check: bool = False, key: Path | None = None) -> dict:
+    """The newest passing, signed check for the current content and contract, as
+    {hashes…, check row…, "signed": Signed}; a failing one is returned with "failed" set (only an
+    override may build it); else raise `ContractFailed` saying why.
 
-    An admin may pass a *failing* check with `override` (a reason, recorded on the bento and in the
-    audit log); content that was never checked cannot be overridden: there is nothing to review.
+    A check row counts only when its signature holds over a statement that says what the row says and
+    the report file is the one signed (check.verified_check): inserting a row opens nothing.
     """
     program = load_program(project)
     hashes = content_hashes(project, program, "eval", project.spec.pipeline.model, None)
     hashes["contract_hash"] = contract_hash(project)
-    found = None
+    found, forged = None, []
     if store_path(project).exists():
         with Store(store_path(project)) as store:
-            found = store.latest_check(hashes["content_hash"], hashes["contract_hash"])
+            rows = store.checks_for(hashes["content_hash"], hashes["contract_hash"])
+        for row in rows:
+            signed = verified_check(project, row)
+            if signed is None:
+                forged.append(row["check_id"])
+                continue
+            found = {**row, "signed": signed}
+            break
     if found is None and run_check:
-        result = check(project)
-        found = {"check_id": result.check_id, "run_id": result.run.run_id, "passed": result.passed,
-                 "failed_clauses": json.dumps(result.verdict.failed), "report_json": result.report_json,
-                 "report_html": result.report_html}
+        check(project, key=key)
+        return gate(project, key=key)
     if found is None:
-        stale = _stale_parts(project, hashes)
-        why = (f"the last check is stale: {', '.join(stale)} changed since" if stale
+        stale = _stale_parts(project, hashes) if store_path(project).exists() else []
+        why = (f"check(s) {', '.join(forged)} for this content do not verify (signature or report changed)"
+               if forged else f"the last check is stale: {', '.join(stale)} changed since" if stale
                else "no check has been run for this content")
         raise ContractFailed(f"refusing to build: {why}", clauses=[], path=str(project.toml_path),
                              hint=f"run `slipway check {project.name}` (or `slipway build --check`)")
-    if not found["passed"]:
-        failed = json.loads(found["failed_clauses"])
-        if override:
-            if not release.is_admin(project, actor or audit.who()):
-                raise ReleaseRefused(f"{actor or audit.who()} is not an admin and may not build past failing "
-                                     f"clauses ({', '.join(failed)})", path=str(project.toml_path),
-                                     field="project.admins",
-                                     hint="add the person to [project] admins, or set SLIPWAY_ROLE=admin")
-            return {**found, **hashes, "override": override, "failed": failed}
-        raise ContractFailed(f"refusing to build: check {found['check_id']} failed {', '.join(failed)}",
-                             clauses=failed, path=str(project.toml_path),
-                             hint=f"see {found['report_html']}; fix the pipeline, change the contract in review, "
-                                  "or an admin may pass --override \"<reason>\"")
+    found["failed"] = failed_clauses(found) if not found["passed"] else []
     return {**found, **hashes}
 
 
 def bento_version(passing: dict, project: Project) -> str:
     """Deterministic: the checked content, the contract, the [serve] settings baked into the bento
-    (endpoint, workers, timeout) and the framework release that packs them. Changing any of them
-    must give a new version, or a rebuild would keep serving the old settings under the old tag."""
-    from importlib.metadata import PackageNotFoundError, version
+    (endpoint, workers, timeout) and the framework code that packs and serves them. Changing any of
+    them must give a new version, or a rebuild would keep serving the old settings under the old tag."""
+    from framework.content import json_hash, versions
 
-    try:
-        framework = version("slipway")
-    except PackageNotFoundError:
-        framework = "dev"
-    serve = project.spec.serve.model_dump_json()
-    key = f"{passing['content_hash']}:{passing['contract_hash']}:{serve}:{framework}"
-    return hashlib.sha256(key.encode()).hexdigest()[:20]
+    package = {p.relative_to(PACKAGE_DIR).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in sorted(PACKAGE_DIR.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+    key = {"content": passing["content_hash"], "contract": passing["contract_hash"],
+           "serve": project.spec.serve.model_dump(mode="json"), "slipway": versions()["slipway"], "code": package}
+    return json_hash(key)[:20]
 
 
 def build(project: Project, *, run_check: bool = False, override: str | None = None,
-          actor: str | None = None) -> BuildResult:
-    actor = actor or audit.who()
-    passing = gate(project, run_check=run_check, override=override, actor=actor)
+          key: Path | None = None) -> BuildResult:
+    """Build the bento for the current content if its check passed (or, with `override`, a key with the
+    override role signs past a failing one). The builder's signature makes them the build's author."""
+    key = key or signing.find_key(create=not override)
+    passing = gate(project, run_check=run_check, key=key)
+    if passing["failed"] and not override:
+        raise ContractFailed(f"refusing to build: check {passing['check_id']} failed {', '.join(passing['failed'])}",
+                             clauses=passing["failed"], path=str(project.toml_path),
+                             hint=f"see {passing['report_html']}; fix the pipeline, change the contract in review, "
+                                  "or a key with the override role may pass --override \"<reason>\"")
+    signers = signing.load_signers(project.dir)
+    if passing["failed"]:
+        mine = signing.public_key(key)  # the build statement signed below proves the key is held
+        why = signing.key_refusal(mine, "override", signers.by_key(mine), signers.revocation(mine))
+        if why:
+            raise ReleaseRefused(f"refusing to build past failing clauses ({', '.join(passing['failed'])}): {why}",
+                                 path=str(signing.signers_path(project.dir)),
+                                 hint="only a key with the override role in signers.toml may override")
     use_bentoml_home(project)
     import bentoml
 
-    key = project.spec.pipeline.model
-    model_spec = project.model(key)
+    model_key = project.spec.pipeline.model
+    model_spec = project.model(model_key)
     version = bento_version(passing, project)
     name = project.name
     tag = f"{name}:{version}"
-    model_tag = _ensure_model(project, key)
+    model_tag = _ensure_model(project, model_key)
     try:
         existing = bentoml.get(tag)
         return BuildResult(tag=tag, created=False, model_tag=model_tag, labels=dict(existing.info.labels),
@@ -177,12 +151,13 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
         "slipway.dataset_hash": passing["dataset_hash"], "slipway.contract_hash": passing["contract_hash"],
         "slipway.content_hash": passing["content_hash"], "slipway.check_id": passing["check_id"],
         "slipway.check_run_id": passing["run_id"], "slipway.git_commit": git_commit(project.root) or "none",
-        "slipway.build_time": datetime.now(UTC).isoformat(timespec="seconds"), "slipway.author": actor,
+        "slipway.build_time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "slipway.author_key": signing.fingerprint(signing.public_key(key)),
     }
-    if passing.get("override"):
-        labels["slipway.override"] = passing["override"]
+    if override and passing["failed"]:
+        labels["slipway.override"] = override
     with tempfile.TemporaryDirectory(prefix="slipway-build-") as ctx:
-        _write_context(Path(ctx), project, key, model_tag, labels, passing)
+        _write_context(Path(ctx), project, model_key, model_tag, labels, passing, version)
         os.environ["SLIPWAY_BENTO_DIR"] = str(Path(ctx) / "slipway")  # bentoml imports the service to build
         bento = bentoml.bentos.build(
             "framework.service:SlipwayService", name=name, version=version, labels=labels,
@@ -190,11 +165,17 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
             include=["framework/**", "slipway/**"], models=[model_tag],
             python={"packages": RUNTIME_REQUIREMENTS},
         )
-    if passing.get("override"):
-        audit.record(store_path(project), actor=actor, action="override", target=str(bento.tag),
-                     details={"step": "build", "reason": passing["override"], "failed": passing["failed"]})
-    audit.record(store_path(project), actor=actor, action="build", target=str(bento.tag),
-                 details={"content_hash": passing["content_hash"], "check_id": passing["check_id"]})
+    root = Path(bento.path)
+    manifest = bentos.write_manifest(root)
+    statement = audit.statement(name, "build", tag, {
+        "content_hash": passing["content_hash"], "contract_hash": passing["contract_hash"],
+        "manifest_sha256": manifest, "check_id": passing["check_id"],
+        "override": labels.get("slipway.override"), "failed": passing["failed"]})
+    signed = signing.sign(statement, key)
+    (root / bentos.BUILD_SIGNATURE).write_text(json.dumps(signed.to_dict(), indent=1, sort_keys=True))
+    verified = signing.verify(signed, signers)
+    with Store(store_path(project)) as store, store.transaction():
+        audit.append(store, signed, verified.name if verified else signed.fingerprint)
     return BuildResult(tag=str(bento.tag), created=True, model_tag=model_tag, labels=labels, path=str(bento.path))
 
 
@@ -219,7 +200,8 @@ def _ensure_model(project: Project, key: str) -> str:
     return tag
 
 
-def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels: dict, passing: dict) -> None:
+def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels: dict, passing: dict,
+                   version: str) -> None:
     shutil.copytree(PACKAGE_DIR, ctx / "framework", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = ctx / "slipway"
     out.mkdir()
@@ -233,7 +215,8 @@ def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels
     for kind in ("report_json", "report_html"):
         if passing.get(kind) and Path(passing[kind]).exists():
             shutil.copyfile(passing[kind], out / f"check_report{Path(passing[kind]).suffix}")
+    (out / CHECK_FILE).write_text(json.dumps(passing["signed"].to_dict(), indent=1, sort_keys=True))
     config = {"project": project.name, "service_name": project.name.replace("-", "_"), "model_key": key,
               "model_tag": model_tag, "program": project.spec.pipeline.program, "labels": labels,
-              "bento_version": bento_version(passing, project)}
+              "bento_version": version}
     (out / "bento.json").write_text(json.dumps(config, indent=2))

@@ -1,17 +1,19 @@
-"""check = eval (or reuse a run of identical content) + verdict + reports.
+"""check = eval (or reuse a run of identical content) + verdict + reports, signed by whoever ran it.
 
-The verdict of a check is stored with the content hash and the contract hash,
-so `build` can later ask "did exactly this content pass exactly this
-contract?" without running anything.
+The verdict is stored with the content hash, the contract hash and the sha256 of its JSON report, in a
+statement the checker signs with their SSH key (framework/signing.py), so `build` can later ask "did
+exactly this content pass exactly this contract?" without running anything, and without trusting a row
+anyone could have inserted: it re-verifies the signature and the report's hash.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from framework import audit
+from framework import audit, signing
+from framework.content import content_hashes, contract_hash, file_hash
 from framework.contract import Verdict, judge
 from framework.evaluate import EvalRun, Progress, load_run, run_eval, store_path
 from framework.report import write_reports
@@ -26,25 +28,20 @@ class CheckResult:
     verdict: Verdict
     report_json: str
     report_html: str
+    signed: signing.Signed | None = None
 
     @property
     def passed(self) -> bool:
         return self.verdict.passed
 
 
-def contract_hash(project: Project) -> str:
-    # Review policy is not a clause: changing who must approve does not invalidate a check.
-    data = project.spec.contract.model_dump(mode="json", exclude={"approvals_required", "allow_self_approval"})
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
 def check(project: Project, *, model_key: str | None = None, limit: int | None = None, fresh: bool = False,
-          progress: Progress | None = None) -> CheckResult:
+          progress: Progress | None = None, key: Path | None = None) -> CheckResult:
     """Judge the project's contract on the eval split; reuse a complete run of identical content."""
-    from framework.evaluate import content_hashes
     from framework.notebook import load_program
 
     model_key = model_key or project.spec.pipeline.model
+    key_path = signing.find_key(key, create=True)  # before minutes of eval: a missing key fails now
     run = None
     if not fresh and store_path(project).exists():
         program = load_program(project)
@@ -55,24 +52,55 @@ def check(project: Project, *, model_key: str | None = None, limit: int | None =
             run = load_run(project, found)
     if run is None:
         run = run_eval(project, split="eval", limit=limit, model_key=model_key, progress=progress)
-    return judge_run(project, run)
+    return judge_run(project, run, key=key_path)
 
 
-def judge_run(project: Project, run: EvalRun) -> CheckResult:
+def judge_run(project: Project, run: EvalRun, *, key: Path | None = None) -> CheckResult:
+    contract = contract_hash(project)
     verdict = judge(project.spec.contract, run.measurements)
     verdict.meta.update({"project": project.name, "run_id": run.run_id, "model": run.model_key,
                          "model_name": project.model(run.model_key).name, "split": run.split,
                          "reused_run": run.reused, "content_hash": run.content_hash,
-                         "contract_hash": contract_hash(project), **run.hashes})
+                         "contract_hash": contract, **run.hashes})
     check_id = new_id("check")
     report_json, report_html = write_reports(project, check_id, run, verdict)
-    with Store(store_path(project)) as store:
+    report_sha256 = file_hash(Path(report_json))
+    statement = audit.statement(project.name, "check", project.name, {
+        "check_id": check_id, "run_id": run.run_id, "content_hash": run.content_hash, "contract_hash": contract,
+        "passed": verdict.passed, "failed": verdict.failed, "report_sha256": report_sha256})
+    signed = signing.sign(statement, key)
+    name = signing.verify(signed, signing.load_signers(project.dir))
+    with Store(store_path(project)) as store, store.transaction():
         store.add_check({"check_id": check_id, "run_id": run.run_id, "project": project.name,
-                         "content_hash": run.content_hash, "contract_hash": contract_hash(project),
+                         "content_hash": run.content_hash, "contract_hash": contract,
                          "passed": verdict.passed, "failed_clauses": verdict.failed, "verdict": verdict.to_dict(),
-                         "report_json": str(report_json), "report_html": str(report_html)})
-        audit.append(store, actor=audit.who(), action="check", target=project.name,
-                     details={"check_id": check_id, "passed": verdict.passed, "failed": verdict.failed,
-                              "content_hash": run.content_hash, "contract_hash": contract_hash(project)})
+                         "report_json": str(report_json), "report_html": str(report_html),
+                         "report_sha256": report_sha256, "statement": signed.statement,
+                         "signer_key": signed.key, "signature": signed.signature})
+        audit.append(store, signed, name.name if name else signed.fingerprint)
     return CheckResult(check_id=check_id, run=run, verdict=verdict, report_json=str(report_json),
-                       report_html=str(report_html))
+                       report_html=str(report_html), signed=signed)
+
+
+def verified_check(project: Project, row: dict) -> signing.Signed | None:
+    """The row's signed statement when its signature holds, it says what the row says, and the report
+    file on disk is the one that was signed; else None (a forged or edited row counts for nothing)."""
+    if not row.get("signature"):
+        return None
+    signed = audit.signed_of(row)
+    details = signed.statement.get("details", {})
+    if not signing.signature_holds(signed):
+        return None
+    if (signed.statement.get("action"), signed.statement.get("project"), details.get("check_id"),
+        details.get("content_hash"), details.get("contract_hash"), bool(details.get("passed"))) != (
+            "check", project.name, row["check_id"], row["content_hash"], row["contract_hash"], bool(row["passed"])):
+        return None
+    report = Path(row["report_json"] or "")
+    if not report.exists() or file_hash(report) != details.get("report_sha256"):
+        return None
+    return signed
+
+
+def failed_clauses(row: dict) -> list[str]:
+    value = row["failed_clauses"]
+    return json.loads(value) if isinstance(value, str) else list(value or [])

@@ -23,8 +23,10 @@ models_app = typer.Typer(no_args_is_help=True, help="Fetch and verify the GGUF m
 runs_app = typer.Typer(no_args_is_help=True, help="Browse eval runs recorded in the project's DuckDB store.")
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
-audit_app = typer.Typer(no_args_is_help=True, help="Verify and export the hash-chained audit log.")
+audit_app = typer.Typer(no_args_is_help=True, help="Verify, anchor, prune and export the signed audit log.")
 app.add_typer(audit_app, name="audit")
+keys_app = typer.Typer(no_args_is_help=True, help="Signing keys: yours, and who may act on a project.")
+app.add_typer(keys_app, name="keys")
 
 # Piped or in CI, rich would wrap tables at 80 columns and truncate clause names: use 120.
 console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -36,7 +38,8 @@ ProjectArg = Annotated[str, typer.Argument(help="project name (projects/<name>) 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of tables")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m",
                                                help="model key from [models.*] (default: pipeline.model)")]
-AsOpt = Annotated[str | None, typer.Option("--as", help="who is acting (default: SLIPWAY_USER or git user.name)")]
+KeyOpt = Annotated[str | None, typer.Option("--key", help="SSH key to sign with (default: SLIPWAY_SIGNING_KEY, git's "
+                                                          "user.signingkey, ~/.ssh/id_ed25519)")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="score only the first N examples")]
 
 
@@ -203,7 +206,7 @@ def eval_cmd(project: ProjectArg,
 @app.command()
 def check(project: ProjectArg, model: ModelOpt = None, limit: LimitOpt = None,
           fresh: Annotated[bool, typer.Option("--fresh", help="always run, never reuse an identical run")] = False,
-          as_json: JsonOpt = False) -> None:
+          key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """Run the eval set (or reuse an identical run) and judge every contract clause.
 
     Exit 0 when every clause passes, 1 when any fails, 2 on bad config.
@@ -216,7 +219,7 @@ def check(project: ProjectArg, model: ModelOpt = None, limit: LimitOpt = None,
     try:
         loaded = load_project(project)
         result = _with_progress("check", lambda report: run_check(
-            loaded, model_key=model, limit=limit, fresh=fresh, progress=report))
+            loaded, model_key=model, limit=limit, fresh=fresh, progress=report, key=_key(key)))
     except SlipwayError as exc:
         _fail(exc)
     verdict = result.verdict
@@ -280,9 +283,9 @@ def optimize(project: ProjectArg, model: ModelOpt = None,
 @app.command()
 def build(project: ProjectArg,
           run_check: Annotated[bool, typer.Option("--check", help="run the check first when none matches")] = False,
-          override: Annotated[str | None, typer.Option(help="admin only: build past failing clauses, with a "
-                                                             "reason (recorded, shown in red on the review)")]
-          = None, actor: AsOpt = None, as_json: JsonOpt = False) -> None:
+          override: Annotated[str | None, typer.Option(help="override role only: build past failing clauses, with "
+                                                             "a reason (signed, shown in red on the review)")]
+          = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """Build a versioned BentoML bento, refused unless the current content passed its check.
 
     Exit 0 built (or already built: same version), 1 refused, 2 bad config.
@@ -293,7 +296,7 @@ def build(project: ProjectArg,
 
     try:
         loaded = load_project(project)
-        result = run_build(loaded, run_check=run_check, override=override, actor=actor)
+        result = run_build(loaded, run_check=run_check, override=override, key=_key(key))
     except SlipwayError as exc:
         _fail(exc)
     if as_json:
@@ -521,51 +524,58 @@ def _print_review(data: dict) -> None:
 @app.command()
 def approve(target: Annotated[str, typer.Argument(help="<project>:<version>")],
             note: Annotated[str, typer.Option(help="what you reviewed")] = "",
-            actor: AsOpt = None, as_json: JsonOpt = False) -> None:
-    """Approve the exact content of a built version.
+            key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Sign an approval of the exact content and files of a built version (your key needs the approve role).
 
     Example: slipway approve ticket-triage:1a2b3c --note "diff reviewed"
     """
-    from framework import audit, release
+    from framework import release
 
     try:
         loaded, version = _target(target)
-        row = release.approve(loaded, version, actor=audit.who(actor), note=note)
+        row = release.approve(loaded, version, key=_key(key), note=note)
     except SlipwayError as exc:
         _fail(exc)
-    _print_row(row, as_json, f"[green]approved[/] {target} as {row['approver']} (content {row['content_hash'][:12]})")
+    _print_row({k: v for k, v in row.items() if k != "statement"}, as_json,
+               f"[green]approved[/] {target} as {row['approver']} (signed over content {row['content_hash'][:12]})")
 
 
 @app.command()
 def deploy(target: Annotated[str, typer.Argument(help="<project>:<version>")], channel: ChannelOpt,
-           override: Annotated[str | None, typer.Option(help="admin only: deploy past the gate, with a reason")]
-           = None, actor: AsOpt = None, as_json: JsonOpt = False) -> None:
-    """Point a channel at a version that passed its contract and holds its approvals.
+           override: Annotated[str | None, typer.Option(help="override role only: deploy past the gate, with a "
+                                                              "reason")] = None,
+           key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Point a channel at a version that passed its contract and holds its signed approvals.
 
-    Exit 1 refused, naming what is missing. Example: slipway deploy ticket-triage:1a2b3c --channel prod
+    Exit 1 refused, naming the rule that failed. Example: slipway deploy ticket-triage:1a2b3c --channel prod
     """
-    from framework import audit, release
+    from framework import release
 
     try:
         loaded, version = _target(target)
-        row = release.deploy(loaded, version, channel, actor=audit.who(actor), override=override)
+        row = release.deploy(loaded, version, channel, key=_key(key), override=override)
     except SlipwayError as exc:
         _fail(exc)
     note = f" [yellow](override: {row['override_reason']})[/]" if row["override_reason"] else ""
-    _print_row(row, as_json, f"[green]deployed[/] {target} to {channel}{note}")
+    _print_row({k: v for k, v in row.items() if k != "statement"}, as_json,
+               f"[green]deployed[/] {target} to {channel} as {row['actor']}{note}")
 
 
 @app.command()
-def rollback(project: ProjectArg, channel: ChannelOpt, actor: AsOpt = None, as_json: JsonOpt = False) -> None:
-    """Point a channel back at its previous version. Example: slipway rollback ticket-triage --channel prod"""
-    from framework import audit, release
+def rollback(project: ProjectArg, channel: ChannelOpt, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Point a channel back at its previous version (signed; needs rollback:<channel>).
+
+    Example: slipway rollback ticket-triage --channel prod
+    """
+    from framework import release
     from framework.spec import load_project
 
     try:
-        row = release.rollback(load_project(project), channel, actor=audit.who(actor))
+        row = release.rollback(load_project(project), channel, key=_key(key))
     except SlipwayError as exc:
         _fail(exc)
-    _print_row(row, as_json, f"[green]rolled back[/] {channel} to {row['project']}:{row['version']}")
+    _print_row({k: v for k, v in row.items() if k != "statement"}, as_json,
+               f"[green]rolled back[/] {channel} to {row['project']}:{row['version']} as {row['actor']}")
 
 
 @app.command()
@@ -584,14 +594,15 @@ def status(project: ProjectArg, as_json: JsonOpt = False) -> None:
         console.print_json(json.dumps(channels, default=str))
         return
     table = Table()
-    for col in ("channel", "version", "action", "by", "at", "override"):
+    for col in ("channel", "version", "action", "by", "at", "override", "signature"):
         table.add_column(col)
     for name, row in channels.items():
         if row is None:
-            table.add_row(name, "-", "", "", "", "")
+            table.add_row(name, "-", "", "", "", "", "")
         else:
             table.add_row(name, row["version"], row["action"], row["actor"], str(row["created_at"])[:19],
-                          row["override_reason"] or "")
+                          row["override_reason"] or "", "[green]verified[/]" if row["verified"] else
+                          "[bold red]DOES NOT VERIFY[/]")
     console.print(table)
 
 
@@ -635,12 +646,18 @@ def audit_list(project: ProjectArg, limit: Annotated[int, typer.Option(min=1, he
 
 
 @audit_app.command("verify")
-def audit_verify(project: ProjectArg, as_json: JsonOpt = False) -> None:
-    """Check the audit log's hash chain; exit 1 naming the first edited or deleted row.
+def audit_verify(project: ProjectArg,
+                 file: Annotated[str | None, typer.Option("--file", help="verify an exported JSONL file instead of "
+                                                                         "the store")] = None,
+                 as_json: JsonOpt = False) -> None:
+    """Check the audit log: hash chain, every row's signature, the anchor in git; exit 1 naming the first
+    broken row. Reads only (pruning is `slipway audit prune`).
 
-    Example: slipway audit verify ticket-triage
+    Example: slipway audit verify ticket-triage   or   slipway audit verify ticket-triage --file audit.jsonl
     """
-    from framework import audit
+    from pathlib import Path
+
+    from framework import audit, signing
     from framework.errors import AuditBroken
     from framework.evaluate import store_path
     from framework.spec import load_project
@@ -648,28 +665,84 @@ def audit_verify(project: ProjectArg, as_json: JsonOpt = False) -> None:
 
     try:
         loaded = load_project(project)
-        with Store(store_path(loaded)) as store:
-            pruned = audit.prune(store, loaded.spec.audit.retention_days)
-            problem = audit.verify(store)
-            count = len(store.audit_rows())
+        signers = signing.load_signers(loaded.dir)
+        if file:
+            count, problem = audit.verify_file(Path(file), signers)
+            where = file
+        else:
+            with Store(store_path(loaded), read_only=True) as store:
+                problem = audit.verify(store, anchor=audit.read_anchor(loaded.dir), signers=signers)
+                count = len(store.audit_rows())
+            where = str(store_path(loaded))
         if problem:
-            raise AuditBroken(problem.message, path=str(store_path(loaded)), field=f"audit.seq={problem.seq}",
+            raise AuditBroken(problem.message, path=where, field=f"audit.seq={problem.seq}",
                               hint="restore the store from a backup; the log from this row on cannot be trusted")
     except SlipwayError as exc:
         _fail(exc)
-    _print_row({"ok": True, "rows": count, "pruned": pruned}, as_json,
-               f"[green]ok[/] audit log verifies: {count} row(s)" + (f", {pruned} pruned" if pruned else ""))
+    anchored = audit.read_anchor(loaded.dir)
+    _print_row({"ok": True, "rows": count, "anchored_seq": anchored.statement["details"]["seq"] if anchored else None},
+               as_json, f"[green]ok[/] audit log verifies: {count} row(s), every signature holds"
+               + (f", anchored at row {anchored.statement['details']['seq']}" if anchored and not file else ""))
+
+
+@audit_app.command("anchor")
+def audit_anchor(project: ProjectArg, key: KeyOpt = None) -> None:
+    """Sign the log's head into projects/<name>/audit-anchor.json (commit it): a chain rewritten inside
+    the store no longer matches it. Needs the audit role. Example: slipway audit anchor ticket-triage"""
+    from framework import audit, signing
+    from framework.evaluate import store_path
+    from framework.spec import load_project
+    from framework.store import Store
+
+    try:
+        loaded = load_project(project)
+        with Store(store_path(loaded), read_only=True) as store:
+            problem = audit.verify(store)
+            if problem:
+                from framework.errors import AuditBroken
+
+                raise AuditBroken(f"will not anchor a broken log: {problem.message}", path=str(store.path))
+            signed = audit.anchor(store, loaded.dir, loaded.name, key=_key(key),
+                                  signers=signing.load_signers(loaded.dir))
+    except SlipwayError as exc:
+        _fail(exc)
+    details = signed.statement["details"]
+    console.print(f"[green]anchored[/] row {details['seq']} ({details['hash'][:12]}) in "
+                  f"{loaded.dir / audit.ANCHOR_FILE}; commit that file", soft_wrap=True)
+
+
+@audit_app.command("prune")
+def audit_prune(project: ProjectArg, key: KeyOpt = None) -> None:
+    """Delete rows older than [audit] retention_days behind a signed, chained prune row (needs the audit role).
+
+    Example: slipway audit prune ticket-triage
+    """
+    from framework import audit, signing
+    from framework.evaluate import store_path
+    from framework.spec import load_project
+    from framework.store import Store
+
+    try:
+        loaded = load_project(project)
+        with Store(store_path(loaded)) as store:
+            pruned = audit.prune(store, loaded.name, loaded.spec.audit.retention_days, key=_key(key),
+                                 signers=signing.load_signers(loaded.dir))
+    except SlipwayError as exc:
+        _fail(exc)
+    console.print(f"pruned {pruned} row(s)" if pruned else "nothing to prune")
 
 
 @audit_app.command("export")
 def audit_export(project: ProjectArg, out: Annotated[str, typer.Option("--out", "-o", help="output file")],
                  since: Annotated[str | None, typer.Option(help="ISO date or time, e.g. 2026-11-01")] = None,
-                 fmt: Annotated[str, typer.Option("--format", help="jsonl or parquet")] = "jsonl") -> None:
-    """Write audit rows to a file. Example: slipway audit export ticket-triage --since 2026-11-01 -o a.jsonl"""
+                 fmt: Annotated[str, typer.Option("--format", help="jsonl or parquet")] = "jsonl",
+                 key: KeyOpt = None) -> None:
+    """Write audit rows to a file with a signed head, so the file verifies on its own
+    (`slipway audit verify --file`). Example: slipway audit export ticket-triage --since 2026-11-01 -o a.jsonl"""
     from datetime import datetime
     from pathlib import Path
 
-    from framework import audit
+    from framework import audit, signing
     from framework.errors import SpecError
     from framework.evaluate import store_path
     from framework.spec import load_project
@@ -683,10 +756,102 @@ def audit_export(project: ProjectArg, out: Annotated[str, typer.Option("--out", 
             raise SpecError(f"--since {since!r} is not an ISO date", hint="e.g. --since 2026-11-01") from None
         with Store(store_path(loaded), read_only=True) as store:
             rows = store.audit_rows(start)
-        count = audit.export(rows, Path(out), fmt)
+        head = audit.export_head(rows, loaded.name, signing.find_key(_key(key), create=True))
+        count = audit.export(rows, Path(out), fmt, head=head)
     except SlipwayError as exc:
         _fail(exc)
-    err.print(f"wrote {count} row(s) to {out}")
+    err.print(f"wrote {count} row(s) and a signed head to {out}")
+
+
+@keys_app.command("init")
+def keys_init() -> None:
+    """Create your signing key (Ed25519) unless you have one; prints its public line.
+
+    Uses an existing ~/.ssh/id_ed25519 (or --key / SLIPWAY_SIGNING_KEY) when there is one.
+    Example: slipway keys init
+    """
+    from framework import signing
+
+    try:
+        try:
+            path = signing.find_key()
+        except SlipwayError:
+            path = signing.init_key()
+        line = signing.public_key(path)
+    except SlipwayError as exc:
+        _fail(exc)
+    console.print(f"{path}: {signing.fingerprint(line)}", markup=False)
+    console.print(line, markup=False, soft_wrap=True)
+
+
+@keys_app.command("show")
+def keys_show(key: KeyOpt = None) -> None:
+    """Print the public key line you sign with (what a project's signers.toml lists).
+
+    Example: slipway keys show
+    """
+    from framework import signing
+
+    try:
+        line = signing.public_key(signing.find_key(_key(key)))
+    except SlipwayError as exc:
+        _fail(exc)
+    console.print(line, markup=False, soft_wrap=True)
+
+
+@keys_app.command("add")
+def keys_add(project: ProjectArg, name: Annotated[str, typer.Argument(help="the person's name")],
+             public: Annotated[str, typer.Option("--public-key", help="their .pub file or the key line itself")],
+             roles: Annotated[str, typer.Option(help="comma-separated: approve, deploy:prod, rollback:prod, "
+                                                     "override, audit")] = "") -> None:
+    """Add a person to projects/<name>/signers.toml (commit it: who may act is a reviewed change).
+
+    Example: slipway keys add ticket-triage bob --public-key ~/bob.pub --roles approve
+    """
+    from pathlib import Path
+
+    from framework import signing
+    from framework.spec import load_project
+
+    try:
+        loaded = load_project(project)
+        line = Path(public).expanduser().read_text() if Path(public).expanduser().is_file() else public
+        path = signing.add_signer(loaded.dir, name, line, [r.strip() for r in roles.split(",") if r.strip()])
+    except SlipwayError as exc:
+        _fail(exc)
+    console.print(f"added {name} to {path}; commit it", markup=False)
+
+
+@keys_app.command("list")
+def keys_list(project: ProjectArg, as_json: JsonOpt = False) -> None:
+    """Who may act on the project, by key and role. Example: slipway keys list ticket-triage"""
+    from rich.table import Table
+
+    from framework import signing
+    from framework.spec import load_project
+
+    try:
+        spec = signing.load_signers(load_project(project).dir)
+    except SlipwayError as exc:
+        _fail(exc)
+    rows = [{"name": s.name, "fingerprint": signing.fingerprint(s.key), "roles": s.roles, "revoked": False}
+            for s in spec.signers] + [{"name": "", "fingerprint": signing.fingerprint(r.key), "roles": [],
+                                       "revoked": r.reason or True} for r in spec.revoked]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table()
+    for column in ("name", "key", "roles", "revoked"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["name"], r["fingerprint"], ", ".join(r["roles"]), str(r["revoked"] or ""))
+    console.print(table)
+
+
+def _key(value: str | None):
+    from pathlib import Path
+
+    return Path(value).expanduser() if value else None
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ bad row, so a check never silently scores a smaller set than declared.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +82,3 @@ def load_examples(path: Path, *, input_fields: tuple[str, ...] = ()) -> list[Exa
     if not path.exists():
         raise DatasetError("file not found", path=str(path), hint="check [eval] paths in project.toml")
     return parse_rows(path.read_text(encoding="utf-8"), str(path), input_fields=input_fields)
-
-
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

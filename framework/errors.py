@@ -89,10 +89,25 @@ class ContractFailed(SlipwayError):
 
 
 class ReleaseRefused(SlipwayError):
-    """A deploy, approval or rollback is not allowed: missing check or approvals, self-approval, not an admin."""
+    """A deploy, approval, rollback or override is not allowed; the message names the rule that failed
+    (missing check, too few valid approvals, self-approval, unknown or revoked key, missing role)."""
 
     code = "release-refused"
     exit_code = 1
+
+
+class IdentityError(SlipwayError):
+    """No signing key, an unreadable key, or ssh-keygen missing: nobody can be identified to act."""
+
+    code = "identity"
+    exit_code = 2
+
+
+class BentoTampered(SlipwayError):
+    """A file inside a built bento differs from its signed manifest, or the manifest's signature fails."""
+
+    code = "bento-tampered"
+    exit_code = 2
 
 
 class AuditBroken(SlipwayError):

@@ -8,7 +8,6 @@ it finishes, and the run ends as `Measurements` the contract can judge.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import time
@@ -17,20 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from framework import weights
-from framework.dataset import Example, file_hash, load_examples
-from framework.lm import make_lm, metering, settings_hash
+from framework.content import content_hashes
+from framework.dataset import Example, load_examples
+from framework.lm import make_lm, metering
 from framework.metrics import Measurements, exact_match, measure, metric_name
-from framework.notebook import (
-    input_fields,
-    load_program,
-    notebook_function,
-    output_fields,
-    program_hash,
-)
+from framework.notebook import input_fields, load_program, notebook_function, output_fields
 from framework.spec import Project
 from framework.store import Store, new_id
 
 Progress = Callable[[int, int], None]
+# The content-hash parts the runs table keeps (framework/content.py has them all).
+RUN_HASH_COLUMNS = ("program_hash", "notebook_hash", "dataset_hash", "settings_hash", "content_hash")
 
 
 @dataclass
@@ -90,21 +86,6 @@ def git_commit(root) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def content_hashes(project: Project, program, split: str, model_key: str, limit: int | None) -> dict[str, str]:
-    """The hashes that decide whether an earlier run measured exactly this content."""
-    model = project.model(model_key)
-    parts = {
-        "program_hash": program_hash(program),
-        "notebook_hash": hashlib.sha256(project.notebook_path.read_bytes()).hexdigest(),
-        "dataset_hash": file_hash(project.split_path(split)),
-        "settings_hash": settings_hash(model),
-    }
-    key = {**parts, "split": split, "limit": limit, "metrics": project.spec.eval.metrics,
-           "adapter": project.spec.pipeline.adapter}
-    parts["content_hash"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return parts
-
-
 def _custom_metrics(project: Project) -> dict[str, Callable]:
     return {metric_name(item): notebook_function(project, item.partition(":")[2])
             for item in project.spec.eval.metrics if item.startswith("notebook:")}
@@ -148,27 +129,30 @@ def run_eval(project: Project, *, split: str = "eval", limit: int | None = None,
     custom = _custom_metrics(project)
     hashes = content_hashes(project, program, split, model_key, limit)
     run_id = new_id("run")
-    store = Store(store_path(project)) if record else None
-    if store:
-        store.start_run({"run_id": run_id, "project": project.name, "split": split, "model_key": model_key,
-                         "model_name": model.name, "model_sha256": model.sha256, "git_commit":
-                         git_commit(project.root), "n_examples": len(examples), **hashes})
+    path = store_path(project)
+    if record:  # the store is opened per write: a check that runs for minutes never locks out a deploy
+        with Store(path) as store:
+            store.start_run({"run_id": run_id, "project": project.name, "split": split, "model_key": model_key,
+                             "model_name": model.name, "model_sha256": model.sha256, "git_commit":
+                             git_commit(project.root), "n_examples": len(examples),
+                             **{k: v for k, v in hashes.items() if k in RUN_HASH_COLUMNS}})
     records: list[dict[str, Any]] = []
     status = "interrupted"
     try:
         with dspy.context(lm=lm, adapter=adapter(project)):
             for position, example in enumerate(examples):
                 records.append(_run_one(program, example, position, outputs, metric_items, custom, model))
-                if store:
-                    store.add_result(run_id, records[-1])
+                if record:
+                    with Store(path) as store:
+                        store.add_result(run_id, records[-1])
                 if progress:
                     progress(position + 1, len(examples))
         status = "complete"
     finally:
         measurements = measure(records, metric_items, bootstrap_samples=project.spec.eval.bootstrap_samples)
-        if store:
-            store.finish_run(run_id, status, measurements.to_dict() if status == "complete" else None)
-            store.close()
+        if record:
+            with Store(path) as store:
+                store.finish_run(run_id, status, measurements.to_dict() if status == "complete" else None)
     return EvalRun(run_id=run_id, split=split, model_key=model_key, content_hash=hashes["content_hash"],
                    records=records, measurements=measurements, recorded=record, hashes=hashes)
 
@@ -204,6 +188,6 @@ def load_run(project: Project, run_id: str) -> EvalRun:
         records = store.results(run_id)
     measurements = (Measurements.from_dict(row["measurements"]) if row["measurements"] else
                     measure(records, project.spec.eval.metrics, bootstrap_samples=project.spec.eval.bootstrap_samples))
-    hashes = {k: row[k] for k in ("program_hash", "notebook_hash", "dataset_hash", "settings_hash", "content_hash")}
+    hashes = {k: row[k] for k in RUN_HASH_COLUMNS}
     return EvalRun(run_id=run_id, split=row["split"], model_key=row["model_key"], content_hash=row["content_hash"],
                    records=records, measurements=measurements, reused=True, hashes=hashes)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
-import hashlib
 import json
 import threading
 import time
@@ -337,7 +336,3 @@ def make_lm(spec: ModelSpec, path: Path, *, gpu_layers: int | None = None):
     engine = load_engine(spec, path, gpu_layers=gpu_layers)
     return dspy.LM(model=f"llamacpp/{spec.name}", engine=engine, cache=False, temperature=spec.temperature,
                    max_tokens=spec.max_tokens, num_retries=0)
-
-
-def settings_hash(spec: ModelSpec) -> str:
-    return hashlib.sha256(json.dumps(spec.load_settings(), sort_keys=True).encode()).hexdigest()

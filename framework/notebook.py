@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from types import ModuleType
 
+from framework.content import program_hash, program_state  # noqa: F401  (re-exported for callers)
 from framework.errors import NotebookError
 from framework.spec import Project
 
@@ -85,16 +85,6 @@ def notebook_function(project: Project, name: str):
                             field="eval.metrics", hint=f"define `{name}(example, prediction, trace=None)` "
                             "with @app.function")
     return fn
-
-
-def program_state(program) -> dict:
-    """Instructions, demos and signature of every predictor: what `program_hash` covers."""
-    return program.dump_state()
-
-
-def program_hash(program) -> str:
-    state = json.dumps(program_state(program), sort_keys=True, default=str)
-    return hashlib.sha256(state.encode()).hexdigest()
 
 
 def input_fields(program) -> tuple[str, ...]:

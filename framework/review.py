@@ -16,9 +16,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from framework import diff, release
-from framework.build import use_bentoml_home
-from framework.errors import SpecError
+from framework import bentos, diff, release
+from framework.errors import SlipwayError, SpecError
 from framework.evaluate import store_path
 from framework.metrics import macro_f1, metric_name, paired_delta
 from framework.spec import Project
@@ -28,25 +27,11 @@ SLO_FIELDS = (("latency_p50_ms", "ms"), ("latency_p95_ms", "ms"), ("latency_p99_
               ("tokens_per_request", "tokens"), ("cost_per_request", "$"))
 
 
-def _bentos(project: Project) -> list:
-    use_bentoml_home(project)
-    import bentoml
-
-    return sorted(bentoml.list(project.name), key=lambda b: b.info.creation_time)
-
-
 def _bento(project: Project, version: str | None):
-    builds = _bentos(project)
-    if not builds:
+    if version is None and not bentos.builds(project):
         raise SpecError(f"{project.name} has no build to review", path=str(project.toml_path),
                         hint=f"run `slipway build {project.name}`")
-    if version is None:
-        return builds[-1]
-    for bento in builds:
-        if bento.tag.version == version:
-            return bento
-    raise SpecError(f"no bento {project.name}:{version}", path=str(project.toml_path),
-                    hint=f"see `slipway status {project.name}` or `BENTOML_HOME=bentos bentoml list {project.name}`")
+    return bentos.get(project, version)
 
 
 def _baseline(project: Project, target, against: str | None, against_channel: str | None):
@@ -59,11 +44,11 @@ def _baseline(project: Project, target, against: str | None, against_channel: st
     prod = channels.get("prod")
     if prod and prod["version"] != target.tag.version:
         return _bento(project, prod["version"]), "prod channel"
-    earlier = [b for b in _bentos(project) if b.info.creation_time < target.info.creation_time]
+    earlier = [b for b in bentos.builds(project) if b.info.creation_time < target.info.creation_time]
     return (earlier[-1], "previous build") if earlier else (None, "first build: nothing to compare with")
 
 
-def _contents(bento) -> dict[str, Any]:
+def _contents(project: Project, bento) -> dict[str, Any]:
     """What a bento pinned, read back from its `slipway/` folder."""
     folder = Path(bento.path) / "src" / "slipway"
     config = json.loads((folder / "bento.json").read_text())
@@ -80,7 +65,20 @@ def _contents(bento) -> dict[str, Any]:
         "contract": json.loads((folder / "contract.json").read_text()),
         "eval_rows": [json.loads(line) for line in (folder / "eval.jsonl").read_text().splitlines() if line.strip()],
         "report": json.loads(report.read_text()) if report.exists() else None,
+        "author": _author(project, bento),
     }
+
+
+def _author(project: Project, bento) -> str:
+    """Who signed the build: their name in the project's signers.toml, else their key's fingerprint."""
+    from framework import signing
+
+    try:
+        signed = signing.Signed.from_dict(bentos.build_statement(Path(bento.path)))
+    except SlipwayError:
+        return "unsigned build"
+    signer = signing.load_signers(project.dir).by_key(signed.key)
+    return signer.name if signer else f"unlisted key {signed.fingerprint}"
 
 
 def _records(store: Store | None, run_id: str | None) -> dict[str, dict[str, Any]]:
@@ -151,8 +149,8 @@ def _slo_deltas(old: dict | None, new: dict | None) -> list[dict[str, Any]]:
 def _overrides(store: Store | None, project: Project, version: str, labels: dict) -> list[dict[str, Any]]:
     found = []
     if labels.get("slipway.override"):
-        found.append({"where": "build", "actor": labels.get("slipway.author"), "reason": labels["slipway.override"],
-                      "at": labels.get("slipway.build_time")})
+        found.append({"where": "build", "actor": labels.get("slipway.author_key"),
+                      "reason": labels["slipway.override"], "at": labels.get("slipway.build_time")})
     if store is not None:
         for row in store.deployments(project.name):
             if row["version"] == version and row["override_reason"]:
@@ -164,7 +162,7 @@ def _overrides(store: Store | None, project: Project, version: str, labels: dict
 def _summary(side: dict[str, Any]) -> dict[str, Any]:
     labels = side["labels"]
     return {"version": side["version"], "tag": side["tag"], "created": side["created"],
-            "author": labels.get("slipway.author"), "check_id": labels.get("slipway.check_id"),
+            "author": side["author"], "check_id": labels.get("slipway.check_id"),
             "run_id": labels.get("slipway.check_run_id"), "content_hash": labels.get("slipway.content_hash"),
             "model": side["model"].get("name"), "model_sha256": labels.get("slipway.model_sha256"),
             "git_commit": labels.get("slipway.git_commit")}
@@ -175,15 +173,14 @@ def review(project: Project, version: str | None = None, *, against: str | None 
     """The review of `<project>:<version>` (default: newest build) against its baseline, as plain data."""
     target_bento = _bento(project, version)
     baseline_bento, why = _baseline(project, target_bento, against, against_channel)
-    new = _contents(target_bento)
-    old = _contents(baseline_bento) if baseline_bento is not None else None
+    new = _contents(project, target_bento)
+    old = _contents(project, baseline_bento) if baseline_bento is not None else None
     store = Store(store_path(project), read_only=True) if store_path(project).exists() else None
     try:
         new_records = _records(store, new["labels"].get("slipway.check_run_id"))
         old_records = _records(store, old["labels"].get("slipway.check_run_id")) if old else {}
-        ready = release.readiness(project, store, new["version"], new["labels"]) if store else None
-        approvals = (store.approvals(project.name, new["version"], new["labels"].get("slipway.content_hash", ""))
-                     if store else [])
+        ready = release.readiness(project, store, new["version"], target_bento)
+        approvals = store.approvals(project.name, new["version"]) if store else []
         overrides = _overrides(store, project, new["version"], new["labels"])
     finally:
         if store is not None:

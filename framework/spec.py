@@ -194,7 +194,15 @@ class ProjectMeta(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")]
     description: str = ""
     owner: str = ""
-    admins: list[str] = Field(default_factory=list, description="people who may `slipway deploy --override`")
+    admins: list[str] | None = Field(None, description="removed: overrides are a role in signers.toml")
+
+    @field_validator("admins")
+    @classmethod
+    def _no_admins(cls, value):
+        if value is not None:
+            raise ValueError("`admins` no longer grants anything: a name is not an identity. Give the people "
+                             "the `override` role in signers.toml beside project.toml (docs/trust.md)")
+        return value
 
 
 class AuditSpec(_Strict):

@@ -4,20 +4,25 @@ One file per project (`projects/<name>/.slipway/store.duckdb`), plain tables
 anyone can query (`duckdb projects/ticket-triage/.slipway/store.duckdb`).
 Results are written one example at a time, so a killed run keeps every row it
 finished; its run row stays `running` (or `interrupted`) and is never reused.
+Commands open the file briefly (a check opens it per example), because DuckDB lets one process
+write at a time and a long check must not lock out `approve`, `deploy` or `rollback`. A signed
+record and the audit row that logs it are written in one transaction (`Store.transaction`).
 The schema is documented in docs/store.md; SCHEMA_VERSION guards upgrades.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from framework.errors import StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -67,16 +72,23 @@ CREATE TABLE IF NOT EXISTS checks (
     verdict JSON,
     report_json VARCHAR,
     report_html VARCHAR,
-    created_at TIMESTAMP
+    created_at TIMESTAMP,
+    report_sha256 VARCHAR,       -- sha256 of report_json's bytes, bound into the signed statement
+    statement JSON,              -- what the checker signed (framework/signing.py)
+    signer_key VARCHAR,
+    signature VARCHAR
 );
 CREATE TABLE IF NOT EXISTS approvals (
     approval_id VARCHAR PRIMARY KEY,
     project VARCHAR NOT NULL,
     version VARCHAR NOT NULL,    -- bento version
     content_hash VARCHAR NOT NULL,  -- the slipway.content_hash label of that bento
-    approver VARCHAR NOT NULL,
+    approver VARCHAR NOT NULL,   -- the signer's name in signers.toml when it was recorded (display only)
     note VARCHAR,
-    created_at TIMESTAMP
+    created_at TIMESTAMP,
+    statement JSON,              -- what the approver signed: project, version, content and manifest hashes
+    signer_key VARCHAR,
+    signature VARCHAR
 );
 CREATE TABLE IF NOT EXISTS deployments (
     deploy_id VARCHAR PRIMARY KEY,
@@ -87,7 +99,10 @@ CREATE TABLE IF NOT EXISTS deployments (
     action VARCHAR NOT NULL,     -- deploy | rollback
     actor VARCHAR NOT NULL,
     override_reason VARCHAR,     -- set when an admin deployed past the gate
-    created_at TIMESTAMP
+    created_at TIMESTAMP,
+    statement JSON,              -- what the deployer signed; `serve --channel` follows only verified rows
+    signer_key VARCHAR,
+    signature VARCHAR
 );
 CREATE TABLE IF NOT EXISTS audit (
     seq BIGINT PRIMARY KEY,      -- 1, 2, 3 … never reused, even after pruning
@@ -97,7 +112,10 @@ CREATE TABLE IF NOT EXISTS audit (
     target VARCHAR,
     details JSON,
     prev_hash VARCHAR NOT NULL,
-    hash VARCHAR NOT NULL        -- sha256(prev_hash + canonical row), see framework/audit.py
+    hash VARCHAR NOT NULL,       -- sha256(prev_hash + canonical row), see framework/audit.py
+    statement JSON,              -- the signed statement the row records (action, target, details, time)
+    signer_key VARCHAR,
+    signature VARCHAR
 );
 CREATE TABLE IF NOT EXISTS audit_checkpoint (
     seq BIGINT PRIMARY KEY,      -- last pruned row
@@ -107,13 +125,20 @@ CREATE TABLE IF NOT EXISTS audit_checkpoint (
 """
 
 
-LOCK_WAIT_S = 10.0
+MIGRATIONS = [f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}"
+              for table, columns in {"checks": ("report_sha256 VARCHAR", "statement JSON", "signer_key VARCHAR",
+                                                "signature VARCHAR"),
+                                     "approvals": ("statement JSON", "signer_key VARCHAR", "signature VARCHAR"),
+                                     "deployments": ("statement JSON", "signer_key VARCHAR", "signature VARCHAR"),
+                                     "audit": ("statement JSON", "signer_key VARCHAR", "signature VARCHAR")}.items()
+              for column in columns]
+
+LOCK_WAIT_S = 30.0
 
 
 def _connect(path: Path, read_only: bool):
     """DuckDB lets one process write a file, or several read it. Slipway's commands hold the file for
-    milliseconds (a check holds it for the run), so wait a while for a short holder, such as a
-    `serve --channel` poll, to let go before failing."""
+    milliseconds (a check opens it once per example), so wait a while for a short holder to let go."""
     import time
 
     import duckdb
@@ -151,8 +176,11 @@ class Store:
         if not read_only:
             self.con.execute(SCHEMA)
             self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-            # Upgrade 1 -> 2 only added tables, which SCHEMA creates when missing.
-            self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND value = '1'",
+            # 1 -> 2 added tables (SCHEMA creates them); 2 -> 3 added signature columns. Rows from before
+            # signing stay readable but carry no signature, so no gate counts them.
+            for sql in MIGRATIONS:
+                self.con.execute(sql)
+            self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND value IN ('1', '2')",
                              [str(SCHEMA_VERSION)])
         version = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if version and int(version[0]) != SCHEMA_VERSION:
@@ -164,6 +192,17 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Store]:
+        """All writes inside happen together or not at all (a record and its audit row)."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield self
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
 
     def close(self) -> None:
         self.con.close()
@@ -223,18 +262,16 @@ class Store:
 
     # -- checks ---------------------------------------------------------------
     def add_check(self, check: dict[str, Any]) -> None:
-        check = {**check, "failed_clauses": json.dumps(check["failed_clauses"]),
-                 "verdict": json.dumps(check["verdict"]), "created_at": now()}
-        columns = ", ".join(check)
-        self.con.execute(f"INSERT INTO checks ({columns}) VALUES ({', '.join('?' for _ in check)})",
-                         list(check.values()))
+        self._insert("checks", {**check, "created_at": now()})
 
-    def latest_check(self, content_hash: str, contract_hash: str) -> dict[str, Any] | None:
-        cursor = self.con.execute(
-            "SELECT * FROM checks WHERE content_hash = ? AND contract_hash = ? ORDER BY created_at DESC LIMIT 1",
-            [content_hash, contract_hash])
-        row = cursor.fetchone()
-        return dict(zip([d[0] for d in cursor.description], row, strict=True)) if row else None
+    def checks_for(self, content_hash: str, contract_hash: str) -> list[dict[str, Any]]:
+        """Checks recorded for this content and contract, newest first (the caller verifies signatures)."""
+        return self._rows("SELECT * FROM checks WHERE content_hash = ? AND contract_hash = ? "
+                          "ORDER BY created_at DESC", [content_hash, contract_hash])
+
+    def latest_check_any(self, project: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM checks WHERE project = ? ORDER BY created_at DESC LIMIT 1", [project])
+        return rows[0] if rows else None
 
     # -- approvals and channels -----------------------------------------------
     def _rows(self, sql: str, params: list) -> list[dict[str, Any]]:
@@ -242,20 +279,21 @@ class Store:
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
-    def add_approval(self, approval: dict[str, Any]) -> None:
-        self.con.execute("INSERT INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         [approval["approval_id"], approval["project"], approval["version"],
-                          approval["content_hash"], approval["approver"], approval.get("note"), now()])
+    def _insert(self, table: str, row: dict[str, Any]) -> None:
+        row = {k: json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v for k, v in row.items()}
+        self.con.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+                         list(row.values()))
 
-    def approvals(self, project: str, version: str, content_hash: str) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM approvals WHERE project = ? AND version = ? AND content_hash = ? "
-                          "ORDER BY created_at", [project, version, content_hash])
+    def add_approval(self, approval: dict[str, Any]) -> None:
+        self._insert("approvals", {**approval, "created_at": now()})
+
+    def approvals(self, project: str, version: str) -> list[dict[str, Any]]:
+        """Every approval row recorded for the version (the gate verifies each signature itself)."""
+        return self._rows("SELECT * FROM approvals WHERE project = ? AND version = ? ORDER BY created_at",
+                          [project, version])
 
     def add_deployment(self, row: dict[str, Any]) -> None:
-        self.con.execute("INSERT INTO deployments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         [row["deploy_id"], row["project"], row["channel"], row["version"],
-                          row.get("previous_version"), row["action"], row["actor"], row.get("override_reason"),
-                          now()])
+        self._insert("deployments", {**row, "created_at": now()})
 
     def deployments(self, project: str, channel: str | None = None) -> list[dict[str, Any]]:
         """Newest first."""
@@ -272,9 +310,7 @@ class Store:
         return self._rows("SELECT * FROM audit WHERE logged_at >= ? ORDER BY seq", [since])
 
     def audit_append(self, row: dict[str, Any]) -> None:
-        self.con.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         [row["seq"], row["logged_at"], row["actor"], row["action"], row["target"], row["details"],
-                          row["prev_hash"], row["hash"]])
+        self._insert("audit", row)
         self.con.execute("INSERT OR REPLACE INTO meta VALUES ('audit_head', ?)", [f"{row['seq']}:{row['hash']}"])
 
     def audit_head(self) -> tuple[int, str] | None:
@@ -289,8 +325,7 @@ class Store:
         return (int(row[0]), row[1]) if row else None
 
     def audit_prune(self, last_seq: int, last_hash: str) -> None:
-        """Delete rows up to `last_seq` and record the checkpoint the next row chains from, atomically."""
-        self.con.execute("BEGIN")
+        """Delete rows up to `last_seq` and record the checkpoint the next row chains from (call it inside
+        the transaction that appends the signed prune row)."""
         self.con.execute("INSERT INTO audit_checkpoint VALUES (?, ?, ?)", [last_seq, last_hash, now()])
         self.con.execute("DELETE FROM audit WHERE seq <= ?", [last_seq])
-        self.con.execute("COMMIT")

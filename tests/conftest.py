@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,51 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = "tiny"
 
 
+PEOPLE = ("alice", "bob", "carol", "dave", "root", "mallory")
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory) -> dict[str, Path]:
+    """An Ed25519 SSH key pair per person (made with ssh-keygen, as a person would), by name."""
+    folder = tmp_path_factory.mktemp("keys")
+    out = {}
+    for name in PEOPLE:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{name}@test", "-f",
+                        str(folder / name)], check=True)
+        out[name] = folder / name
+    return out
+
+
 @pytest.fixture(autouse=True)
-def clean_environ(monkeypatch, tmp_path):
+def clean_environ(monkeypatch, tmp_path, keys):
     for key in list(os.environ):
         if key.startswith("SLIPWAY_") and key != "SLIPWAY_CACHE":
             monkeypatch.delenv(key)
     monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "dspy-cache"))
+    # Never sign with, or create, the developer's own keys: everyone is alice unless a test says otherwise.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("SLIPWAY_SIGNING_KEY", str(keys["alice"]))
     yield
+
+
+def act_as(monkeypatch, keys: dict[str, Path], name: str) -> None:
+    """Sign the next commands with `name`'s key (the only way to be someone)."""
+    monkeypatch.setenv("SLIPWAY_SIGNING_KEY", str(keys[name]))
+
+
+# The demo's review policy, as tests use it: alice builds, bob reviews, carol ships, root may override.
+ROLES = {"alice": [], "bob": ["approve"], "carol": ["deploy:*", "rollback:*"], "dave": ["rollback:prod"],
+         "root": ["override", "audit", "deploy:*"]}
+
+
+def write_signers(project_dir: Path, keys: dict[str, Path], roles: dict[str, list[str]] | None = None) -> Path:
+    from framework import signing
+
+    path = signing.signers_path(project_dir)
+    path.unlink(missing_ok=True)
+    for name, granted in (roles or ROLES).items():
+        signing.add_signer(project_dir, name, signing.public_key(keys[name]), granted)
+    return path
 
 
 @pytest.fixture
@@ -72,10 +111,12 @@ def tiny_model_present():
 
 
 @pytest.fixture
-def tiny_project(project_root, monkeypatch):
+def tiny_project(project_root, monkeypatch, keys):
     """The demo project re-pointed at the tiny model with a 12-example eval set and loose thresholds,
-    so a full check (what build requires) takes seconds. BENTOML_HOME goes to the throw-away root."""
+    so a full check (what build requires) takes seconds. BENTOML_HOME goes to the throw-away root;
+    signers.toml lists alice (builds), bob (approves), carol (deploys, rolls back) and root (overrides)."""
     toml = project_root / "projects" / "ticket-triage" / "project.toml"
+    write_signers(toml.parent, keys)
     edit_toml(toml, 'model = "qwen15"', 'model = "tiny"')
     for metric in ("category_macro_f1", "category_accuracy", "priority_band_match", "format_validity"):
         text = toml.read_text()

@@ -15,59 +15,85 @@ runner = CliRunner()
 
 
 @pytest.mark.model
-def test_check_build_approve_deploy_rollback_audit(tiny_project, tiny_model_present, monkeypatch, tmp_path):
+def test_check_build_approve_deploy_rollback_audit(tiny_project, tiny_model_present, keys, tmp_path):
+    """The whole release through the CLI, each person signing with their own key; then the attacks a
+    reviewer worries about, each refused naming the rule."""
     for key in ("latency_p95_ms", "latency_p99_ms"):  # two checks here; do not fail on a busy machine
         edit_toml(tiny_project, f"{key} = 60000", f"{key} = 600000")
-    monkeypatch.setenv("SLIPWAY_USER", "alice")
-    ok(["check", "ticket-triage"])
+    as_ = {name: ["--key", str(path)] for name, path in keys.items()}
+    ok(["check", "ticket-triage"])  # alice (SLIPWAY_SIGNING_KEY in tests)
     first = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)
-    assert first["labels"]["slipway.author"] == "alice"
     v1 = first["tag"]
 
-    refused = runner.invoke(app, ["deploy", v1, "--channel", "prod"])
+    refused = runner.invoke(app, ["deploy", v1, "--channel", "prod", *as_["carol"]])
     assert refused.exit_code == 1
-    assert "0 of 1 approvals" in refused.output and "no passing check" not in refused.output
+    assert "rule approvals: 0 of 1" in refused.output and "rule check" not in refused.output
     self_approval = runner.invoke(app, ["approve", v1, "--note", "mine"])
-    assert self_approval.exit_code == 1 and "alice built" in self_approval.output
-    ok(["approve", v1, "--as", "bob", "--note", "reviewed"])
-    ok(["deploy", v1, "--channel", "prod", "--as", "carol"])
+    assert self_approval.exit_code == 1 and "rule role: alice lacks the role 'approve'" in self_approval.output
+    impostor = runner.invoke(app, ["approve", v1, *as_["mallory"]])
+    assert impostor.exit_code == 1 and "rule known-key" in impostor.output
+    ok(["approve", v1, *as_["bob"], "--note", "reviewed"])
+    ok(["deploy", v1, "--channel", "prod", *as_["carol"]])
 
     # A second version: a contract change gives new bento content that needs its own check.
     edit_toml(tiny_project, "max_input_chars = ", "max_input_chars = 7999\n# was: max_input_chars = ")
     unchecked = runner.invoke(app, ["build", "ticket-triage"])
-    assert unchecked.exit_code == 1
+    assert unchecked.exit_code == 1 and "contract changed since" in unchecked.output
     ok(["check", "ticket-triage"])
     v2 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
     assert v2 != v1
-    ok(["approve", v2, "--as", "bob"])
-    ok(["deploy", v2, "--channel", "prod", "--as", "carol"])
+    ok(["approve", v2, *as_["bob"]])
+    ok(["deploy", v2, "--channel", "prod", *as_["carol"]])
     status = json.loads(ok(["status", "ticket-triage", "--json"]).stdout)
     assert f"ticket-triage:{status['prod']['version']}" == v2 and status["prod"]["actor"] == "carol"
-    assert status["staging"] is None
+    assert status["prod"]["verified"] is True and status["staging"] is None
 
-    ok(["rollback", "ticket-triage", "--channel", "prod", "--as", "dave"])
+    nobody = runner.invoke(app, ["rollback", "ticket-triage", "--channel", "prod", *as_["mallory"]])
+    assert nobody.exit_code == 1 and "rule known-key" in nobody.output
+    ok(["rollback", "ticket-triage", "--channel", "prod", *as_["dave"]])
     status = json.loads(ok(["status", "ticket-triage", "--json"]).stdout)
     assert f"ticket-triage:{status['prod']['version']}" == v1 and status["prod"]["action"] == "rollback"
 
     out = tmp_path / "audit.jsonl"
-    ok(["audit", "export", "ticket-triage", "--format", "jsonl", "-o", str(out)])
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ok(["audit", "export", "ticket-triage", "--format", "jsonl", "-o", str(out), *as_["root"]])
+    rows = [json.loads(line) for line in out.read_text().splitlines() if "head" not in json.loads(line)]
     assert [r["action"] for r in rows] == ["check", "build", "approve", "deploy", "check", "build", "approve",
                                            "deploy", "rollback"]
+    assert [r["actor"] for r in rows if r["action"] in ("approve", "deploy", "rollback")] == [
+        "bob", "carol", "bob", "carol", "dave"]
     assert json.loads(ok(["audit", "verify", "ticket-triage", "--json"]).stdout)["rows"] == 9
+    assert json.loads(ok(["audit", "verify", "ticket-triage", "--file", str(out), "--json"]).stdout)["rows"] == 9
+    ok(["audit", "anchor", "ticket-triage", *as_["root"]])
     listed = json.loads(ok(["audit", "list", "ticket-triage", "--json"]).stdout)
     assert [r["action"] for r in listed] == [r["action"] for r in rows]
-    table = ok(["audit", "list", "ticket-triage"]).stdout
-    assert "rollback" in table and "dave" in table and v2 in table
 
     import duckdb
 
-    con = duckdb.connect(str(tiny_project.parent / ".slipway" / "store.duckdb"))
+    from framework import audit
+
+    store_file = str(tiny_project.parent / ".slipway" / "store.duckdb")
+    con = duckdb.connect(store_file)
     con.execute("UPDATE audit SET actor = 'mallory' WHERE seq = 3")
     con.close()
     broken = runner.invoke(app, ["audit", "verify", "ticket-triage"])
     assert broken.exit_code == 1
     assert "audit.seq=3" in broken.output and "edited" in broken.output
+
+    # Mallory re-hashes the whole chain after her edit, and fixes the stored head: only the anchor in git,
+    # signed by root, still tells.
+    con = duckdb.connect(store_file)
+    rows = [dict(zip([d[0] for d in con.description], r, strict=True))
+            for r in con.execute("SELECT * FROM audit ORDER BY seq").fetchall()]
+    prev = audit.GENESIS
+    for row in rows:
+        row["prev_hash"] = prev
+        row["hash"] = prev = audit.row_hash(prev, row)
+        con.execute("UPDATE audit SET prev_hash = ?, hash = ? WHERE seq = ?", [row["prev_hash"], row["hash"],
+                                                                              row["seq"]])
+    con.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'", [f"{rows[-1]['seq']}:{prev}"])
+    con.close()
+    rewritten = runner.invoke(app, ["audit", "verify", "ticket-triage"])
+    assert rewritten.exit_code == 1 and "audit-anchor.json" in rewritten.output, rewritten.output
 
 
 @pytest.mark.model

@@ -1,0 +1,117 @@
+"""What a passing check and a signed approval vouch for: every input to the content hash, in one place.
+
+A check is reused, a build is allowed and a bento version is named by `content_hash`; an approval
+signs it. It must change whenever what the model sees or how answers are scored can change, and
+only then (a needless change costs a re-check; a missed one lets a stale verdict open the gate).
+
+| part              | covers                                                                   |
+|-------------------|--------------------------------------------------------------------------|
+| `program_hash`    | the DSPy program state: instructions, demos, signature fields and types  |
+| `prompt_hash`     | the messages the adapter renders for a fixed probe input, per predictor  |
+| `notebook_hash`   | the notebook's source bytes (program code, custom metrics)               |
+| `dataset_hash`    | the split's bytes (inputs and labels)                                    |
+| `settings_hash`   | model sha256 (weights, tokenizer, chat template) and load/decode settings|
+| `code_hash`       | Slipway's modules on the answer and scoring path (ANSWER_PATH_MODULES)   |
+| `versions`        | slipway, dspy and llama-cpp-python releases (adapter code, llama.cpp)     |
+| split, limit, metrics, adapter | which examples, which metric declarations, which adapter    |
+
+`contract_hash` is separate: the same measured run can be judged against a changed contract.
+docs/trust.md reproduces this table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from framework.spec import ModelSpec, Project
+
+# Modules whose code decides what the model is sent, how its output is decoded, or how it is scored.
+ANSWER_PATH_MODULES = ("content.py", "dataset.py", "evaluate.py", "lm.py", "metrics.py", "notebook.py",
+                       "structured.py")
+LIBRARIES = ("slipway", "dspy", "llama_cpp_python")
+PROBE = "Slipway probe input ({field}): the rendered prompt around this text is part of the content hash."
+
+
+def sha256(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def json_hash(value: Any) -> str:
+    return sha256(json.dumps(value, sort_keys=True, default=str))
+
+
+def file_hash(path: Path) -> str:
+    return sha256(path.read_bytes())
+
+
+def program_state(program) -> dict:
+    """Instructions, demos and signature of every predictor (DSPy's own save state)."""
+    return program.dump_state()
+
+
+def program_hash(program) -> str:
+    return json_hash(program_state(program))
+
+
+def prompt_hash(program, adapter) -> str:
+    """Hash of the messages `adapter` renders for each predictor on a fixed probe input.
+
+    Catches what the program state does not: a changed adapter (DSPy release, Slipway's JSON adapter),
+    field descriptions rendered differently, the output-format reminder moved. The chat template that
+    wraps these messages comes from the GGUF, covered by the model's sha256.
+    """
+    rendered = []
+    for name, predictor in program.named_predictors():
+        signature = predictor.signature
+        inputs = {field: PROBE.format(field=field) for field in signature.input_fields}
+        rendered.append({"predictor": name, "messages": adapter.format(signature, predictor.demos, inputs)})
+    return json_hash(rendered)
+
+
+def settings_hash(spec: ModelSpec) -> str:
+    return json_hash(spec.load_settings())
+
+
+def code_hash() -> str:
+    folder = Path(__file__).resolve().parent
+    return json_hash({name: file_hash(folder / name) for name in ANSWER_PATH_MODULES})
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def content_hashes(project: Project, program, split: str, model_key: str, limit: int | None) -> dict[str, str]:
+    """Every named part and the `content_hash` over all of them."""
+    from framework.evaluate import adapter
+
+    parts = {
+        "program_hash": program_hash(program),
+        "prompt_hash": prompt_hash(program, adapter(project)),
+        "notebook_hash": file_hash(project.notebook_path),
+        "dataset_hash": file_hash(project.split_path(split)),
+        "settings_hash": settings_hash(project.model(model_key)),
+        "code_hash": code_hash(),
+        "versions_hash": json_hash(versions()),
+    }
+    key = {**parts, "split": split, "limit": limit, "metrics": project.spec.eval.metrics,
+           "adapter": project.spec.pipeline.adapter}
+    parts["content_hash"] = json_hash(key)
+    return parts
+
+
+def contract_hash(project: Project) -> str:
+    """The contract's clauses. Review policy (approvals required, self-approval) is not a clause:
+    changing who must approve does not invalidate a measured verdict."""
+    return json_hash(project.spec.contract.model_dump(mode="json",
+                                                      exclude={"approvals_required", "allow_self_approval"}))
