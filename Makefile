@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS += -DGGML_CUDA=ON
 endif
 PROJECT ?= ticket-triage
 
-.PHONY: demo test install llama-wheel browser lint clean-venv walkthrough
+.PHONY: demo test install llama-wheel browser ssh-keygen lint clean-venv walkthrough
 
 demo: install
 	$(BIN)/slipway validate $(PROJECT)
@@ -32,6 +32,7 @@ test: install browser
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
+	@$(MAKE) --no-print-directory ssh-keygen
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(MAKE) llama-wheel
@@ -47,6 +48,16 @@ llama-wheel:
 	    CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --quiet --no-cache-dir --no-deps \
 	        -w $(WHEELS) "$(LLAMA)"; \
 	fi
+
+# Signatures (approve, deploy, check, build) are made by OpenSSH's ssh-keygen, as git signs commits.
+ssh-keygen:
+	@command -v ssh-keygen >/dev/null 2>&1 || { \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	        echo "installing Debian's openssh-client (ssh-keygen signs approvals and deploys)"; \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-client >/dev/null; \
+	    else \
+	        echo "error: ssh-keygen not found; install OpenSSH (e.g. sudo apt-get install openssh-client)" >&2; exit 1; \
+	    fi; }
 
 # The report tests open pages in a real headless Chromium (Debian's package; Playwright drives it).
 browser:
