@@ -183,9 +183,10 @@ def print_audit(console: Console, rows: list[dict], *, long: bool = False) -> No
         table = _table(("seq", "at", "actor", "action", "target"))
         for column in table.columns:
             column.no_wrap = True
-        table.add_column("details", no_wrap=True, overflow="ellipsis", min_width=24, ratio=1)
+        table.add_column("details", min_width=24)  # the one column that gives way; its cells are cut, not folded
         for r in rows:
-            short = ", ".join(f"{k}={_short(v)}" for k, v in _details(r).items() if not k.endswith("_hash"))
+            short = text(", ".join(f"{k}={_short(v)}" for k, v in _details(r).items() if not k.endswith("_hash")))
+            short.no_wrap, short.overflow = True, "ellipsis"
             _row(table, str(r["seq"]), str(r["logged_at"])[:19], r["actor"],
                  text(r["action"], "bold red" if r["action"] == "override" else ""), r["target"] or "", short)
         console.print(table)
@@ -203,7 +204,7 @@ def print_audit(console: Console, rows: list[dict], *, long: bool = False) -> No
             shown = ", ".join(map(str, value)) if isinstance(value, list) else value
             grid.add_row(text(f"{key}:"), text(shown if isinstance(shown, str) else json.dumps(shown, default=str),
                                                "red" if style and key == "reason" else ""))
-        console.print(Padding(grid, (0, 0, 0, 6)))
+        console.print(Padding(grid, (0, 0, 0, 6), expand=False))
 
 
 # -- review printout ------------------------------------------------------------------------------------------
