@@ -17,14 +17,14 @@ from typer.testing import CliRunner
 from framework.cli import app
 from tests.conftest import cli_ok as ok
 from tests.conftest import edit_toml
-from tests.e2e.test_report_in_browser import _browser
+from tests.e2e.test_report_in_browser import _browser, _sync_api
 
 runner = CliRunner()
 
 
 @pytest.mark.model
 def test_review_page_shows_diff_regressions_and_override(tiny_project, tiny_model_present, monkeypatch):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = _sync_api()
     monkeypatch.setenv("SLIPWAY_USER", "alice")
     ok(["check", "ticket-triage"])
     v1 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
