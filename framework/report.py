@@ -47,7 +47,7 @@ def line(*parts: str | tuple[str, str]) -> Text:
 def _table(columns: tuple[str, ...], title: str | None = None, right: tuple[str, ...] = ()) -> Table:
     from rich.table import Table
 
-    table = Table(title=text(title) if title else None, title_justify="left")
+    table = Table(title=text(title, "table.title") if title else None, title_justify="left")
     for column in columns:
         table.add_column(column, justify="right" if column in right else "left")
     return table
