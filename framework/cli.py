@@ -1,8 +1,10 @@
 """`slipway`: thin typer commands over the public API.
 
-Parse arguments, call the API, render, exit. Exit codes are part of the
-interface: 0 ok, 1 contract failed, 2 bad input or config, 3 internal error.
-A `SlipwayError` prints one clean message; `--debug` shows the traceback.
+Parse arguments, call the API, hand the result to `framework.report` to render, exit. Exit codes are
+part of the interface: 0 ok, 1 contract failed or refused, 2 bad input or config, 3 internal error.
+Commands let errors propagate: `ExitCodeGroup`, the root command group, turns a `SlipwayError` into
+one clean message and its exit code, and anything else into a one-line internal error (exit 3);
+`--debug` adds the traceback.
 """
 
 from __future__ import annotations
@@ -14,25 +16,86 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
+from framework import report
 from framework.errors import SlipwayError
-
-app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
-                  help="Slipway: notebook → contract check → production service.")
-models_app = typer.Typer(no_args_is_help=True, help="Fetch and verify the GGUF models a project declares.")
-runs_app = typer.Typer(no_args_is_help=True, help="Browse eval runs recorded in the project's DuckDB store.")
-app.add_typer(models_app, name="models")
-app.add_typer(runs_app, name="runs")
-audit_app = typer.Typer(no_args_is_help=True, help="Verify, anchor, prune and export the signed audit log.")
-app.add_typer(audit_app, name="audit")
-keys_app = typer.Typer(no_args_is_help=True, help="Signing keys: yours, and who may act on a project.")
-app.add_typer(keys_app, name="keys")
+from framework.report import line, text
 
 # Piped or in CI, rich would wrap tables at 80 columns and truncate clause names: use 120.
 console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 120)
 # soft_wrap: error lines carry file:line:field paths that must stay whole to be copied or clicked.
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-_state = {"debug": False}
+
+
+def report_error(error: Exception, *, debug: bool = False) -> int:
+    """Print `error` for a person and return its exit code: a `SlipwayError` as its own message (it says
+    what, where and how to fix), anything else as `error (internal): Type: message` and exit 3. With
+    `debug`, the traceback first (call this inside the `except` block that caught `error`)."""
+    from framework.errors import exit_code
+
+    if debug:
+        err.print_exception()
+    if isinstance(error, SlipwayError):
+        if not debug:
+            err.print(line(("error", "bold red"), " ", (f"({error.code})", "dim"), ": ", error.render()))
+    else:
+        message = " ".join(str(error).split())  # one line, whatever the exception put in it
+        err.print(line(("error", "bold red"), f" (internal): {type(error).__name__}: {message}"
+                       + ("" if debug else " (run with --debug for the traceback)")))
+    return exit_code(error)
+
+
+class ExitCodeGroup(TyperGroup):
+    """The root command group: every exception a command raises becomes a message and an exit code.
+
+    A new command needs nothing: register it on `app` (or a sub-app added to it), call the API and let
+    `SlipwayError`s propagate; exit early with `raise typer.Exit(code)`. Typer's own signals (Exit,
+    Abort, usage errors) and Ctrl-C pass through untouched.
+    """
+
+    def __init__(self, **attrs):
+        super().__init__(**attrs)
+        _whole_short_help(self)
+
+    def invoke(self, ctx):
+        from typer.exceptions import Abort, Exit, TyperException
+
+        try:
+            return super().invoke(ctx)
+        except (Exit, Abort, TyperException, EOFError):
+            raise
+        except Exception as exc:
+            raise Exit(report_error(exc, debug=bool(ctx.params.get("debug")))) from None
+
+
+def _whole_short_help(group) -> None:
+    """List each command with its docstring's whole first sentence (click would cut it at ~45 characters)."""
+    import inspect
+    import re
+
+    for command in getattr(group, "commands", {}).values():
+        if not command.short_help and command.help:
+            paragraph = " ".join(inspect.cleandoc(command.help).split("\n\n")[0].split())
+            command.short_help = re.split(r"(?<=\.) ", paragraph, maxsplit=1)[0]
+        _whole_short_help(command)
+
+
+# rich_markup_mode=None: help text is printed as written, so `[optimize]` or `[serve].workers` stay visible.
+app = typer.Typer(cls=ExitCodeGroup, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                  pretty_exceptions_enable=False, help="Slipway: notebook → contract check → production service.")
+models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="Fetch and verify the GGUF models a project declares.")
+runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="Browse eval runs recorded in the project's DuckDB store.")
+app.add_typer(models_app, name="models")
+app.add_typer(runs_app, name="runs")
+audit_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Verify, anchor, prune and export the signed audit log.")
+app.add_typer(audit_app, name="audit")
+keys_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="Signing keys: yours, and who may act on a project (signers.toml).")
+app.add_typer(keys_app, name="keys")
 
 ProjectArg = Annotated[str, typer.Argument(help="project name (projects/<name>) or path to its project.toml")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of tables")]
@@ -43,51 +106,22 @@ KeyOpt = Annotated[str | None, typer.Option("--key", help="SSH key to sign with 
 LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="score only the first N examples")]
 
 
-def _fail(error: BaseException) -> None:
-    from framework.errors import exit_code
-
-    if _state["debug"] or not isinstance(error, SlipwayError):
-        err.print_exception()
-    else:
-        err.print(f"[bold red]error[/] [dim]({error.code})[/]: ", end="")
-        err.print(error.render(), markup=False, highlight=False)
-    raise typer.Exit(exit_code(error))
-
-
-def _progress_cb(label: str):
-    """A rich bar on a terminal; a plain line every 10% when piped or in CI."""
-    plain = not console.is_terminal or os.environ.get("CI")
-    if plain:
-        state = {"last": -1}
-
-        def report(done: int, total: int) -> None:
-            step = max(1, total // 10)
-            if done == total or done // step != state["last"]:
-                state["last"] = done // step
-                err.print(f"{label}: {done}/{total}")
-        return report, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
-    task = bar.add_task(label, total=None)
-
-    def report(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
-    return report, bar
+def _echo(message: str) -> None:
+    """Progress and status lines from the API (model pulls, the server): plain text on stderr."""
+    err.print(text(message))
 
 
 def _with_progress(label: str, fn):
-    report, bar = _progress_cb(label)
-    if bar is None:
-        return fn(report)
-    with bar:
-        return fn(report)
+    return report.with_progress(err, label, fn, plain=not console.is_terminal or bool(os.environ.get("CI")))
+
+
+def _print_json(data) -> None:
+    console.print_json(json.dumps(data, default=str))
 
 
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
-    _state["debug"] = debug
+    del debug  # ExitCodeGroup reads it from the context when a command fails
 
 
 @app.command()
@@ -98,15 +132,12 @@ def validate(project: ProjectArg, as_json: JsonOpt = False) -> None:
     """
     from framework.spec import load_project
 
-    try:
-        loaded = load_project(project)
-    except SlipwayError as exc:
-        _fail(exc)
+    loaded = load_project(project)
     if as_json:
-        console.print_json(json.dumps({"ok": True, "project": loaded.name, "path": str(loaded.toml_path)}))
+        _print_json({"ok": True, "project": loaded.name, "path": str(loaded.toml_path)})
     else:
-        console.print(f"[green]ok[/] {loaded.toml_path}: project {loaded.name!r}, "
-                      f"{len(loaded.spec.models)} model(s), pipeline {loaded.spec.pipeline.program}")
+        console.print(line(("ok", "green"), f" {loaded.toml_path}: project {loaded.name!r}, "
+                           f"{len(loaded.spec.models)} model(s), pipeline {loaded.spec.pipeline.program}"))
 
 
 @models_app.command("pull")
@@ -120,15 +151,11 @@ def models_pull(project: ProjectArg,
     from framework import weights
     from framework.spec import load_project
 
-    try:
-        loaded = load_project(project)
-        keys = sorted(loaded.spec.models) if all_models else [model or loaded.spec.pipeline.model]
-        for key in keys:
-            spec = loaded.model(key)
-            weights.pull(spec, loaded.dir, toml=str(loaded.toml_path), field=f"models.{key}",
-                         progress=lambda msg: err.print(msg))
-    except SlipwayError as exc:
-        _fail(exc)
+    loaded = load_project(project)
+    keys = sorted(loaded.spec.models) if all_models else [model or loaded.spec.pipeline.model]
+    for key in keys:
+        spec = loaded.model(key)
+        weights.pull(spec, loaded.dir, toml=str(loaded.toml_path), field=f"models.{key}", progress=_echo)
 
 
 @models_app.command("list")
@@ -137,47 +164,17 @@ def models_list(project: ProjectArg, as_json: JsonOpt = False) -> None:
 
     Example: slipway models list ticket-triage
     """
-    from rich.table import Table
-
     from framework import weights
     from framework.spec import load_project
 
-    try:
-        loaded = load_project(project)
-    except SlipwayError as exc:
-        _fail(exc)
+    loaded = load_project(project)
     rows = [{"key": key, "name": m.name, "license": m.license, "sha256": m.sha256,
              "path": str(weights.model_path(m, loaded.dir)), "present": weights.model_path(m, loaded.dir).exists()}
             for key, m in sorted(loaded.spec.models.items())]
     if as_json:
-        console.print_json(json.dumps(rows))
-        return
-    table = Table()
-    for col in ("key", "name", "license", "sha256", "present"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["key"], r["name"], r["license"], r["sha256"][:12] + "…", "yes" if r["present"] else "no")
-    console.print(table)
-
-
-def _print_metrics(run) -> None:
-    from rich.table import Table
-
-    m = run.measurements
-    table = Table(title=f"{run.split} split, {run.n} examples, model {run.model_key} (run {run.run_id})",
-                  title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_column("95% interval", justify="right")
-    for name, value in m.metrics.items():
-        lo, hi = m.intervals.get(name, (float("nan"), float("nan")))
-        table.add_row(name, f"{value:.3f}", f"[{lo:.3f}, {hi:.3f}]")
-    table.add_row("latency p50 / p95 / p99",
-                  f"{m.latency_p50_ms:,.0f} / {m.latency_p95_ms:,.0f} / {m.latency_p99_ms:,.0f} ms", "")
-    table.add_row("error rate", f"{m.error_rate:.1%}", "")
-    table.add_row("tokens / request (mean)", f"{m.tokens_per_request:,.0f}", "")
-    table.add_row("cost / request (mean)", f"{m.cost_per_request:.6f}", "")
-    console.print(table)
+        _print_json(rows)
+    else:
+        console.print(report.models_table(rows))
 
 
 @app.command("eval")
@@ -191,16 +188,13 @@ def eval_cmd(project: ProjectArg,
     from framework.evaluate import run_eval
     from framework.spec import load_project
 
-    try:
-        loaded = load_project(project)
-        run = _with_progress(f"eval {split}", lambda report: run_eval(
-            loaded, split=split, limit=limit, model_key=model, progress=report))
-    except SlipwayError as exc:
-        _fail(exc)
+    loaded = load_project(project)
+    run = _with_progress(f"eval {split}", lambda progress: run_eval(
+        loaded, split=split, limit=limit, model_key=model, progress=progress))
     if as_json:
-        console.print_json(json.dumps({"run_id": run.run_id, "n": run.n, **run.measurements.to_dict()}))
+        _print_json({"run_id": run.run_id, "n": run.n, **run.measurements.to_dict()})
     else:
-        _print_metrics(run)
+        console.print(report.metrics_table(run))
 
 
 @app.command()
@@ -213,28 +207,17 @@ def check(project: ProjectArg, model: ModelOpt = None, limit: LimitOpt = None,
     Example: slipway check ticket-triage --json
     """
     from framework.check import check as run_check
-    from framework.report import verdict_table
     from framework.spec import load_project
 
-    try:
-        loaded = load_project(project)
-        result = _with_progress("check", lambda report: run_check(
-            loaded, model_key=model, limit=limit, fresh=fresh, progress=report, key=_key(key)))
-    except SlipwayError as exc:
-        _fail(exc)
-    verdict = result.verdict
+    loaded = load_project(project)
+    result = _with_progress("check", lambda progress: run_check(
+        loaded, model_key=model, limit=limit, fresh=fresh, progress=progress, key=_key(key)))
     if as_json:
-        console.print_json(json.dumps({"check_id": result.check_id, "report_html": result.report_html,
-                                       "report_json": result.report_json, **verdict.to_dict()}, default=str))
+        _print_json({"check_id": result.check_id, "report_html": result.report_html,
+                     "report_json": result.report_json, **result.verdict.to_dict()})
     else:
-        if result.run.reused:
-            err.print(f"reused run {result.run.run_id} (identical program, notebook, model, eval set)")
-        title = (f"Contract verdict: {loaded.name} on {result.run.n} eval examples, "
-                 f"model {result.run.model_key}")
-        console.print(verdict_table(verdict, title))
-        status = "[bold green]PASS[/]" if verdict.passed else f"[bold red]FAIL[/]: {', '.join(verdict.failed)}"
-        console.print(f"{status}\nreport: {result.report_html}")
-    raise typer.Exit(0 if verdict.passed else 1)
+        report.print_check(console, err, result, loaded.name)
+    raise typer.Exit(0 if result.verdict.passed else 1)
 
 
 @app.command()
@@ -249,35 +232,14 @@ def optimize(project: ProjectArg, model: ModelOpt = None,
     from framework.optimize import optimize as run_optimize
     from framework.spec import load_project
 
-    try:
-        loaded = load_project(project)
-        outcome = run_optimize(loaded, model_key=model, dev_limit=dev_limit, force=force)
-    except SlipwayError as exc:
-        _fail(exc)
-    data = {"optimizer": outcome.optimizer, "dev_before": outcome.before, "dev_after": outcome.after,
-            "objective": outcome.objective, "objective_before": outcome.objective_before,
-            "objective_after": outcome.objective_after, "demos": outcome.demos, "saved": outcome.saved,
-            "path": str(outcome.path)}
+    outcome = run_optimize(load_project(project), model_key=model, dev_limit=dev_limit, force=force)
     if as_json:
-        console.print_json(json.dumps(data))
-        return
-    from rich.table import Table
-
-    table = Table(title=f"{outcome.optimizer}: dev split before → after ({outcome.demos} demos)",
-                  title_justify="left")
-    for column in ("metric", "before", "after", "change"):
-        table.add_column(column, justify="left" if column == "metric" else "right")
-    for name, before in outcome.before.items():
-        after = outcome.after.get(name, float("nan"))
-        table.add_row(name, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
-    console.print(table)
-    console.print(f"objective {outcome.objective} on dev: {outcome.objective_before:.3f} → "
-                  f"{outcome.objective_after:.3f}")
-    if outcome.saved:
-        console.print(f"saved {outcome.path} (DSPy JSON); eval, check and build now use it")
+        _print_json({"optimizer": outcome.optimizer, "dev_before": outcome.before, "dev_after": outcome.after,
+                     "objective": outcome.objective, "objective_before": outcome.objective_before,
+                     "objective_after": outcome.objective_after, "demos": outcome.demos, "saved": outcome.saved,
+                     "path": str(outcome.path)})
     else:
-        console.print("[yellow]not saved[/]: the compiled program is worse on dev; the baseline stays "
-                      "(use --force to save it anyway)")
+        report.print_optimize(console, outcome)
 
 
 @app.command()
@@ -294,22 +256,12 @@ def build(project: ProjectArg,
     from framework.build import build as run_build
     from framework.spec import load_project
 
-    try:
-        loaded = load_project(project)
-        result = run_build(loaded, run_check=run_check, override=override, key=_key(key))
-    except SlipwayError as exc:
-        _fail(exc)
+    result = run_build(load_project(project), run_check=run_check, override=override, key=_key(key))
     if as_json:
-        console.print_json(json.dumps({"tag": result.tag, "created": result.created, "model": result.model_tag,
-                                       "labels": result.labels, "path": result.path}))
-        return
-    verb = "built" if result.created else "unchanged, already built"
-    console.print(f"[green]{verb}[/] {result.tag}  (model {result.model_tag})")
-    if result.labels.get("slipway.override"):
-        console.print(f"[bold white on red] OVERRIDE [/] [red]built past failing clauses: "
-                      f"{result.labels['slipway.override']}[/]")
-    console.print(f"serve it: slipway serve {result.tag}   or   BENTOML_HOME=bentos bentoml serve {result.tag}",
-                  soft_wrap=True)
+        _print_json({"tag": result.tag, "created": result.created, "model": result.model_tag,
+                     "labels": result.labels, "path": result.path})
+    else:
+        report.print_build(console, result)
 
 
 @app.command()
@@ -328,44 +280,28 @@ def serve(target: Annotated[str, typer.Argument(help="<project> or <project>:<ve
     """
     from framework.serve import serve as run_serve
 
-    try:
-        if channel:
-            from framework.serve import serve_channel
+    if channel:
+        from framework.serve import serve_channel
 
-            code = serve_channel(target.partition(":")[0], channel, host=host, port=port, workers=workers,
-                                 echo=lambda m: err.print(m))
-        else:
-            code = run_serve(target, host=host, port=port, workers=workers, echo=lambda m: err.print(m))
-    except SlipwayError as exc:
-        _fail(exc)
+        code = serve_channel(target.partition(":")[0], channel, host=host, port=port, workers=workers, echo=_echo)
+    else:
+        code = run_serve(target, host=host, port=port, workers=workers, echo=_echo)
     raise typer.Exit(code)
 
 
 @runs_app.command("list")
 def runs_list(project: ProjectArg, limit: Annotated[int, typer.Option(min=1)] = 20, as_json: JsonOpt = False) -> None:
     """Recent runs, newest first. Example: slipway runs list ticket-triage"""
-    from rich.table import Table
-
     from framework.evaluate import store_path
     from framework.spec import load_project
     from framework.store import Store
 
-    try:
-        loaded = load_project(project)
-        with Store(store_path(loaded), read_only=True) as store:
-            rows = store.list_runs(limit)
-    except SlipwayError as exc:
-        _fail(exc)
+    with Store(store_path(load_project(project)), read_only=True) as store:
+        rows = store.list_runs(limit)
     if as_json:
-        console.print_json(json.dumps(rows, default=str))
-        return
-    table = Table()
-    for col in ("run_id", "split", "model_key", "status", "done", "started_at"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["run_id"], r["split"], r["model_key"], r["status"], f"{r['done']}/{r['n_examples']}",
-                      str(r["started_at"])[:19])
-    console.print(table)
+        _print_json(rows)
+    else:
+        console.print(report.runs_table(rows))
 
 
 @runs_app.command("show")
@@ -374,20 +310,11 @@ def runs_show(project: ProjectArg, run_id: str, as_json: JsonOpt = False) -> Non
     from framework.evaluate import load_run
     from framework.spec import load_project
 
-    try:
-        loaded = load_project(project)
-        run = load_run(loaded, run_id)
-    except SlipwayError as exc:
-        _fail(exc)
+    run = load_run(load_project(project), run_id)
     if as_json:
-        console.print_json(json.dumps({"run_id": run_id, **run.measurements.to_dict(),
-                                       "records": run.records}, default=str))
-        return
-    _print_metrics(run)
-    for r in run.records:
-        if r["error"] or any(v < 1 for v in r["scores"].values()):
-            console.print(f"[dim]{r['example_id']}[/] expected {r['expected']} got {r['output'] or r['error']}",
-                          markup=True, highlight=False)
+        _print_json({"run_id": run_id, **run.measurements.to_dict(), "records": run.records})
+    else:
+        report.print_run(console, run)
 
 
 ChannelOpt = Annotated[str, typer.Option("--channel", "-c", help="staging or prod")]
@@ -402,11 +329,11 @@ def _target(target: str):
     return load_project(name), version
 
 
-def _print_row(row: dict, as_json: bool, text: str) -> None:
+def _print_row(row: dict, as_json: bool, done: object) -> None:
     if as_json:
-        console.print_json(json.dumps(row, default=str))
+        _print_json(row)
     else:
-        console.print(text)
+        console.print(done)
 
 
 @app.command()
@@ -425,100 +352,15 @@ def review(target: Annotated[str, typer.Argument(help="<project> (newest build) 
     from framework.review import write_review
     from framework.spec import load_project
 
-    try:
-        name, _, version = target.partition(":")
-        loaded = load_project(name)
-        data = run_review(loaded, version or None, against=against, against_channel=against_channel)
-        json_path, html_path = write_review(loaded, data)
-    except SlipwayError as exc:
-        _fail(exc)
+    name, _, version = target.partition(":")
+    loaded = load_project(name)
+    data = run_review(loaded, version or None, against=against, against_channel=against_channel)
+    json_path, html_path = write_review(loaded, data)
     if as_json:
-        console.print_json(json.dumps({**data, "report_json": str(json_path), "report_html": str(html_path)},
-                                      default=str))
+        _print_json({**data, "report_json": str(json_path), "report_html": str(html_path)})
         return
-    _print_review(data)
-    console.print(f"review page: {html_path}", soft_wrap=True)
-
-
-def _what_moved(row: dict) -> str:
-    """'priority medium → high (expected medium); needs_human …' for the labelled fields that changed."""
-    if row["new_error"]:
-        return f"now fails: {row['new_error'][:120]}"
-    before, after = row["old_output"] or {}, row["new_output"] or {}
-    moved = [f"{k} {before.get(k)} → {after.get(k)} (expected {v})" for k, v in row["expected"].items()
-             if before.get(k) != after.get(k)]
-    return "; ".join(moved) or f"lost {', '.join(row['dropped'])}"
-
-
-def _print_review(data: dict) -> None:
-    from rich.table import Table
-
-    from framework.report import clause_measured_text
-
-    t, b = data["target"], data["baseline"]
-    console.print(f"[bold]Review {t['tag']}[/] built {t['created']} by {t['author']}")
-    console.print(f"  against {b['tag']} ({data['baseline_reason']})" if b else f"  {data['baseline_reason']}")
-    for o in data["overrides"]:
-        console.print(f"[bold white on red] OVERRIDE [/] [red]{o['where']} by {o['actor']}: {o['reason']}[/]")
-    if data["contract"]:
-        table = Table(title="Contract", title_justify="left")
-        for column in ("clause", "target", "measured", "verdict"):
-            table.add_column(column)
-        for c in data["contract"]["clauses"]:
-            table.add_row(c["name"], c["target"], clause_measured_text(c),
-                          "[green]PASS[/]" if c["passed"] else "[bold red]FAIL[/]")
-        console.print(table)
-    changes = data["changes"]
-    if changes is not None:
-        console.print("[bold]What changed[/]")
-        for name, entry in changes["program"].items():
-            demos = entry["demos"]
-            console.print(f"  program {name}: instructions {'changed' if entry['instructions'] else 'same'}, "
-                          f"{len(entry['fields'])} field change(s), demos +{len(demos['added'])} "
-                          f"-{len(demos['removed'])}")
-            for tag, line in entry["instructions"]:
-                if tag != " ":
-                    console.print(f"    [{'red' if tag == '-' else 'green'}]{tag} {line}[/]", markup=True,
-                                  highlight=False, soft_wrap=True)
-        if not changes["program"]:
-            console.print("  program: unchanged")
-        for key in ("model", "contract"):
-            rows = changes[key]
-            console.print(f"  {key}: " + (", ".join(f"{c['key']} {c['old']!r} → {c['new']!r}" for c in rows)
-                                          if rows else "unchanged"), markup=False)
-        rows = changes["eval_set"]
-        console.print("  eval set: " + (", ".join(f"{len(v)} {k}" for k, v in rows.items())
-                                        if any(rows.values()) else "unchanged"))
-    if data["metrics"]:
-        table = Table(title=f"Metric deltas (paired, {data['comparison']['shared']} shared examples)",
-                      title_justify="left")
-        for column in ("metric", "before", "after", "Δ", "95% CI of Δ", "p"):
-            table.add_column(column, justify="left" if column == "metric" else "right")
-        for d in data["metrics"]:
-            style = "bold red" if d["significant"] and d["delta"] < 0 else "green" if d["significant"] else ""
-            delta = f"[{style}]{d['delta']:+.3f}[/]" if style else f"{d['delta']:+.3f}"
-            table.add_row(d["metric"], f"{d['old']:.3f}", f"{d['new']:.3f}", delta,
-                          f"[{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]", f"{d['p_value']:.3f}")
-        console.print(table)
-    if data["slo"]:
-        from framework.report import change_text
-
-        console.print("  latency and cost: " + ", ".join(f"{s['name']} {change_text(s)}" for s in data["slo"]),
-                      soft_wrap=True)
-    if data["comparison"]["note"]:
-        console.print(f"  [yellow]{data['comparison']['note']}[/]")
-    if data["baseline"]:
-        console.print(f"[bold]Regressed examples: {len(data['regressed'])}[/] ({data['improved']} improved)")
-        for r in data["regressed"][:10]:
-            console.print(f"  {r['example_id']}: {_what_moved(r)}", markup=False, highlight=False, soft_wrap=True)
-        if len(data["regressed"]) > 10:
-            console.print(f"  … {len(data['regressed']) - 10} more on the review page")
-    ready = data["readiness"]
-    if ready:
-        who = ", ".join(a["approver"] for a in data["approvals"]) or "nobody yet"
-        console.print(f"approvals: {len(ready['counted'])} of {ready['required']} required (approved by {who})")
-        console.print("[green]ready to deploy[/]" if not ready["missing"] else
-                      f"[yellow]not deployable yet: {'; '.join(ready['missing'])}[/]")
+    report.print_review(console, data)
+    console.print(text(f"review page: {html_path}"), soft_wrap=True)
 
 
 @app.command()
@@ -531,13 +373,10 @@ def approve(target: Annotated[str, typer.Argument(help="<project>:<version>")],
     """
     from framework import release
 
-    try:
-        loaded, version = _target(target)
-        row = release.approve(loaded, version, key=_key(key), note=note)
-    except SlipwayError as exc:
-        _fail(exc)
-    _print_row({k: v for k, v in row.items() if k != "statement"}, as_json,
-               f"[green]approved[/] {target} as {row['approver']} (signed over content {row['content_hash'][:12]})")
+    loaded, version = _target(target)
+    row = release.approve(loaded, version, key=_key(key), note=note)
+    _print_row(_public(row), as_json, line(("approved", "green"), f" {target} as {row['approver']} "
+                                           f"(signed over content {row['content_hash'][:12]})"))
 
 
 @app.command()
@@ -551,14 +390,10 @@ def deploy(target: Annotated[str, typer.Argument(help="<project>:<version>")], c
     """
     from framework import release
 
-    try:
-        loaded, version = _target(target)
-        row = release.deploy(loaded, version, channel, key=_key(key), override=override)
-    except SlipwayError as exc:
-        _fail(exc)
-    note = f" [yellow](override: {row['override_reason']})[/]" if row["override_reason"] else ""
-    _print_row({k: v for k, v in row.items() if k != "statement"}, as_json,
-               f"[green]deployed[/] {target} to {channel} as {row['actor']}{note}")
+    loaded, version = _target(target)
+    row = release.deploy(loaded, version, channel, key=_key(key), override=override)
+    note = (" ", (f"(override: {row['override_reason']})", "yellow")) if row["override_reason"] else ()
+    _print_row(_public(row), as_json, line(("deployed", "green"), f" {target} to {channel} as {row['actor']}", *note))
 
 
 @app.command()
@@ -570,79 +405,43 @@ def rollback(project: ProjectArg, channel: ChannelOpt, key: KeyOpt = None, as_js
     from framework import release
     from framework.spec import load_project
 
-    try:
-        row = release.rollback(load_project(project), channel, key=_key(key))
-    except SlipwayError as exc:
-        _fail(exc)
-    _print_row({k: v for k, v in row.items() if k != "statement"}, as_json,
-               f"[green]rolled back[/] {channel} to {row['project']}:{row['version']} as {row['actor']}")
+    row = release.rollback(load_project(project), channel, key=_key(key))
+    _print_row(_public(row), as_json, line(("rolled back", "green"),
+                                           f" {channel} to {row['project']}:{row['version']} as {row['actor']}"))
 
 
 @app.command()
 def status(project: ProjectArg, as_json: JsonOpt = False) -> None:
     """Each channel's version, when and by whom. Example: slipway status ticket-triage"""
-    from rich.table import Table
-
     from framework import release
     from framework.spec import load_project
 
-    try:
-        channels = release.status(load_project(project))
-    except SlipwayError as exc:
-        _fail(exc)
+    channels = release.status(load_project(project))
     if as_json:
-        console.print_json(json.dumps(channels, default=str))
-        return
-    table = Table()
-    for col in ("channel", "version", "action", "by", "at", "override", "signature"):
-        table.add_column(col)
-    for name, row in channels.items():
-        if row is None:
-            table.add_row(name, "-", "", "", "", "", "")
-        else:
-            table.add_row(name, row["version"], row["action"], row["actor"], str(row["created_at"])[:19],
-                          row["override_reason"] or "", "[green]verified[/]" if row["verified"] else
-                          "[bold red]DOES NOT VERIFY[/]")
-    console.print(table)
-
-
-def _short(value) -> str:
-    text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
-    if len(text) >= 32 and all(c in "0123456789abcdef" for c in text):
-        return text[:12]  # a hash: its prefix identifies it
-    return text if len(text) <= 48 else text[:47] + "…"
+        _print_json(channels)
+    else:
+        console.print(report.status_table(channels))
 
 
 @audit_app.command("list")
 def audit_list(project: ProjectArg, limit: Annotated[int, typer.Option(min=1, help="newest N rows")] = 50,
+               long: Annotated[bool, typer.Option("--long", "-l", help="each row's details in full, as "
+                                                                       "key: value lines")] = False,
                as_json: JsonOpt = False) -> None:
-    """The audit log, oldest first: who did what to which version. Example: slipway audit list ticket-triage"""
-    from rich.table import Table
+    """The audit log, oldest first: who did what to which version.
 
+    One line per row, details cut to fit; --long shows every detail. Example: slipway audit list ticket-triage
+    """
     from framework.evaluate import store_path
     from framework.spec import load_project
     from framework.store import Store
 
-    try:
-        with Store(store_path(load_project(project)), read_only=True) as store:
-            rows = store.audit_rows()[-limit:]
-    except SlipwayError as exc:
-        _fail(exc)
+    with Store(store_path(load_project(project)), read_only=True) as store:
+        rows = store.audit_rows()[-limit:]
     if as_json:
-        console.print_json(json.dumps(rows, default=str))
-        return
-    table = Table()
-    for column in ("seq", "at", "actor", "action", "target"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("details", overflow="fold")  # shortened here; all of it: --json or audit export
-    for r in rows:
-        details = json.loads(r["details"] or "{}")
-        short = ", ".join(f"{k}={_short(v)}" for k, v in details.items()
-                          if v not in (None, "", [], {}) and not k.endswith("_hash"))
-        style = "bold red" if r["action"] == "override" else ""
-        table.add_row(str(r["seq"]), str(r["logged_at"])[:19], r["actor"],
-                      f"[{style}]{r['action']}[/]" if style else r["action"], r["target"] or "", short)
-    console.print(table)
+        _print_json(rows)
+    else:
+        report.print_audit(console, rows, long=long)
 
 
 @audit_app.command("verify")
@@ -663,57 +462,51 @@ def audit_verify(project: ProjectArg,
     from framework.spec import load_project
     from framework.store import Store
 
-    try:
-        loaded = load_project(project)
-        signers = signing.load_signers(loaded.dir)
-        if file:
-            count, problem = audit.verify_file(Path(file), signers)
-            where = file
-        else:
-            with Store(store_path(loaded), read_only=True) as store:
-                problem = audit.verify(store, anchor=audit.read_anchor(loaded.dir), signers=signers)
-                count = len(store.audit_rows())
-            where = str(store_path(loaded))
-        if problem:
-            raise AuditBroken(problem.message, path=where, field=f"audit.seq={problem.seq}",
-                              hint="restore the store from a backup; the log from this row on cannot be trusted")
-    except SlipwayError as exc:
-        _fail(exc)
-    anchored = audit.read_anchor(loaded.dir)
-    _print_row({"ok": True, "rows": count, "anchored_seq": anchored.statement["details"]["seq"] if anchored else None},
-               as_json, f"[green]ok[/] audit log verifies: {count} row(s), every signature holds"
-               + (f", anchored at row {anchored.statement['details']['seq']}" if anchored and not file else ""))
+    loaded = load_project(project)
+    signers = signing.load_signers(loaded.dir)
+    anchor = audit.read_anchor(loaded.dir)
+    if file:
+        count, problem = audit.verify_file(Path(file), signers)
+    else:
+        with Store(store_path(loaded), read_only=True) as store:
+            problem = audit.verify(store, anchor=anchor, signers=signers)
+            count = len(store.audit_rows())
+    if problem:
+        raise AuditBroken(problem.message, path=file or str(store_path(loaded)), field=f"audit.seq={problem.seq}",
+                          hint="restore the store from a backup; the log from this row on cannot be trusted")
+    anchored = anchor.statement["details"]["seq"] if anchor and not file else None
+    _print_row({"ok": True, "rows": count, "anchored_seq": anchored}, as_json,
+               line(("ok", "green"), f" audit log verifies: {count} row(s), every signature holds"
+                    + (f", anchored at row {anchored}" if anchored else "")))
 
 
 @audit_app.command("anchor")
 def audit_anchor(project: ProjectArg, key: KeyOpt = None) -> None:
-    """Sign the log's head into projects/<name>/audit-anchor.json (commit it): a chain rewritten inside
-    the store no longer matches it. Needs the audit role. Example: slipway audit anchor ticket-triage"""
+    """Sign the log's head into projects/<name>/audit-anchor.json (commit it); needs the audit role.
+
+    A chain rewritten inside the store no longer holds the anchored row. Example: slipway audit anchor ticket-triage
+    """
     from framework import audit, signing
+    from framework.errors import AuditBroken
     from framework.evaluate import store_path
     from framework.spec import load_project
     from framework.store import Store
 
-    try:
-        loaded = load_project(project)
-        with Store(store_path(loaded), read_only=True) as store:
-            problem = audit.verify(store)
-            if problem:
-                from framework.errors import AuditBroken
-
-                raise AuditBroken(f"will not anchor a broken log: {problem.message}", path=str(store.path))
-            signed = audit.anchor(store, loaded.dir, loaded.name, key=_key(key),
-                                  signers=signing.load_signers(loaded.dir))
-    except SlipwayError as exc:
-        _fail(exc)
+    loaded = load_project(project)
+    signers = signing.load_signers(loaded.dir)
+    with Store(store_path(loaded), read_only=True) as store:
+        if problem := audit.verify(store, anchor=audit.read_anchor(loaded.dir), signers=signers):
+            raise AuditBroken(f"will not anchor a broken log: {problem.message}", path=str(store.path),
+                              field=f"audit.seq={problem.seq}")
+        signed = audit.anchor(store, loaded.dir, loaded.name, key=_key(key), signers=signers)
     details = signed.statement["details"]
-    console.print(f"[green]anchored[/] row {details['seq']} ({details['hash'][:12]}) in "
-                  f"{loaded.dir / audit.ANCHOR_FILE}; commit that file", soft_wrap=True)
+    console.print(line(("anchored", "green"), f" row {details['seq']} ({details['hash'][:12]}) in "
+                       f"{loaded.dir / audit.ANCHOR_FILE}; commit that file"), soft_wrap=True)
 
 
 @audit_app.command("prune")
 def audit_prune(project: ProjectArg, key: KeyOpt = None) -> None:
-    """Delete rows older than [audit] retention_days behind a signed, chained prune row (needs the audit role).
+    """Delete rows older than [audit] retention_days behind a signed, chained prune row (audit role).
 
     Example: slipway audit prune ticket-triage
     """
@@ -722,14 +515,11 @@ def audit_prune(project: ProjectArg, key: KeyOpt = None) -> None:
     from framework.spec import load_project
     from framework.store import Store
 
-    try:
-        loaded = load_project(project)
-        with Store(store_path(loaded)) as store:
-            pruned = audit.prune(store, loaded.name, loaded.spec.audit.retention_days, key=_key(key),
-                                 signers=signing.load_signers(loaded.dir))
-    except SlipwayError as exc:
-        _fail(exc)
-    console.print(f"pruned {pruned} row(s)" if pruned else "nothing to prune")
+    loaded = load_project(project)
+    with Store(store_path(loaded)) as store:
+        pruned = audit.prune(store, loaded.name, loaded.spec.audit.retention_days, key=_key(key),
+                             signers=signing.load_signers(loaded.dir))
+    console.print(text(f"pruned {pruned} row(s)" if pruned else "nothing to prune"))
 
 
 @audit_app.command("export")
@@ -737,8 +527,11 @@ def audit_export(project: ProjectArg, out: Annotated[str, typer.Option("--out", 
                  since: Annotated[str | None, typer.Option(help="ISO date or time, e.g. 2026-11-01")] = None,
                  fmt: Annotated[str, typer.Option("--format", help="jsonl or parquet")] = "jsonl",
                  key: KeyOpt = None) -> None:
-    """Write audit rows to a file with a signed head, so the file verifies on its own
-    (`slipway audit verify --file`). Example: slipway audit export ticket-triage --since 2026-11-01 -o a.jsonl"""
+    """Write audit rows to a file ending with a signed head, so it verifies on its own.
+
+    Check it with `slipway audit verify --file`.
+    Example: slipway audit export ticket-triage --since 2026-11-01 -o a.jsonl
+    """
     from datetime import datetime
     from pathlib import Path
 
@@ -748,40 +541,29 @@ def audit_export(project: ProjectArg, out: Annotated[str, typer.Option("--out", 
     from framework.spec import load_project
     from framework.store import Store
 
+    loaded = load_project(project)
     try:
-        loaded = load_project(project)
-        try:
-            start = datetime.fromisoformat(since) if since else None
-        except ValueError:
-            raise SpecError(f"--since {since!r} is not an ISO date", hint="e.g. --since 2026-11-01") from None
-        with Store(store_path(loaded), read_only=True) as store:
-            rows = store.audit_rows(start)
-        head = audit.export_head(rows, loaded.name, signing.find_key(_key(key), create=True))
-        count = audit.export(rows, Path(out), fmt, head=head)
-    except SlipwayError as exc:
-        _fail(exc)
-    err.print(f"wrote {count} row(s) and a signed head to {out}")
+        start = datetime.fromisoformat(since) if since else None
+    except ValueError:
+        raise SpecError(f"--since {since!r} is not an ISO date", hint="e.g. --since 2026-11-01") from None
+    with Store(store_path(loaded), read_only=True) as store:
+        rows = store.audit_rows(start)
+    head = audit.export_head(rows, loaded.name, signing.find_key(_key(key), create=True))
+    count = audit.export(rows, Path(out), fmt, head=head)
+    err.print(text(f"wrote {count} row(s) and a signed head to {out}"))
 
 
 @keys_app.command("init")
 def keys_init() -> None:
-    """Create your signing key (Ed25519) unless you have one; prints its public line.
-
-    Uses an existing ~/.ssh/id_ed25519 (or --key / SLIPWAY_SIGNING_KEY) when there is one.
-    Example: slipway keys init
+    """Your signing key: the one you already have (--key, SLIPWAY_SIGNING_KEY, ~/.ssh/id_ed25519), else a new
+    Ed25519 key. Prints its public line. Example: slipway keys init
     """
     from framework import signing
 
-    try:
-        try:
-            path = signing.find_key()
-        except SlipwayError:
-            path = signing.init_key()
-        line = signing.public_key(path)
-    except SlipwayError as exc:
-        _fail(exc)
-    console.print(f"{path}: {signing.fingerprint(line)}", markup=False)
-    console.print(line, markup=False, soft_wrap=True)
+    path = signing.find_key(create=True)
+    public = signing.public_key(path)
+    console.print(text(f"{path}: {signing.fingerprint(public)}"))
+    console.print(text(public), soft_wrap=True)
 
 
 @keys_app.command("show")
@@ -792,19 +574,15 @@ def keys_show(key: KeyOpt = None) -> None:
     """
     from framework import signing
 
-    try:
-        line = signing.public_key(signing.find_key(_key(key)))
-    except SlipwayError as exc:
-        _fail(exc)
-    console.print(line, markup=False, soft_wrap=True)
+    console.print(text(signing.public_key(signing.find_key(_key(key)))), soft_wrap=True)
 
 
 @keys_app.command("add")
 def keys_add(project: ProjectArg, name: Annotated[str, typer.Argument(help="the person's name")],
-             public: Annotated[str, typer.Option("--public-key", help="their .pub file or the key line itself")],
+             public: Annotated[str, typer.Option("--public-key", help="their .pub file, or the key line itself")],
              roles: Annotated[str, typer.Option(help="comma-separated: approve, deploy:prod, rollback:prod, "
                                                      "override, audit")] = "") -> None:
-    """Add a person to projects/<name>/signers.toml (commit it: who may act is a reviewed change).
+    """Add a person to projects/<name>/signers.toml; commit it (who may act is a reviewed change).
 
     Example: slipway keys add ticket-triage bob --public-key ~/bob.pub --roles approve
     """
@@ -813,39 +591,27 @@ def keys_add(project: ProjectArg, name: Annotated[str, typer.Argument(help="the 
     from framework import signing
     from framework.spec import load_project
 
-    try:
-        loaded = load_project(project)
-        line = Path(public).expanduser().read_text() if Path(public).expanduser().is_file() else public
-        path = signing.add_signer(loaded.dir, name, line, [r.strip() for r in roles.split(",") if r.strip()])
-    except SlipwayError as exc:
-        _fail(exc)
-    console.print(f"added {name} to {path}; commit it", markup=False)
+    loaded = load_project(project)
+    given = Path(public).expanduser()
+    key_line = given.read_text() if given.is_file() else public
+    path = signing.add_signer(loaded.dir, name, key_line, [r.strip() for r in roles.split(",") if r.strip()])
+    console.print(text(f"added {name} to {path}; commit it"))
 
 
 @keys_app.command("list")
 def keys_list(project: ProjectArg, as_json: JsonOpt = False) -> None:
     """Who may act on the project, by key and role. Example: slipway keys list ticket-triage"""
-    from rich.table import Table
-
     from framework import signing
     from framework.spec import load_project
 
-    try:
-        spec = signing.load_signers(load_project(project).dir)
-    except SlipwayError as exc:
-        _fail(exc)
-    rows = [{"name": s.name, "fingerprint": signing.fingerprint(s.key), "roles": s.roles, "revoked": False}
+    spec = signing.load_signers(load_project(project).dir)
+    rows = [{"name": s.name, "fingerprint": signing.fingerprint(s.key), "roles": s.roles, "revoked": None}
             for s in spec.signers] + [{"name": "", "fingerprint": signing.fingerprint(r.key), "roles": [],
-                                       "revoked": r.reason or True} for r in spec.revoked]
+                                       "revoked": r.reason or "revoked"} for r in spec.revoked]
     if as_json:
-        console.print_json(json.dumps(rows))
-        return
-    table = Table()
-    for column in ("name", "key", "roles", "revoked"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(r["name"], r["fingerprint"], ", ".join(r["roles"]), str(r["revoked"] or ""))
-    console.print(table)
+        _print_json(rows)
+    else:
+        console.print(report.signers_table(rows))
 
 
 def _key(value: str | None):
@@ -854,12 +620,16 @@ def _key(value: str | None):
     return Path(value).expanduser() if value else None
 
 
+def _public(row: dict) -> dict:
+    """A signed row without its statement and signature, for --json output."""
+    return {k: v for k, v in row.items() if k not in ("statement", "signature")}
+
+
 def main() -> None:
     try:
         app()
-    except SlipwayError as exc:  # raised outside a command's own handler
-        err.print(f"error ({exc.code}): {exc.render()}")
-        sys.exit(exc.exit_code)
+    except Exception as exc:  # raised outside a command (ExitCodeGroup handles those inside one)
+        sys.exit(report_error(exc, debug="--debug" in sys.argv))
 
 
 if __name__ == "__main__":

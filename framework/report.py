@@ -1,35 +1,335 @@
-"""Renderings of a verdict: rich table for the terminal, JSON for machines, HTML for reviewers.
+"""Renderings: rich tables and lines for the terminal, JSON for machines, HTML pages for reviewers.
 
-The HTML page is self-contained (inline CSS, no scripts, no network) so it can
-be attached to a pull request or opened from a CI artefact as is.
+`cli.py` parses, calls the API and picks the exit code; everything a person reads comes from here.
+Terminal text that comes from users, models or the store (ticket text, outputs, reasons, example ids,
+audit details, diffs) is printed as `rich.text.Text`, never parsed as rich markup, so `[bold]` or
+`[/]` in it shows literally. The HTML pages are rendered from Jinja2 templates in
+`framework/templates/` with autoescaping on; they are self-contained (inline CSS, no scripts, no
+network) so they can be attached to a pull request or opened from a CI artefact as is.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from framework.contract import Verdict
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from framework.build import BuildResult
+    from framework.contract import Verdict
     from framework.evaluate import EvalRun
+    from framework.optimize import OptimizeOutcome
     from framework.spec import Project
 
 
-def verdict_table(verdict: Verdict, title: str = "Contract verdict"):
+# -- terminal -------------------------------------------------------------------------------------------------
+
+def text(value: Any, style: str = "") -> Text:
+    """A plain-text cell or line: rich never reads markup in it."""
+    from rich.text import Text
+
+    return Text("" if value is None else str(value), style=style)
+
+
+def line(*parts: str | tuple[str, str]) -> Text:
+    """One line from plain strings and (string, style) pairs, e.g. line(("ok", "green"), " ", path)."""
+    from rich.text import Text
+
+    return Text.assemble(*parts)
+
+
+def _table(columns: tuple[str, ...], title: str | None = None, right: tuple[str, ...] = ()) -> Table:
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
-    for column in ("clause", "target", "measured", "verdict", "note"):
-        table.add_column(column, justify="right" if column == "measured" else "left")
-    for row in verdict.table_rows():
-        style = "green" if row["verdict"] == "PASS" else "bold red"
-        table.add_row(row["clause"], row["target"], row["measured"], f"[{style}]{row['verdict']}[/]", row["note"])
+    table = Table(title=text(title, "table.title") if title else None, title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left")
     return table
 
+
+def _row(table: Table, *cells: Any) -> None:
+    table.add_row(*(cell if hasattr(cell, "__rich_console__") else text(cell) for cell in cells))
+
+
+def verdict_table(verdict: Verdict, title: str = "Contract verdict") -> Table:
+    table = _table(("clause", "target", "measured", "verdict", "note"), title, right=("measured",))
+    for row in verdict.table_rows():
+        style = "green" if row["verdict"] == "PASS" else "bold red"
+        _row(table, row["clause"], row["target"], row["measured"], text(row["verdict"], style), row["note"])
+    return table
+
+
+def print_check(console: Console, err: Console, result, project_name: str) -> None:
+    """The verdict of `slipway check` as a table, then PASS or FAIL and where the HTML report is."""
+    verdict = result.verdict
+    if result.run.reused:
+        err.print(text(f"reused run {result.run.run_id} (identical program, notebook, model, eval set)"))
+    title = f"Contract verdict: {project_name} on {result.run.n} eval examples, model {result.run.model_key}"
+    console.print(verdict_table(verdict, title))
+    status = line(("PASS", "bold green")) if verdict.passed else line(("FAIL", "bold red"),
+                                                                      f": {', '.join(verdict.failed)}")
+    console.print(status + text(f"\nreport: {result.report_html}"))
+
+
+def metrics_table(run: EvalRun) -> Table:
+    m = run.measurements
+    table = _table(("metric", "value", "95% interval"),
+                   f"{run.split} split, {run.n} examples, model {run.model_key} (run {run.run_id})",
+                   right=("value", "95% interval"))
+    for name, value in m.metrics.items():
+        lo, hi = m.intervals.get(name, (float("nan"), float("nan")))
+        _row(table, name, f"{value:.3f}", f"[{lo:.3f}, {hi:.3f}]")
+    _row(table, "latency p50 / p95 / p99",
+         f"{m.latency_p50_ms:,.0f} / {m.latency_p95_ms:,.0f} / {m.latency_p99_ms:,.0f} ms", "")
+    _row(table, "error rate", f"{m.error_rate:.1%}", "")
+    _row(table, "tokens / request (mean)", f"{m.tokens_per_request:,.0f}", "")
+    _row(table, "cost / request (mean)", f"{m.cost_per_request:.6f}", "")
+    return table
+
+
+def print_run(console: Console, run: EvalRun) -> None:
+    """`slipway runs show`: the measurements, then each example that errored or missed a field."""
+    console.print(metrics_table(run))
+    for r in run.records:
+        if r["error"] or any(v < 1 for v in r["scores"].values()):
+            console.print(line((str(r["example_id"]), "dim"), f" expected {r['expected']} got "
+                               f"{r['output'] or r['error']}"))
+
+
+def runs_table(rows: list[dict]) -> Table:
+    table = _table(("run_id", "split", "model_key", "status", "done", "started_at"))
+    for r in rows:
+        _row(table, r["run_id"], r["split"], r["model_key"], r["status"], f"{r['done']}/{r['n_examples']}",
+             str(r["started_at"])[:19])
+    return table
+
+
+def models_table(rows: list[dict]) -> Table:
+    table = _table(("key", "name", "license", "sha256", "present"))
+    for r in rows:
+        _row(table, r["key"], r["name"], r["license"], r["sha256"][:12] + "…", "yes" if r["present"] else "no")
+    return table
+
+
+def print_optimize(console: Console, outcome: OptimizeOutcome) -> None:
+    table = _table(("metric", "before", "after", "change"),
+                   f"{outcome.optimizer}: dev split before → after ({outcome.demos} demos)",
+                   right=("before", "after", "change"))
+    for name, before in outcome.before.items():
+        after = outcome.after.get(name, float("nan"))
+        _row(table, name, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
+    console.print(table)
+    console.print(text(f"objective {outcome.objective} on dev: {outcome.objective_before:.3f} → "
+                       f"{outcome.objective_after:.3f}"))
+    if outcome.saved:
+        console.print(text(f"saved {outcome.path} (DSPy JSON); eval, check and build now use it"))
+    else:
+        console.print(line(("not saved", "yellow"), ": the compiled program is worse on dev; the baseline stays "
+                           "(use --force to save it anyway)"))
+
+
+def print_build(console: Console, result: BuildResult) -> None:
+    verb = "built" if result.created else "unchanged, already built"
+    console.print(line((verb, "green"), f" {result.tag}  (model {result.model_tag})"))
+    if result.labels.get("slipway.override"):
+        console.print(line((" OVERRIDE ", "bold white on red"), " ",
+                           (f"built past failing clauses: {result.labels['slipway.override']}", "red")))
+    console.print(text(f"serve it: slipway serve {result.tag}   or   BENTOML_HOME=$PWD/bentos bentoml serve "
+                       f"{result.tag}"), soft_wrap=True)
+
+
+def status_table(channels: dict[str, dict | None]) -> Table:
+    table = _table(("channel", "version", "action", "by", "at", "override", "signature"))
+    for name, row in channels.items():
+        if row is None:
+            _row(table, name, "-", "", "", "", "", "")
+        else:
+            _row(table, name, row["version"], row["action"], row["actor"], str(row["created_at"])[:19],
+                 row["override_reason"] or "", text("verified", "green") if row.get("verified") else
+                 text("DOES NOT VERIFY (not followed)", "bold red"))
+    return table
+
+
+def signers_table(rows: list[dict]) -> Table:
+    """`slipway keys list`: who may act on a project."""
+    table = _table(("name", "key", "roles", "revoked"))
+    for r in rows:
+        _row(table, r["name"], r["fingerprint"], ", ".join(r["roles"]), r["revoked"] or "")
+    return table
+
+
+# -- audit list -----------------------------------------------------------------------------------------------
+
+def _short(value: Any) -> str:
+    value_text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    if len(value_text) >= 32 and all(c in "0123456789abcdef" for c in value_text):
+        return value_text[:12]  # a hash: its prefix identifies it
+    return value_text
+
+
+def _details(row: dict) -> dict[str, Any]:
+    details = json.loads(row["details"] or "{}")
+    return {k: v for k, v in details.items() if v not in (None, "", [], {})}
+
+
+def _is_override(row: dict) -> bool:
+    """A deploy or build signed past the gate (its statement carries the reason)."""
+    return row["action"] == "override" or bool(_details(row).get("override"))
+
+
+def print_audit(console: Console, rows: list[dict], *, long: bool = False) -> None:
+    """The audit log, oldest first.
+
+    Default: one line per row, its details as `key=value` pairs cut to the width left (hashes as their
+    12-character prefix). `long`: each row's details below it as `key: value` lines, wrapped at word
+    boundaries and never cut (a hash whole). Override rows in red either way.
+    """
+    from rich.padding import Padding
+    from rich.table import Table
+
+    if not long:
+        table = _table(("seq", "at", "actor", "action", "target"))
+        for column in table.columns:
+            column.no_wrap = True
+        table.add_column("details", min_width=24)  # the one column that gives way; its cells are cut, not folded
+        for r in rows:
+            short = text(", ".join(f"{k}={_short(v)}" for k, v in _details(r).items() if not k.endswith("_hash")))
+            short.no_wrap, short.overflow = True, "ellipsis"
+            _row(table, str(r["seq"]), str(r["logged_at"])[:19], r["actor"],
+                 text(r["action"], "bold red" if _is_override(r) else ""), r["target"] or "", short)
+        console.print(table)
+        if rows:
+            console.print(text("details are cut to fit: --long shows them whole, --json as data"), style="dim")
+        return
+    for r in rows:
+        style = "bold red" if _is_override(r) else ""
+        console.print(line((f"#{r['seq']}", "bold"), f"  {str(r['logged_at'])[:19]}  ", (r["actor"], "bold"),
+                           "  ", (r["action"], style or "bold"), f"  {r['target'] or ''}"))
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True, style="dim")
+        grid.add_column(overflow="fold")
+        for key, value in _details(r).items():
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+            grid.add_row(text(f"{key}:"), text(shown if isinstance(shown, str) else json.dumps(shown, default=str),
+                                               "red" if style and key == "reason" else ""))
+        console.print(Padding(grid, (0, 0, 0, 6), expand=False))
+
+
+# -- review printout ------------------------------------------------------------------------------------------
+
+def _what_moved(row: dict) -> str:
+    """'priority medium → high (expected medium); needs_human …' for the labelled fields that changed."""
+    if row["new_error"]:
+        return f"now fails: {row['new_error'][:120]}"
+    before, after = row["old_output"] or {}, row["new_output"] or {}
+    moved = [f"{k} {before.get(k)} → {after.get(k)} (expected {v})" for k, v in row["expected"].items()
+             if before.get(k) != after.get(k)]
+    return "; ".join(moved) or f"lost {', '.join(row['dropped'])}"
+
+
+def print_review(console: Console, data: dict) -> None:
+    """`slipway review` on a terminal: the same sections as the review page, shorter."""
+    t, b = data["target"], data["baseline"]
+    console.print(line((f"Review {t['tag']}", "bold"), f" built {t['created']} by {t['author']}"))
+    console.print(text(f"  against {b['tag']} ({data['baseline_reason']})" if b else f"  {data['baseline_reason']}"))
+    for o in data["overrides"]:
+        console.print(line((" OVERRIDE ", "bold white on red"), " ",
+                           (f"{o['where']} by {o['actor']}: {o['reason']}", "red")))
+    if data["contract"]:
+        table = _table(("clause", "target", "measured", "verdict"), "Contract")
+        for c in data["contract"]["clauses"]:
+            _row(table, c["name"], c["target"], clause_measured_text(c),
+                 text("PASS", "green") if c["passed"] else text("FAIL", "bold red"))
+        console.print(table)
+    changes = data["changes"]
+    if changes is not None:
+        console.print(text("What changed", "bold"))
+        for name, entry in changes["program"].items():
+            demos = entry["demos"]
+            console.print(text(f"  program {name}: instructions {'changed' if entry['instructions'] else 'same'}, "
+                               f"{len(entry['fields'])} field change(s), demos +{len(demos['added'])} "
+                               f"-{len(demos['removed'])}"))
+            for tag, diff_line in entry["instructions"]:
+                if tag != " ":
+                    console.print(text(f"    {tag} {diff_line}", "red" if tag == "-" else "green"), soft_wrap=True)
+        if not changes["program"]:
+            console.print(text("  program: unchanged"))
+        for key in ("model", "contract"):
+            rows = changes[key]
+            console.print(text(f"  {key}: " + (", ".join(f"{c['key']} {c['old']!r} → {c['new']!r}" for c in rows)
+                                               if rows else "unchanged")))
+        rows = changes["eval_set"]
+        console.print(text("  eval set: " + (", ".join(f"{len(v)} {k}" for k, v in rows.items())
+                                             if any(rows.values()) else "unchanged")))
+    if data["metrics"]:
+        table = _table(("metric", "before", "after", "Δ", "95% CI of Δ", "p"),
+                       f"Metric deltas (paired, {data['comparison']['shared']} shared examples)",
+                       right=("before", "after", "Δ", "95% CI of Δ", "p"))
+        for d in data["metrics"]:
+            style = "bold red" if d["significant"] and d["delta"] < 0 else "green" if d["significant"] else ""
+            _row(table, d["metric"], f"{d['old']:.3f}", f"{d['new']:.3f}", text(f"{d['delta']:+.3f}", style),
+                 f"[{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]", f"{d['p_value']:.3f}")
+        console.print(table)
+    if data["slo"]:
+        console.print(text("  latency and cost: " + ", ".join(f"{s['name']} {change_text(s)}" for s in data["slo"])),
+                      soft_wrap=True)
+    if data["comparison"]["note"]:
+        console.print(text(f"  {data['comparison']['note']}", "yellow"))
+    if data["baseline"]:
+        console.print(line((f"Regressed examples: {len(data['regressed'])}", "bold"),
+                           f" ({data['improved']} improved)"))
+        for r in data["regressed"][:10]:
+            console.print(text(f"  {r['example_id']}: {_what_moved(r)}"), soft_wrap=True)
+        if len(data["regressed"]) > 10:
+            console.print(text(f"  … {len(data['regressed']) - 10} more on the review page"))
+    ready = data["readiness"]
+    if ready:
+        who = ", ".join(a["approver"] for a in data["approvals"]) or "nobody yet"
+        console.print(text(f"approvals: {len(ready['counted'])} of {ready['required']} required (approved by {who})"))
+        console.print(text("ready to deploy", "green") if not ready["missing"] else
+                      text(f"not deployable yet: {'; '.join(ready['missing'])}", "yellow"))
+
+
+# -- progress -------------------------------------------------------------------------------------------------
+
+def with_progress(err: Console, label: str, fn: Callable, *, plain: bool):
+    """Call `fn(report)`; `report(done, total)` drives a rich bar on `err`, or when `plain` (piped, CI)
+    prints a line every 10%."""
+    if plain:
+        state = {"last": -1}
+
+        def report(done: int, total: int) -> None:
+            step = max(1, total // 10)
+            if done == total or done // step != state["last"]:
+                state["last"] = done // step
+                err.print(text(f"{label}: {done}/{total}"))
+        return fn(report)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn("{task.description}", style="progress.description", markup=False), BarColumn(),
+                   MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+    task = bar.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+    with bar:
+        return fn(update)
+
+
+# -- check report: JSON and HTML ------------------------------------------------------------------------------
 
 def report_data(run: EvalRun, verdict: Verdict) -> dict:
     errors = [r for r in run.records if r["error"]]
@@ -56,53 +356,6 @@ def write_reports(project: Project, check_id: str, run: EvalRun, verdict: Verdic
     return json_path, html_path
 
 
-_CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#1b1f24;padding:0 1rem}
-h1{font-size:1.5rem;margin-bottom:.2rem} .meta{color:#57606a;font-size:.9rem}
-table{border-collapse:collapse;width:100%;margin:1rem 0} th,td{border-bottom:1px solid #d0d7de;padding:.35rem .5rem;
-text-align:left;vertical-align:top} th{background:#f6f8fa} td.num{text-align:right;font-variant-numeric:tabular-nums}
-.pass{color:#1a7f37;font-weight:600} .fail{color:#cf222e;font-weight:700}
-.badge{display:inline-block;padding:.2rem .7rem;border-radius:1rem;color:#fff;font-weight:700}
-.badge.pass{background:#1a7f37;color:#fff} .badge.fail{background:#cf222e;color:#fff}
-code,pre{font:12px ui-monospace,monospace} pre{white-space:pre-wrap;margin:0;max-width:520px}
-"""
-
-
-def render_html(project_name: str, check_id: str, data: dict) -> str:
-    e = html.escape
-    verdict = data["verdict"]
-    passed = verdict["passed"]
-    rows = "".join(
-        f"<tr><td>{e(c['name'])}</td><td>{e(c['target'])}</td><td class=num>{e(clause_measured_text(c))}</td>"
-        f"<td class={'pass' if c['passed'] else 'fail'}>{'PASS' if c['passed'] else 'FAIL'}</td>"
-        f"<td>{e(c['note'])}</td></tr>" for c in verdict["clauses"])
-    metrics = "".join(f"<tr><td>{e(k)}</td><td class=num>{v:.3f}</td><td class=num>[{lo:.3f}, {hi:.3f}]</td></tr>"
-                      for k, v in data["measurements"]["metrics"].items()
-                      for lo, hi in [data["measurements"]["intervals"].get(k, (float("nan"),) * 2)])
-    misses = "".join(
-        f"<tr><td>{e(m['example_id'])}</td><td><pre>{e(str(next(iter(m['inputs'].values())))[:400])}</pre></td>"
-        f"<td><code>{e(json.dumps(m['expected']))}</code></td><td><code>{e(json.dumps(m['output']))}</code></td></tr>"
-        for m in data["misses"][:100])
-    errors = "".join(f"<tr><td>{e(x['example_id'])}</td><td><code>{e(x['error'])}</code></td></tr>"
-                     for x in data["errors"][:100])
-    meta = verdict.get("meta", {})
-    return f"""<!doctype html><html lang=en><head><meta charset=utf-8>
-<title>{e(project_name)} — contract {'PASS' if passed else 'FAIL'}</title><style>{_CSS}</style></head><body>
-<h1>{e(project_name)} <span class="badge {'pass' if passed else 'fail'}">{'PASS' if passed else 'FAIL'}</span></h1>
-<p class=meta>check <code>{e(check_id)}</code> · run <code>{e(data['run']['run_id'])}</code>
- · model <code>{e(str(meta.get('model_name', data['run']['model'])))}</code> · {data['run']['n']} examples
- ({e(data['run']['split'])} split){' · reused an earlier run of identical content' if data['run']['reused'] else ''}
- · content <code>{e(str(data['run']['hashes'].get('content_hash', ''))[:12])}</code></p>
-<h2>Contract</h2><table id=contract><tr><th>clause</th><th>target</th><th>measured [95% CI]</th><th>verdict</th>
-<th>note</th></tr>{rows}</table>
-<h2>Quality metrics</h2><table id=metrics><tr><th>metric</th><th>score</th><th>95% bootstrap interval</th></tr>
-{metrics}</table>
-<h2>Errors ({len(data['errors'])})</h2><table id=errors><tr><th>example</th><th>error</th></tr>{errors}</table>
-<h2>Examples with a wrong field ({len(data['misses'])})</h2><table id=misses><tr><th>example</th><th>input</th>
-<th>expected</th><th>output</th></tr>{misses}</table>
-</body></html>"""
-
-
 def clause_measured_text(clause: dict) -> str:
     from framework.contract import Clause
 
@@ -111,107 +364,16 @@ def clause_measured_text(clause: dict) -> str:
     return Clause(**fields, interval=interval).measured_text()
 
 
-# -- review page ----------------------------------------------------------------------------------------------
-
-_REVIEW_CSS = _CSS + """
-.diff{border:1px solid #d0d7de;border-radius:6px;padding:.4rem .6rem;background:#fff;overflow-x:auto}
-.diff div{font:12px/1.5 ui-monospace,monospace;white-space:pre-wrap} .diff .del{background:#ffebe9}
-.diff .ins{background:#dafbe1} .diff .gap{color:#57606a} .diff del{background:#ff818266;text-decoration:none}
-.diff ins{background:#4ac26b66;text-decoration:none}
-.override{border:2px solid #cf222e;background:#ffebe9;color:#82071e;padding:.6rem 1rem;border-radius:6px;
-font-weight:600} .drop{color:#cf222e;font-weight:700} .gain{color:#1a7f37;font-weight:600}
-.missing{color:#9a6700;font-weight:600} .none{color:#57606a}
-"""
+def _first_input(inputs: dict) -> str:
+    """The first input field (the ticket), cut to 400 characters for a table cell."""
+    return str(next(iter(inputs.values()), ""))[:400]
 
 
-def _diff_lines(ops: list, context: int = 2) -> str:
-    """Line diff with changed words marked; long unchanged stretches folded to a '…' line."""
-    from framework.diff import changed_words
-
-    e = html.escape
-    out: list[str] = []
-    i = 0
-    while i < len(ops):
-        tag, line = ops[i]
-        if tag == " ":
-            j = i
-            while j < len(ops) and ops[j][0] == " ":
-                j += 1
-            run = ops[i:j]
-            head = run[:context] if i > 0 else []
-            tail = run[-context:] if j < len(ops) else []
-            if len(run) > len(head) + len(tail):
-                run = [*head, ("gap", f"… {len(run) - len(head) - len(tail)} unchanged lines"), *tail]
-            out.extend(f"<div class={'gap' if t == 'gap' else 'ctx'}>{e(text) or '&nbsp;'}</div>" for t, text in run)
-            i = j
-            continue
-        j = i
-        while j < len(ops) and ops[j][0] == "-":
-            j += 1
-        k = j
-        while k < len(ops) and ops[k][0] == "+":
-            k += 1
-        removed, added = [x[1] for x in ops[i:j]], [x[1] for x in ops[j:k]]
-        if removed and len(removed) == len(added):
-            pairs = [changed_words(a, b) for a, b in zip(removed, added, strict=True)]
-            marked_old = ["".join(f"<del>{e(t)}</del> " if c else f"{e(t)} " for c, t in p[0]) for p in pairs]
-            marked_new = ["".join(f"<ins>{e(t)}</ins> " if c else f"{e(t)} " for c, t in p[1]) for p in pairs]
-        else:
-            marked_old, marked_new = [e(x) for x in removed], [e(x) for x in added]
-        out.extend(f"<div class=del>- {x}</div>" for x in marked_old)
-        out.extend(f"<div class=ins>+ {x}</div>" for x in marked_new)
-        i = max(k, i + 1)
-    return f"<div class=diff>{''.join(out)}</div>"
+def _value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
-def _value(value) -> str:
-    return html.escape(json.dumps(value, default=str) if not isinstance(value, str) else value)
-
-
-def _changes_html(changes: dict | None) -> str:
-    e = html.escape
-    if changes is None:
-        return "<p class=none>No baseline: this is the project's first build.</p>"
-    parts = []
-    for name, entry in changes["program"].items():
-        parts.append(f"<h3>Program: <code>{e(name)}</code>"
-                     f"{' (only in the ' + entry['only_in'] + ' build)' if entry['only_in'] else ''}</h3>")
-        if entry["instructions"]:
-            parts.append(f"<h4>Instructions</h4>{_diff_lines(entry['instructions'])}")
-        if entry["fields"]:
-            parts.append("<h4>Signature fields</h4><table><tr><th>field</th><th>before</th><th>after</th></tr>"
-                         + "".join(f"<tr><td>{e(c['key'])}</td><td><code>{_value(c['old'])}</code></td>"
-                                   f"<td><code>{_value(c['new'])}</code></td></tr>" for c in entry["fields"])
-                         + "</table>")
-        for side in ("removed", "added"):
-            demos = entry["demos"][side]
-            if demos:
-                parts.append(f"<h4>Few-shot demos {side} ({len(demos)})</h4><ul class=demos-{side}>"
-                             + "".join(f"<li><code>{_value(d)}</code></li>" for d in demos) + "</ul>")
-    if not changes["program"]:
-        parts.append("<p class=none>Program state (instructions, signature, demos): unchanged.</p>")
-    for key, title in (("model", "Model and its settings"), ("contract", "Contract")):
-        rows = changes[key]
-        if rows:
-            parts.append(f"<h3>{title}</h3><table id=changes-{key}><tr><th>key</th><th>before</th><th>after</th>"
-                         "</tr>" + "".join(f"<tr><td>{e(c['key'])}</td><td><code>{_value(c['old'])}</code></td>"
-                                           f"<td><code>{_value(c['new'])}</code></td></tr>" for c in rows)
-                         + "</table>")
-        else:
-            parts.append(f"<p class=none>{title}: unchanged.</p>")
-    rows = changes["eval_set"]
-    if any(rows.values()):
-        parts.append("<h3>Eval set</h3><table id=changes-eval><tr><th>rows</th><th>count</th><th>ids</th></tr>"
-                     + "".join(f"<tr><td>{k}</td><td class=num>{len(v)}</td><td>{e(', '.join(v[:50]))}"
-                               f"{' …' if len(v) > 50 else ''}</td></tr>" for k, v in rows.items()) + "</table>")
-    else:
-        parts.append("<p class=none>Eval set: unchanged.</p>")
-    if changes["notebook"]:
-        parts.append(f"<details><summary>Notebook source diff</summary>{_diff_lines(changes['notebook'])}</details>")
-    return "".join(parts)
-
-
-def _num(value, unit: str = "") -> str:
+def _num(value: Any, unit: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if unit == "ms":
@@ -232,67 +394,93 @@ def change_text(row: dict) -> str:
     return "new" if math.isinf(row["pct"]) else f"{row['pct']:+.1f}%"
 
 
+_TEMPLATES = None
+
+
+def _template(name: str):
+    """A template from framework/templates/, autoescaped whatever its file name (every page is HTML)."""
+    global _TEMPLATES
+    if _TEMPLATES is None:
+        from jinja2 import Environment, PackageLoader, StrictUndefined
+
+        env = Environment(loader=PackageLoader("framework", "templates"), autoescape=True,
+                          undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+        env.filters.update(measured=clause_measured_text, value=_value, num=_num, change=change_text,
+                           first_input=_first_input, json=lambda v: json.dumps(v, default=str),
+                           fmt=format, short=lambda v: str(v)[:12])
+        _TEMPLATES = env
+    return _TEMPLATES.get_template(name)
+
+
+def render_html(project_name: str, check_id: str, data: dict) -> str:
+    verdict, run = data["verdict"], data["run"]
+    measurements = data["measurements"]
+    metrics = [{"name": k, "value": v, "low": lo, "high": hi} for k, v in measurements["metrics"].items()
+               for lo, hi in [measurements["intervals"].get(k, (float("nan"),) * 2)]]
+    misses = [{**m, "input": _first_input(m["inputs"])} for m in data["misses"][:100]]
+    return _template("check_report.html.j2").render(
+        project=project_name, check_id=check_id, status="PASS" if verdict["passed"] else "FAIL",
+        run=run, model_name=str(verdict.get("meta", {}).get("model_name", run["model"])),
+        content_hash=str(run["hashes"].get("content_hash", ""))[:12], clauses=verdict["clauses"],
+        metrics=metrics, errors=data["errors"][:100], n_errors=len(data["errors"]), misses=misses,
+        n_misses=len(data["misses"]))
+
+
+# -- review page ----------------------------------------------------------------------------------------------
+
+def diff_rows(ops: list, context: int = 2) -> list[dict[str, Any]]:
+    """A line diff as rows for the `diff` template macro: `cls` is ctx, gap, del or ins; a removed line and
+    the added line that replaced it carry `words`, (changed, word) pairs; long unchanged stretches fold to
+    one '… N unchanged lines' gap row."""
+    from framework.diff import changed_words
+
+    out: list[dict[str, Any]] = []
+    i = 0
+    while i < len(ops):
+        tag, _ = ops[i]
+        if tag == " ":
+            j = i
+            while j < len(ops) and ops[j][0] == " ":
+                j += 1
+            run = [("ctx", t) for _, t in ops[i:j]]
+            head = run[:context] if i > 0 else []
+            tail = run[-context:] if j < len(ops) else []
+            if len(run) > len(head) + len(tail):
+                run = [*head, ("gap", f"… {len(run) - len(head) - len(tail)} unchanged lines"), *tail]
+            out.extend({"cls": cls, "text": t, "words": None} for cls, t in run)
+            i = j
+            continue
+        j = i
+        while j < len(ops) and ops[j][0] == "-":
+            j += 1
+        k = j
+        while k < len(ops) and ops[k][0] == "+":
+            k += 1
+        removed, added = [x[1] for x in ops[i:j]], [x[1] for x in ops[j:k]]
+        if removed and len(removed) == len(added):
+            pairs = [changed_words(a, b) for a, b in zip(removed, added, strict=True)]
+            out.extend({"cls": "del", "text": None, "words": p[0]} for p in pairs)
+            out.extend({"cls": "ins", "text": None, "words": p[1]} for p in pairs)
+        else:
+            out.extend({"cls": "del", "text": x, "words": None} for x in removed)
+            out.extend({"cls": "ins", "text": x, "words": None} for x in added)
+        i = max(k, i + 1)
+    return out
+
+
 def render_review_html(data: dict) -> str:
-    e = html.escape
-    target, baseline = data["target"], data["baseline"]
-    verdict = data["contract"]
-    passed = bool(verdict and verdict["passed"])
-    contract_rows = "".join(
-        f"<tr><td>{e(c['name'])}</td><td>{e(c['target'])}</td><td class=num>{e(clause_measured_text(c))}</td>"
-        f"<td class={'pass' if c['passed'] else 'fail'}>{'PASS' if c['passed'] else 'FAIL'}</td>"
-        f"<td>{e(c['note'])}</td></tr>" for c in (verdict or {}).get("clauses", []))
-    overrides = "".join(
-        f"<p class=override>OVERRIDE at {e(o['where'])} by {e(str(o['actor']))} ({e(str(o['at']))}): "
-        f"{e(o['reason'])}</p>" for o in data["overrides"])
-    deltas = "".join(
-        f"<tr><td>{e(d['metric'])}</td><td class=num>{_num(d['old'])}</td><td class=num>{_num(d['new'])}</td>"
-        f"<td class='num {'drop' if d['significant'] and d['delta'] < 0 else 'gain' if d['significant'] else ''}'>"
-        f"{d['delta']:+.3f}</td><td class=num>[{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]</td>"
-        f"<td class=num>{d['p_value']:.3f}</td><td>{'yes' if d['significant'] else 'no'}</td></tr>"
-        for d in data["metrics"])
-    slo = "".join(
-        f"<tr><td>{e(s['name'])}</td><td class=num>{_num(s['old'], s['unit'])}</td>"
-        f"<td class=num>{_num(s['new'], s['unit'])}</td><td class=num>{change_text(s)}</td></tr>"
-        for s in data["slo"])
-    regressed = "".join(
-        f"<tr><td>{e(r['example_id'])}</td><td><pre>{e(str(next(iter(r['inputs'].values()), ''))[:400])}</pre></td>"
-        f"<td><code>{_value(r['expected'])}</code></td>"
-        f"<td><code>{_value(r['old_output'] if r['old_error'] is None else r['old_error'])}</code></td>"
-        f"<td><code>{_value(r['new_output'] if r['new_error'] is None else r['new_error'])}</code></td>"
-        f"<td class=drop>{e(', '.join(r['dropped']))}</td></tr>" for r in data["regressed"][:200])
-    readiness = data["readiness"] or {"required": 0, "missing": [], "counted": []}
-    approvals = "".join(f"<tr><td>{e(a['approver'])}</td><td>{e(a['at'])}</td><td>{e(a['note'] or '')}</td></tr>"
-                        for a in data["approvals"])
-    ready_line = ("<p class=pass>Ready to deploy: contract passed and approvals complete.</p>"
-                  if not readiness["missing"] else
-                  f"<p class=missing>Not deployable yet: {e('; '.join(readiness['missing']))}</p>")
-    cmp = data["comparison"]
-    base_text = (f"against <code>{e(baseline['tag'])}</code> ({e(data['baseline_reason'])}, built "
-                 f"{e(baseline['created'])} by {e(str(baseline['author']))})" if baseline
-                 else e(data["baseline_reason"]))
-    return f"""<!doctype html><html lang=en><head><meta charset=utf-8>
-<title>review {e(target['tag'])}</title><style>{_REVIEW_CSS}</style></head><body>
-<h1>Review {e(target['tag'])} <span class="badge {'pass' if passed else 'fail'}">contract {'PASS' if passed else 'FAIL'}
-</span></h1>
-<p class=meta>built {e(target['created'])} by {e(str(target['author']))}
- · check <code>{e(str(target['check_id']))}</code>
- · model <code>{e(str(target['model']))}</code> <code>{e(str(target['model_sha256'])[:12])}</code>
- · content <code>{e(str(target['content_hash'])[:12])}</code><br>{base_text}</p>
-{overrides}{ready_line}
-<h2>Contract</h2><table id=contract><tr><th>clause</th><th>target</th><th>measured [95% CI]</th><th>verdict</th>
-<th>note</th></tr>{contract_rows}</table>
-<h2>What changed</h2><section id=changes>{_changes_html(data['changes'])}</section>
-<h2>Metric deltas</h2><p class=meta>paired over {cmp['shared']} examples both checks scored with the same input and
-label ({cmp['samples']} bootstrap resamples for the interval, as many permutations for p); significant = p &lt; 0.05.
-{e(cmp['note'])}</p>
-<table id=deltas><tr><th>metric</th><th>before</th><th>after</th><th>Δ</th><th>95% CI of Δ</th><th>p</th>
-<th>significant</th></tr>{deltas}</table>
-<h2>Latency and cost</h2><table id=slo><tr><th>measure</th><th>before</th><th>after</th><th>change</th></tr>{slo}
-</table>
-<h2>Regressed examples ({len(data['regressed'])}; {data['improved']} improved)</h2>
-<p class=meta>An example regressed when a metric it scored before scores lower now, or it newly errors.</p>
-<table id=regressed><tr><th>example</th><th>input</th><th>expected</th><th>before</th><th>after</th><th>lost</th></tr>
-{regressed}</table>
-<h2>Approvals ({len(readiness['counted'])} of {readiness['required']} required)</h2>
-<table id=approvals><tr><th>approver</th><th>at</th><th>note</th></tr>{approvals}</table>
-</body></html>"""
+    verdict, changes = data["contract"], data["changes"]
+    programs, eval_rows, notebook_rows = [], [], []
+    if changes is not None:
+        programs = [(name, {**entry, "instruction_rows": diff_rows(entry["instructions"])})
+                    for name, entry in changes["program"].items()]
+        eval_rows = list(changes["eval_set"].items())
+        notebook_rows = diff_rows(changes["notebook"]) if changes["notebook"] else []
+    return _template("review.html.j2").render(
+        target=data["target"], baseline=data["baseline"], baseline_reason=data["baseline_reason"],
+        passed=bool(verdict and verdict["passed"]), clauses=(verdict or {}).get("clauses", []),
+        overrides=data["overrides"], readiness=data["readiness"] or {"required": 0, "missing": [], "counted": []},
+        changes=changes, programs=programs, eval_rows=eval_rows,
+        eval_changed=changes is not None and any(changes["eval_set"].values()), notebook_rows=notebook_rows,
+        comparison=data["comparison"], metrics=data["metrics"], slo=data["slo"], regressed=data["regressed"],
+        improved=data["improved"], approvals=data["approvals"])

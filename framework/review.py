@@ -146,10 +146,11 @@ def _slo_deltas(old: dict | None, new: dict | None) -> list[dict[str, Any]]:
     return out
 
 
-def _overrides(store: Store | None, project: Project, version: str, labels: dict) -> list[dict[str, Any]]:
+def _overrides(store: Store | None, project: Project, version: str, labels: dict,
+               author: str) -> list[dict[str, Any]]:
     found = []
     if labels.get("slipway.override"):
-        found.append({"where": "build", "actor": labels.get("slipway.author_key"),
+        found.append({"where": "build", "actor": author,
                       "reason": labels["slipway.override"], "at": labels.get("slipway.build_time")})
     if store is not None:
         for row in store.deployments(project.name):
@@ -181,7 +182,7 @@ def review(project: Project, version: str | None = None, *, against: str | None 
         old_records = _records(store, old["labels"].get("slipway.check_run_id")) if old else {}
         ready = release.readiness(project, store, new["version"], target_bento)
         approvals = store.approvals(project.name, new["version"]) if store else []
-        overrides = _overrides(store, project, new["version"], new["labels"])
+        overrides = _overrides(store, project, new["version"], new["labels"], new["author"])
     finally:
         if store is not None:
             store.close()
@@ -218,7 +219,8 @@ def review(project: Project, version: str | None = None, *, against: str | None 
         "improved": improved,
         "approvals": [{"approver": a["approver"], "note": a["note"], "at": str(a["created_at"])[:19]}
                       for a in approvals],
-        "readiness": {"required": ready.required, "counted": ready.approvers, "missing": ready.missing}
+        "readiness": {"required": ready.required, "counted": ready.approvers, "missing": ready.missing,
+                      "rejected": ready.rejected}
         if ready else None,
         "overrides": overrides,
         "summary": {"contract_passed": bool(verdict and verdict["passed"]), "regressed": len(regressed),

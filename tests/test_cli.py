@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -80,3 +81,129 @@ def test_failing_clause_exits_1_and_is_named(toml_path, tiny_model_present):
     assert human.exit_code == 1
     assert "FAIL" in human.output and "category_accuracy" in human.output
     assert "reused run" in human.output  # identical content: the second check did not re-run the model
+
+
+# -- one error wrapper: exit codes for every command -------------------------------------------------------------
+
+def _boom(*args, **kwargs):
+    raise RuntimeError("disk on fire\nsecond line")
+
+
+@pytest.mark.parametrize("args", [["validate", "ticket-triage"], ["runs", "list", "ticket-triage"],
+                                  ["audit", "list", "ticket-triage"], ["status", "ticket-triage"]])
+def test_unexpected_error_exits_3_with_one_line_and_no_traceback(monkeypatch, args):
+    monkeypatch.setattr("framework.spec.load_project", _boom)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3, result.output
+    assert result.output.strip() == ("error (internal): RuntimeError: disk on fire second line "
+                                     "(run with --debug for the traceback)")
+
+
+def test_debug_shows_the_traceback_and_still_exits_3(monkeypatch):
+    monkeypatch.setattr("framework.spec.load_project", _boom)
+    result = runner.invoke(app, ["--debug", "validate", "ticket-triage"])
+    assert result.exit_code == 3, result.output
+    assert "Traceback" in result.output and "_boom" in result.output
+    assert "error (internal): RuntimeError: disk on fire second line" in result.output
+
+
+def test_user_error_under_debug_keeps_its_exit_code(toml_path):
+    edit_toml(toml_path, "[contract]", "[contract")
+    result = runner.invoke(app, ["--debug", "validate", str(toml_path)])
+    assert result.exit_code == 2
+    assert "Traceback" in result.output and "not valid TOML" in result.output
+
+
+def test_cli_is_parsing_and_exit_codes_only():
+    """Rendering lives in framework.report; errors are handled once, by ExitCodeGroup."""
+    import inspect
+
+    from framework import cli
+
+    source = inspect.getsource(cli)
+    assert "except SlipwayError" not in source and "_fail(" not in source
+    assert "Table(" not in source and "rich.table" not in source
+
+
+# -- text that is not markup prints as written ---------------------------------------------------------------------
+
+def test_help_shows_square_brackets():
+    top = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert top.exit_code == 0
+    assert "Compile the program with the optimiser in [optimize] on the train split" in " ".join(top.output.split())
+    optimize = " ".join(runner.invoke(app, ["optimize", "--help"]).output.split())
+    assert "with the optimiser in [optimize] on the train split" in optimize
+    assert "model key from [models.*]" in optimize
+    assert "(default: [serve].workers)" in " ".join(runner.invoke(app, ["serve", "--help"]).output.split())
+
+
+MARKUP = "[bold]loud[/] [optimize] [/]"
+
+
+def test_check_output_prints_markup_in_rows_literally(toml_path, monkeypatch):
+    from framework.check import CheckResult
+    from framework.contract import Clause, Verdict
+    from framework.evaluate import EvalRun
+    from framework.metrics import Measurements
+
+    clauses = (Clause(name="acc[bold]", target=">= [0.5]", measured=0.4, passed=False, note=MARKUP),
+               Clause(name="p95", target="<= 10 ms", measured=3.0, passed=True, unit="ms"))
+    run = EvalRun(run_id="run-[red]x[/]", split="eval", model_key="tiny[/]", content_hash="c", records=[],
+                  measurements=Measurements.__new__(Measurements), reused=True)
+    fake = CheckResult(check_id="chk", run=run, verdict=Verdict(clauses=clauses, n=0),
+                       report_json="r.json", report_html="reports/[bold]r.html")
+    monkeypatch.setattr(sys.modules["framework.check"], "check", lambda *a, **k: fake)
+    result = runner.invoke(app, ["check", str(toml_path)])
+    assert result.exit_code == 1, result.output
+    for literal in (MARKUP, "acc[bold]", ">= [0.5]", "reused run run-[red]x[/]", "model tiny[/]",
+                    "FAIL: acc[bold]", "report: reports/[bold]r.html"):
+        assert literal in result.output, literal
+
+
+def _audit(toml_path, rows):
+    from framework import audit, load_project
+    from framework.evaluate import store_path
+
+    path = store_path(load_project(toml_path))
+    for row in rows:
+        audit.record(path, **row)
+
+
+LONG_NOTE = ("diff reviewed with the on-call lead; the regressed examples are all German tickets where the "
+             "new prompt asks for a priority the old one inferred, which we accept for this release")
+
+
+def test_audit_list_at_120_columns_is_one_line_per_row_and_long_shows_every_detail(toml_path, monkeypatch):
+    from rich.console import Console
+
+    from framework import cli
+
+    monkeypatch.setattr(cli, "console", Console(width=120, highlight=False))
+    _audit(toml_path, [
+        {"actor": "alice", "action": "check", "target": "ticket-triage",
+         "details": {"check_id": "chk-20261126-105800-abcdef", "passed": True, "failed": [],
+                     "content_hash": "a" * 64, "contract_hash": "b" * 64}},
+        {"actor": "bob[/]", "action": "approve", "target": "ticket-triage:[bold]v1",
+         "details": {"content_hash": "c" * 64, "note": LONG_NOTE + " " + MARKUP}},
+        {"actor": "carol", "action": "override", "target": "ticket-triage:v1",
+         "details": {"channel": "prod", "reason": "incident 42 [urgent]", "missing": ["0 of 1 approvals"]}},
+    ])
+    table = runner.invoke(app, ["audit", "list", str(toml_path)])
+    assert table.exit_code == 0, table.output
+    lines = table.output.splitlines()
+    assert all(len(x) <= 120 for x in lines)
+    body = [x for x in lines if x.startswith("│")]
+    assert len(body) == 3, table.output  # one line per row: nothing folded
+    assert "bob[/]" in table.output and "ticket-triage:[bold]v1" in table.output
+    assert "note=diff reviewed with the on-call lead;" in table.output
+    assert "--long" in table.output
+
+    long = runner.invoke(app, ["audit", "list", str(toml_path), "--long"])
+    assert long.exit_code == 0, long.output
+    assert all(len(x) <= 120 for x in long.output.splitlines())
+    words = long.output.split()
+    assert " ".join(words).count(LONG_NOTE + " " + MARKUP) == 1  # whole, in order, markup as written
+    assert all(word in words for word in LONG_NOTE.split())  # wrapped at word boundaries, no word cut
+    flat = " ".join(words)
+    assert "reason: incident 42 [urgent]" in flat and "content_hash: " + "c" * 64 in flat
+    assert "approve" in long.output and "bob[/]" in long.output

@@ -17,20 +17,19 @@ from typer.testing import CliRunner
 from framework.cli import app
 from tests.conftest import cli_ok as ok
 from tests.conftest import edit_toml
-from tests.e2e.test_report_in_browser import _browser
+from tests.e2e.test_report_in_browser import _browser, _sync_api
 
 runner = CliRunner()
 
 
 @pytest.mark.model
-def test_review_page_shows_diff_regressions_and_override(tiny_project, tiny_model_present, monkeypatch):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    monkeypatch.setenv("SLIPWAY_USER", "alice")
+def test_review_page_shows_diff_regressions_and_override(tiny_project, tiny_model_present, keys):
+    sync_api = _sync_api()
     ok(["check", "ticket-triage"])
     v1 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
     first = json.loads(ok(["review", v1, "--json"]).stdout)  # nothing to compare with yet
     assert first["baseline"] is None and first["changes"] is None and first["regressed"] == []
-    assert first["contract"]["passed"] and first["readiness"]["missing"] == ["0 of 1 approvals"]
+    assert first["contract"]["passed"] and first["readiness"]["missing"] == ["rule approvals: 0 of 1 valid approvals"]
 
     edit_toml(Path("notebooks/ticket_triage.py"), "Triage one customer-support ticket",
               "Triage one customer-support request")
@@ -42,9 +41,9 @@ def test_review_page_shows_diff_regressions_and_override(tiny_project, tiny_mode
     refused = runner.invoke(app, ["build", "ticket-triage"])
     assert refused.exit_code == 1 and "--override" in refused.output
     not_admin = runner.invoke(app, ["build", "ticket-triage", "--override", "hotfix"])
-    assert not_admin.exit_code == 1 and "not an admin" in not_admin.output
-    monkeypatch.setenv("SLIPWAY_ROLE", "admin")
-    built = json.loads(ok(["build", "ticket-triage", "--override", "hotfix <b>now</b>", "--json"]).stdout)
+    assert not_admin.exit_code == 1 and "rule role: alice lacks the role 'override'" in not_admin.output
+    built = json.loads(ok(["build", "ticket-triage", "--override", "hotfix <b>now</b>", "--key", str(keys["root"]),
+                           "--json"]).stdout)
     assert built["labels"]["slipway.override"] == "hotfix <b>now</b>"
     v2 = built["tag"]
 
