@@ -161,12 +161,16 @@ def test_check_output_prints_markup_in_rows_literally(toml_path, monkeypatch):
 
 
 def _audit(toml_path, rows):
-    from framework import audit, load_project
+    """Signed audit rows (alice's key), with the displayed actor name given."""
+    from framework import audit, load_project, signing
     from framework.evaluate import store_path
+    from framework.store import Store
 
-    path = store_path(load_project(toml_path))
-    for row in rows:
-        audit.record(path, **row)
+    project = load_project(toml_path)
+    with Store(store_path(project)) as store:
+        for row in rows:
+            signed = signing.sign(audit.statement(project.name, row["action"], row["target"], row["details"]))
+            audit.append(store, signed, row["actor"])
 
 
 LONG_NOTE = ("diff reviewed with the on-call lead; the regressed examples are all German tickets where the "
