@@ -76,8 +76,11 @@ class ModelSpec(_Strict):
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
     max_tokens: Annotated[int, Field(ge=1, le=8192)] = 256
     seed: int = 0
-    price_per_1k_input: Annotated[float, Field(ge=0)] = 0.0
-    price_per_1k_output: Annotated[float, Field(ge=0)] = 0.0
+    price_per_1k_input: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="per 1k prompt tokens the model evaluated (new, not reused from its KV cache)")
+    price_per_1k_cached_input: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="per 1k prompt tokens reused from the KV cache; 0 = a cached prefix is free")
+    price_per_1k_output: Annotated[float, Field(ge=0)] = Field(0.0, description="per 1k generated tokens")
 
     def load_settings(self) -> dict:
         """Settings that change what the model outputs or how fast: part of the content hash, because a

@@ -49,8 +49,8 @@ CREATE TABLE IF NOT EXISTS results (
     output JSON,                 -- null when the example errored
     scores JSON,                 -- metric name -> score in [0, 1]
     latency_ms DOUBLE,
-    tokens_in INTEGER,
-    tokens_out INTEGER,
+    tokens_in INTEGER,           -- prompt tokens, cached included (tokens_cached: added by Store.__init__)
+    tokens_out INTEGER,          -- generated tokens (a forced JSON skeleton counts as prompt)
     cost DOUBLE,                 -- in the currency of the price_per_1k_* settings
     error VARCHAR,
     created_at TIMESTAMP,
@@ -154,6 +154,9 @@ class Store:
             # Upgrade 1 -> 2 only added tables, which SCHEMA creates when missing.
             self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND value = '1'",
                              [str(SCHEMA_VERSION)])
+            # Prompt tokens reused from llama.cpp's KV cache (part of tokens_in; priced apart, see
+            # metrics.request_cost). NULL in rows written before it was measured.
+            self.con.execute("ALTER TABLE results ADD COLUMN IF NOT EXISTS tokens_cached INTEGER")
         version = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if version and int(version[0]) != SCHEMA_VERSION:
             raise StoreError(f"schema version {version[0]}, this slipway knows {SCHEMA_VERSION}", path=str(path),
@@ -177,11 +180,13 @@ class Store:
 
     def add_result(self, run_id: str, record: dict[str, Any]) -> None:
         self.con.execute(
-            "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO results (run_id, example_id, position, inputs, expected, output, scores, latency_ms, "
+            "tokens_in, tokens_out, cost, error, created_at, tokens_cached) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [run_id, record["example_id"], record["position"], json.dumps(record["inputs"]),
              json.dumps(record["expected"]), json.dumps(record["output"]) if record["output"] is not None else None,
              json.dumps(record["scores"]), record["latency_ms"], record["tokens_in"], record["tokens_out"],
-             record["cost"], record["error"], now()])
+             record["cost"], record["error"], now(), record.get("tokens_cached")])
 
     def finish_run(self, run_id: str, status: str, measurements: dict | None) -> None:
         self.con.execute("UPDATE runs SET status = ?, finished_at = ?, measurements = ? WHERE run_id = ?",
