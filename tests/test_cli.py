@@ -45,6 +45,7 @@ def test_missing_model_file_exits_2_naming_field(toml_path, tmp_path):
     assert "gone.gguf is missing" in result.output
 
 
+@pytest.mark.model
 def test_sha256_mismatch_exits_2(toml_path, tiny_model_present):
     edit_toml(toml_path, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "a" * 64)
     edit_toml(toml_path, TINY_SOURCE,
@@ -54,6 +55,7 @@ def test_sha256_mismatch_exits_2(toml_path, tiny_model_present):
     assert "sha256 is b179c9523d0e" in result.output and "models.tiny.sha256" in result.output
 
 
+@pytest.mark.model
 def test_corrupt_eval_row_exits_2_and_keeps_earlier_runs(toml_path, tiny_model_present):
     first = runner.invoke(app, ["eval", str(toml_path), "--model", TINY, "--limit", "2", "--json"])
     assert first.exit_code == 0, first.output
