@@ -72,7 +72,7 @@ def test_corrupt_eval_row_exits_2_and_keeps_earlier_runs(toml_path, tiny_model_p
 
 @pytest.mark.model
 def test_failing_clause_exits_1_and_is_named(toml_path, tiny_model_present):
-    edit_toml(toml_path, 'category_accuracy = ">= 0.60"', 'category_accuracy = ">= 0.999"')
+    edit_toml(toml_path, 'category_accuracy = ">= 0.55 @ lower95"', 'category_accuracy = ">= 0.999"')
     result = runner.invoke(app, ["check", str(toml_path), "--model", TINY, "--limit", "6", "--json"])
     assert result.exit_code == 1, result.output
     verdict = json.loads(result.stdout)
