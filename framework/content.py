@@ -13,7 +13,7 @@ only then (a needless change costs a re-check; a missed one lets a stale verdict
 | `settings_hash`   | model sha256 (weights, tokenizer, chat template) and load/decode settings|
 | `code_hash`       | Slipway's modules on the answer and scoring path (ANSWER_PATH_MODULES)   |
 | `versions`        | slipway, dspy and llama-cpp-python releases (adapter code, llama.cpp)     |
-| split, limit, metrics, adapter | which examples, which metric declarations, which adapter    |
+| split, limit, metrics, adapter, prices | which examples, metric declarations, adapter; prices of a recorded cost |
 
 `contract_hash` is separate: the same measured run can be judged against a changed contract.
 docs/trust.md reproduces this table.
@@ -104,8 +104,11 @@ def content_hashes(project: Project, program, split: str, model_key: str, limit:
         "code_hash": code_hash(),
         "versions_hash": json_hash(versions()),
     }
+    model = project.model(model_key)
+    prices = {"input": model.price_per_1k_input, "cached_input": model.price_per_1k_cached_input,
+              "output": model.price_per_1k_output}  # a run's recorded cost was priced with these
     key = {**parts, "split": split, "limit": limit, "metrics": project.spec.eval.metrics,
-           "adapter": project.spec.pipeline.adapter}
+           "adapter": project.spec.pipeline.adapter, "prices": prices}
     parts["content_hash"] = json_hash(key)
     return parts
 

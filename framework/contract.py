@@ -2,8 +2,11 @@
 
 Every clause the project declares becomes one row: what was promised, what was
 measured, and pass/fail. SLO and cost clauses are upper bounds; quality
-clauses use the operator written in [contract.eval] and pass on the point
-estimate (the 95% interval is shown beside it so a reviewer sees the margin).
+clauses use the operator written in [contract.eval] and are judged on the basis
+written there: the point estimate (default), or with `@ lower95` / `@ upper95`
+the end of the 95% bootstrap interval, so a clause can demand that the metric
+clears the bar beyond sampling noise. The interval is shown beside every
+quality clause so a reviewer sees the margin.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from framework.metrics import Measurements
-from framework.spec import ContractSpec
+from framework.spec import ContractSpec, Threshold
 
 
 @dataclass(frozen=True)
@@ -93,9 +96,22 @@ def judge(contract: ContractSpec, m: Measurements) -> Verdict:
         clauses.append(_upper("monthly_budget", contract.monthly_budget, projected, "$",
                               f"{contract.expected_requests_per_day:,.0f} req/day x 30 x mean cost"))
     for name, threshold in contract.eval.items():
-        measured = m.metrics.get(name, math.nan)
-        ok = not math.isnan(measured) and threshold.holds(measured)
-        note = "" if name in m.metrics else "metric not computed: declare it in [eval].metrics"
-        clauses.append(Clause(name=name, target=str(threshold), measured=measured, passed=ok,
-                              interval=m.intervals.get(name), note=note))
+        clauses.append(_quality(name, threshold, m))
     return Verdict(clauses=tuple(c for c in clauses if c is not None), n=m.n)
+
+
+def _quality(name: str, threshold: Threshold, m: Measurements) -> Clause:
+    measured = m.metrics.get(name, math.nan)
+    interval = m.intervals.get(name)
+    if name not in m.metrics:
+        return Clause(name=name, target=threshold.describe(), measured=measured, passed=False, interval=interval,
+                      note="metric not computed: declare it in [eval].metrics")
+    if threshold.basis == "point":
+        judged, note = measured, ""
+    else:
+        judged = interval[0 if threshold.basis == "lower95" else 1] if interval else math.nan
+        bound = "lower" if threshold.basis == "lower95" else "upper"
+        note = (f"judged on the 95% {bound} bound {judged:.3f}" if not math.isnan(judged) else
+                "no 95% interval was measured (no examples?)")
+    ok = not math.isnan(judged) and threshold.holds(judged)
+    return Clause(name=name, target=threshold.describe(), measured=measured, passed=ok, interval=interval, note=note)

@@ -19,7 +19,7 @@ from framework import weights
 from framework.content import content_hashes
 from framework.dataset import Example, load_examples
 from framework.lm import make_lm, metering
-from framework.metrics import Measurements, exact_match, measure, metric_name
+from framework.metrics import Measurements, exact_match, measure, metric_name, request_cost
 from framework.notebook import input_fields, load_program, notebook_function, output_fields
 from framework.spec import Project
 from framework.store import Store, new_id
@@ -92,8 +92,13 @@ def _custom_metrics(project: Project) -> dict[str, Callable]:
 
 
 def score_example(example: Example, output: dict | None, error: str | None, metric_items: list[str],
-                  custom: dict[str, Callable], prediction=None) -> dict[str, float]:
-    """Per-example scores in [0, 1]. An errored example scores 0 on everything."""
+                  custom: dict[str, Callable], prediction=None, calls: list | None = None) -> dict[str, float]:
+    """Per-example scores in [0, 1]. An errored example scores 0 on everything.
+
+    `format_validity` judges the model's raw output, not DSPy's parse of it: 1.0 only when every
+    model call (`calls`, the example's `lm.CallStats`) wrote text valid under its response schema.
+    A call made without a schema (a chat adapter) counts as valid when the example parsed.
+    """
     scores: dict[str, float] = {}
     for item in metric_items:
         kind, _, arg = item.partition(":")
@@ -105,7 +110,7 @@ def score_example(example: Example, output: dict | None, error: str | None, metr
         elif kind == "exact_match":
             scores[name] = exact_match(example.expected.get(arg), output.get(arg))
         elif kind == "format_validity":
-            scores[name] = 1.0
+            scores[name] = float(all(c.raw_valid is not False for c in calls or ()))
         elif kind == "notebook":
             import dspy
 
@@ -170,14 +175,15 @@ def _run_one(program, example: Example, position: int, outputs: tuple[str, ...],
         except Exception as exc:  # a failing example is a measurement, not a crash
             error = f"{type(exc).__name__}: {str(exc)[:500]}"
         latency_ms = (time.perf_counter() - start) * 1000
-    tokens_in = sum(c.tokens_in for c in calls)
-    tokens_out = sum(c.tokens_out for c in calls)
-    cost = tokens_in / 1000 * model.price_per_1k_input + tokens_out / 1000 * model.price_per_1k_output
+    new = sum(c.tokens_in_new for c in calls)
+    cached = sum(c.tokens_in_cached for c in calls)
+    generated = sum(c.tokens_out for c in calls)
     return {
         "example_id": example.id, "position": position, "inputs": example.inputs, "expected": example.expected,
         "output": json.loads(json.dumps(output, default=str)) if output is not None else None,
-        "scores": score_example(example, output, error, metric_items, custom, prediction),
-        "latency_ms": latency_ms, "tokens_in": tokens_in, "tokens_out": tokens_out, "cost": cost, "error": error,
+        "scores": score_example(example, output, error, metric_items, custom, prediction, calls),
+        "latency_ms": latency_ms, "tokens_in": new + cached, "tokens_cached": cached, "tokens_out": generated,
+        "cost": request_cost(model, new, cached, generated), "error": error,
     }
 
 

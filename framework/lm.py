@@ -6,7 +6,10 @@ itself the `dspy.BaseLM`. `LlamaCppEngine` is that engine: it owns one
 `llama_cpp.Llama`, loads it once, serialises calls with a lock (one llama.cpp
 context is not safe under concurrent decode), turns DSPy's structured-output
 request into a llama.cpp JSON-schema grammar so typed outputs always parse, and
-records tokens and latency per call for the eval harness and the service.
+records per call the latency, the tokens it evaluated (cached apart from new)
+and generated, and the raw output's schema validity, for the eval harness and
+the service. Prompts reach llama.cpp as token ids built by `chat_tokens`: the
+chat template's text may carry control tokens, message content never does.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import atexit
 import contextlib
 import contextvars
 import json
+import re
+import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +34,32 @@ from framework.spec import ModelSpec
 
 @dataclass
 class CallStats:
-    """What one model call cost: the raw material of latency/token/cost clauses."""
+    """What one model call cost and produced: the raw material of latency/token/cost/format clauses.
+
+    Tokens are counted as the model processed them. `tokens_in_cached` prompt tokens had their KV
+    state reused from the previous call (llama.cpp keeps the longest common prefix), so cost no
+    compute; `tokens_in_new` were evaluated in batches: the rest of the prompt plus, for skeleton
+    decoding, the JSON skeleton the framework forced (framework/structured.py); `tokens_out` were
+    sampled one by one. Price them with `metrics.request_cost`.
+    """
 
     latency_ms: float
-    tokens_in: int
+    tokens_in_new: int
+    tokens_in_cached: int
     tokens_out: int
     finish_reason: str
+    raw_text: str | None = None               # the text the model wrote, before DSPy parsed it
+    format_problems: list[str] | None = None  # against the response schema; None: the call had none
+
+    @property
+    def tokens_in(self) -> int:
+        """Every prompt token, cached or not (what an API would bill as input)."""
+        return self.tokens_in_new + self.tokens_in_cached
+
+    @property
+    def raw_valid(self) -> bool | None:
+        """Did the raw output satisfy the response schema (None: no schema was asked for)."""
+        return None if self.format_problems is None else not self.format_problems
 
 
 _meter: contextvars.ContextVar[list[CallStats] | None] = contextvars.ContextVar("slipway_meter", default=None)
@@ -88,6 +113,13 @@ def _holding(lock: threading.Lock) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def record(stats: CallStats) -> None:
+    """Add one call to the `metering()` block around it, if any (engines call this once per call)."""
+    calls = _meter.get()
+    if calls is not None:
+        calls.append(stats)
 
 
 @contextlib.contextmanager
@@ -154,34 +186,19 @@ class LlamaCppEngine:
 
     # -- the DSPy engine protocol -------------------------------------------------
     def complete(self, request):
-        from dspy.lm15 import Message, Response, TextPart, Usage
-
         messages = _chat_messages(request)
         config = request.config
-        kwargs: dict[str, Any] = {
-            "temperature": config.temperature if config.temperature is not None else 0.0,
-            "max_tokens": config.max_tokens,
-            "stop": list(config.stop) or None,
-        }
-        if config.top_p is not None:
-            kwargs["top_p"] = config.top_p
-        if config.seed is not None:
-            kwargs["seed"] = config.seed
+        temperature = config.temperature if config.temperature is not None else 0.0
         schema = (config.response_format or {}).get("schema") if (config.response_format or {}).get(
             "type") == "json_schema" else None
         steps = structured.plan(schema) if schema is not None and self.skeleton else None
         if steps is not None:
-            text, usage, finish, stats = self.fill(messages, steps, temperature=kwargs["temperature"],
-                                                   max_tokens=kwargs["max_tokens"])
+            text, _, _, stats = self.fill(messages, steps, temperature=temperature, max_tokens=config.max_tokens)
         else:
-            grammar = self._grammar_for(config.response_format)
-            text, usage, finish, stats = self.chat(messages, grammar=grammar, **kwargs)
-        return Response(
-            id=None, model=self.name, message=Message.assistant([TextPart(text)]),
-            finish_reason="length" if finish == "length" else "stop",
-            usage=Usage(input_tokens=usage["prompt_tokens"], output_tokens=usage["completion_tokens"],
-                        total_tokens=usage["total_tokens"]),
-        )
+            text, _, _, stats = self.chat(messages, grammar=self._grammar_for(config.response_format),
+                                          temperature=temperature, max_tokens=config.max_tokens,
+                                          stop=list(config.stop) or None, top_p=config.top_p, seed=config.seed)
+        return respond(self.name, text, stats, schema)
 
     def stream(self, request):
         from dspy.lm15 import response_to_events
@@ -192,44 +209,49 @@ class LlamaCppEngine:
         pass  # the model lives as long as the process; closing would break shared copies
 
     # -- plain calls (used by the engine, the service and benchmarks) -------------
-    def chat(self, messages: list[dict], *, grammar=None, **kwargs) -> tuple[str, dict, str, CallStats]:
+    def prompt_tokens(self, messages: list[dict]) -> list[int]:
+        """The chat prompt as token ids: the template's own text may hold control tokens, message
+        content never does (see `chat_tokens`)."""
+        if self._formatter is None:
+            raise ModelError(f"{self.model_path} has no chat template in its GGUF metadata",
+                             hint="use a chat (instruct) model; Slipway formats prompts with the model's template")
+        return chat_tokens(lambda msgs: self._formatter(messages=msgs).prompt, messages, self._llama.tokenize,
+                           bos=self._llama.token_bos(), add_bos=self._llama._model.add_bos_token())
+
+    def chat(self, messages: list[dict], *, grammar=None, temperature: float = 0.0, max_tokens: int | None = None,
+             stop: list[str] | None = None, top_p: float | None = None,
+             seed: int | None = None) -> tuple[str, dict, str, CallStats]:
         """One chat completion under the lock; returns text, usage, finish reason and stats."""
+        tokens = self.prompt_tokens(messages)
         with _holding(self._lock):
             start = time.perf_counter()
-            result = self._llama.create_chat_completion(messages=messages, grammar=grammar, **kwargs)
+            result = structured.generate(self._llama, tokens, max_tokens=max_tokens or self.settings["context_size"],
+                                         temperature=temperature, grammar=grammar, top_p=top_p,
+                                         seed=self.settings["seed"] if seed is None else seed, stop=stop,
+                                         stop_at=_deadline.get())
+            if result.finish == "deadline":
+                raise _timed_out(f"after {(time.perf_counter() - start):.1f} s of generation")
             latency_ms = (time.perf_counter() - start) * 1000
-        choice = result["choices"][0]
-        usage = result["usage"]
-        stats = CallStats(latency_ms=latency_ms, tokens_in=usage["prompt_tokens"],
-                          tokens_out=usage["completion_tokens"], finish_reason=choice.get("finish_reason") or "stop")
-        calls = _meter.get()
-        if calls is not None:
-            calls.append(stats)
-        return choice["message"]["content"] or "", usage, stats.finish_reason, stats
+        stats = CallStats(latency_ms=latency_ms, tokens_in_new=result.prompt_new,
+                          tokens_in_cached=result.prompt_cached, tokens_out=len(result.ids),
+                          finish_reason=result.finish)
+        return result.text, _usage(stats), stats.finish_reason, stats
 
     def fill(self, messages: list[dict], steps: list, *, temperature: float,
              max_tokens: int | None) -> tuple[str, dict, str, CallStats]:
         """Structured answer with the JSON skeleton forced (framework/structured.py), under the lock."""
-        if self._formatter is None:
-            raise ModelError(f"{self.model_path} has no chat template; set skeleton=False")
-        prompt = self._formatter(messages=messages).prompt
+        tokens = self.prompt_tokens(messages)
         with _holding(self._lock):
             start = time.perf_counter()
-            end = _deadline.get()
-            text, finish, _ = structured.decode(self._llama, prompt, steps, max_tokens=max_tokens,
-                                                temperature=temperature, grammar_cache=self._grammars,
-                                                stop_at=end)
-            if finish == "deadline":
+            result = structured.decode(self._llama, tokens, steps, max_tokens=max_tokens, temperature=temperature,
+                                       grammar_cache=self._grammars, stop_at=_deadline.get())
+            if result.finish == "deadline":
                 raise _timed_out(f"after {(time.perf_counter() - start):.1f} s of generation")
             latency_ms = (time.perf_counter() - start) * 1000
-            tokens_in = len(self._llama.tokenize(prompt.encode(), special=True))
-            tokens_out = len(self._llama.tokenize(text.encode(), add_bos=False))
-        stats = CallStats(latency_ms=latency_ms, tokens_in=tokens_in, tokens_out=tokens_out, finish_reason=finish)
-        calls = _meter.get()
-        if calls is not None:
-            calls.append(stats)
-        usage = {"prompt_tokens": tokens_in, "completion_tokens": tokens_out, "total_tokens": tokens_in + tokens_out}
-        return text, usage, finish, stats
+        stats = CallStats(latency_ms=latency_ms, tokens_in_new=result.prompt_new,
+                          tokens_in_cached=result.prompt_cached, tokens_out=result.generated,
+                          finish_reason=result.finish)
+        return result.text, _usage(stats), result.finish, stats
 
     def _grammar_for(self, response_format: dict | None):
         """A compiled llama.cpp grammar for DSPy's response_format, cached per schema."""
@@ -258,6 +280,54 @@ def _chat_messages(request) -> list[dict]:
         role = "system" if message.role == "developer" else message.role
         messages.append({"role": role, "content": message.text or ""})
     return messages
+
+
+def _usage(stats: CallStats) -> dict:
+    return {"prompt_tokens": stats.tokens_in, "completion_tokens": stats.tokens_out,
+            "total_tokens": stats.tokens_in + stats.tokens_out, "cached_tokens": stats.tokens_in_cached}
+
+
+def respond(model: str, text: str, stats: CallStats, schema: dict | None):
+    """Finish one engine call: keep the raw text and its schema problems on `stats`, record it, and
+    wrap the text as DSPy's `Response`. Every engine (the real one, a test's fake) ends here, so
+    format validity is judged on what the model wrote, not on what DSPy managed to parse."""
+    from dspy.lm15 import Message, Response, TextPart, Usage
+
+    stats.raw_text = text
+    stats.format_problems = structured.schema_problems(schema, text) if schema is not None else None
+    record(stats)
+    return Response(
+        id=None, model=model, message=Message.assistant([TextPart(text)]),
+        finish_reason="length" if stats.finish_reason == "length" else "stop",
+        usage=Usage(input_tokens=stats.tokens_in, output_tokens=stats.tokens_out,
+                    total_tokens=stats.tokens_in + stats.tokens_out),
+    )
+
+
+def chat_tokens(render: Callable[[list[dict]], str], messages: list[dict], tokenize, *, bos: int,
+                add_bos: bool) -> list[int]:
+    """Token ids of a chat prompt in which no message content can become a control token.
+
+    `render` applies the chat template to messages. It runs once with each message's content
+    replaced by a unique placeholder; the rendered text is then tokenized piece by piece: the
+    template's own text with special tokens parsed (`<|im_start|>` there is the real control
+    token), each message's content as plain text (`<|im_start|>` typed into a ticket stays the
+    characters it is). `tokenize(bytes, add_bos, special)` is `Llama.tokenize`. The prompt starts
+    with exactly one BOS when the model adds one (`add_bos`), whether or not the template already
+    renders `bos_token`.
+    """
+    nonce = secrets.token_hex(8)
+    marks = {f"SLIPWAY{nonce}M{index}E": message.get("content") or "" for index, message in enumerate(messages)}
+    rendered = render([{**message, "content": mark} for mark, message in zip(marks, messages, strict=True)])
+    tokens: list[int] = []
+    for piece in re.split(f"(SLIPWAY{nonce}M\\d+E)", rendered):
+        if piece in marks:
+            tokens += tokenize(marks[piece].encode(), add_bos=False, special=False)
+        elif piece:
+            tokens += tokenize(piece.encode(), add_bos=False, special=True)
+    if add_bos and bos != -1 and tokens[:1] != [bos]:
+        tokens.insert(0, bos)
+    return tokens
 
 
 _SCHEMA_KEYS = {"max_length": "maxLength", "min_length": "minLength", "ge": "minimum", "le": "maximum",

@@ -4,6 +4,19 @@ Per-example scores are floats in [0, 1]; a run's metric is their mean, except
 macro-F1 which is computed over the whole run. Quality numbers come with a
 95% percentile-bootstrap interval, because 200 examples leave real
 uncertainty and a contract should not pass on noise.
+
+Tokens and cost count what the model did (framework/lm.py `CallStats`): a
+request's prompt tokens are *cached* (their KV state reused from the previous
+call, no compute) or *new* (evaluated, including the JSON skeleton the
+framework forces), and its *generated* tokens are those sampled one by one.
+`request_cost` is the one cost formula:
+
+    cost = (new × price_per_1k_input + cached × price_per_1k_cached_input
+            + generated × price_per_1k_output) / 1000
+
+`price_per_1k_cached_input` defaults to 0: a cached prefix is free.
+`tokens_per_request` is new + generated (what the model evaluated and
+generated); cached tokens are reported beside it, not in it.
 """
 
 from __future__ import annotations
@@ -12,7 +25,16 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from framework.spec import ModelSpec
+
+
+def request_cost(model: ModelSpec, new: int, cached: int, generated: int) -> float:
+    """Cost of one request from its token counts (see the module docstring), in the prices' currency."""
+    return (new * model.price_per_1k_input + cached * model.price_per_1k_cached_input
+            + generated * model.price_per_1k_output) / 1000
 
 
 def metric_name(item: str) -> str:
@@ -155,9 +177,10 @@ class Measurements:
     latency_p95_ms: float
     latency_p99_ms: float
     error_rate: float
-    tokens_per_request: float
+    tokens_per_request: float        # mean new prompt + generated tokens (what the model evaluated and generated)
     tokens_per_request_p95: float
     cost_per_request: float
+    tokens_cached_per_request: float = 0.0  # mean prompt tokens reused from the KV cache (not in the above)
 
     def projected_monthly_cost(self, requests_per_day: float) -> float:
         return self.cost_per_request * requests_per_day * 30
@@ -193,7 +216,9 @@ def measure(records: Sequence[dict], metric_items: Sequence[str], *, bootstrap_s
         metrics[name] = stat(pairs)
         intervals[name] = bootstrap_interval(pairs, stat, samples=bootstrap_samples, seed=seed)
     latencies = [r["latency_ms"] for r in records]
-    tokens = [r["tokens_in"] + r["tokens_out"] for r in records]
+    # tokens_in counts the whole prompt; a record without tokens_cached (older stores) had none measured
+    cached = [r.get("tokens_cached") or 0 for r in records]
+    tokens = [r["tokens_in"] - c + r["tokens_out"] for r, c in zip(records, cached, strict=True)]
     n = len(records)
     return Measurements(
         n=n, metrics=metrics, intervals=intervals,
@@ -203,4 +228,5 @@ def measure(records: Sequence[dict], metric_items: Sequence[str], *, bootstrap_s
         tokens_per_request=sum(tokens) / n if n else math.nan,
         tokens_per_request_p95=percentile(tokens, 95),
         cost_per_request=sum(r["cost"] for r in records) / n if n else math.nan,
+        tokens_cached_per_request=sum(cached) / n if n else math.nan,
     )

@@ -76,8 +76,11 @@ class ModelSpec(_Strict):
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
     max_tokens: Annotated[int, Field(ge=1, le=8192)] = 256
     seed: int = 0
-    price_per_1k_input: Annotated[float, Field(ge=0)] = 0.0
-    price_per_1k_output: Annotated[float, Field(ge=0)] = 0.0
+    price_per_1k_input: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="per 1k prompt tokens the model evaluated (new, not reused from its KV cache)")
+    price_per_1k_cached_input: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="per 1k prompt tokens reused from the KV cache; 0 = a cached prefix is free")
+    price_per_1k_output: Annotated[float, Field(ge=0)] = Field(0.0, description="per 1k generated tokens")
 
     def load_settings(self) -> dict:
         """Settings that change what the model outputs or how fast: part of the content hash, because a
@@ -113,34 +116,72 @@ class EvalSpec(_Strict):
         return value
 
 
-_THRESHOLD_RE = re.compile(r"^\s*(>=|<=|>|<|==)?\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+_THRESHOLD_RE = re.compile(r"^\s*(>=|<=|>|<|==)?\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*"
+                           r"(?:@\s*([A-Za-z0-9_]*))?\s*$")
+BASES = {"point": "point estimate", "lower95": "95% lower bound", "upper95": "95% upper bound"}
+_THRESHOLD_HELP = 'a number or a string like ">= 0.8" or ">= 0.8 @ lower95"'
 
 
 class Threshold(_Strict):
-    """A metric bound: `op value`, e.g. `>= 0.8`."""
+    """A metric bound: `op value [@ basis]`, e.g. `>= 0.8` or `>= 0.60 @ lower95`.
+
+    The basis says which number the bound applies to: the point estimate (`@ point`, the
+    default), or an end of the 95% bootstrap interval. `@ lower95` pairs with `>=`/`>` and passes
+    only when even the pessimistic end clears the bar; `@ upper95` pairs with `<=`/`<`.
+    """
 
     op: Literal[">=", "<=", ">", "<", "=="]
     value: float
+    basis: Literal["point", "lower95", "upper95"] = "point"
 
     @classmethod
     def parse(cls, raw: float | int | str) -> Threshold:
-        if isinstance(raw, bool):
-            raise ValueError("expected a number or a string like \">= 0.8\", got a boolean")
-        if isinstance(raw, (int, float)):
-            return cls(op=">=", value=float(raw))
-        match = _THRESHOLD_RE.match(str(raw))
-        if not match:
-            raise ValueError(f'expected a number or a string like ">= 0.8", got {raw!r}')
-        return cls(op=match.group(1) or ">=", value=float(match.group(2)))
+        """`0.8`, `">= 0.8"`, `">= 0.6 @ lower95"` → Threshold; ValueError saying what to write otherwise."""
+        return cls(**_threshold_parts(raw))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data):
+        # project.toml writes a threshold as a number or a string; validating it here (not on the whole
+        # [contract.eval] table) lets an error name its key: contract.eval.category_accuracy
+        return data if isinstance(data, (dict, Threshold)) else _threshold_parts(data)
 
     def holds(self, measured: float) -> bool:
+        """Does `measured` (the number the basis picks: see contract.judge) satisfy the bound?"""
         return {
             ">=": measured >= self.value, "<=": measured <= self.value, ">": measured > self.value,
             "<": measured < self.value, "==": measured == self.value,
         }[self.op]
 
+    def describe(self) -> str:
+        """For people: `>= 0.6 (95% lower bound)`."""
+        value = f"{self.op} {self.value:g}"
+        return value if self.basis == "point" else f"{value} ({BASES[self.basis]})"
+
     def __str__(self) -> str:
-        return f"{self.op} {self.value:g}"
+        """The project.toml form; `Threshold.parse(str(t)) == t`."""
+        value = f"{self.value:g}" if float(f"{self.value:g}") == self.value else repr(self.value)
+        return f"{self.op} {value}" + ("" if self.basis == "point" else f" @ {self.basis}")
+
+
+def _threshold_parts(raw) -> dict:
+    if isinstance(raw, bool):
+        raise ValueError(f"expected {_THRESHOLD_HELP}, not a boolean")
+    if isinstance(raw, (int, float)):
+        return {"op": ">=", "value": float(raw)}
+    match = _THRESHOLD_RE.match(raw) if isinstance(raw, str) else None
+    if not match:
+        raise ValueError(f"expected {_THRESHOLD_HELP}")
+    op, basis = match.group(1) or ">=", match.group(3)
+    if basis is not None and basis not in BASES:
+        raise ValueError(f"unknown basis {'@ ' + basis if basis else '@'!r}; expected "
+                         f"{', '.join('@ ' + b for b in BASES)}")
+    basis = basis or "point"
+    if basis == "lower95" and op not in (">=", ">"):
+        raise ValueError('@ lower95 bounds from below; use it with >= or >, e.g. ">= 0.6 @ lower95"')
+    if basis == "upper95" and op not in ("<=", "<"):
+        raise ValueError('@ upper95 bounds from above; use it with <= or <, e.g. "<= 0.1 @ upper95"')
+    return {"op": op, "value": float(match.group(2)), "basis": basis}
 
 
 class ContractSpec(_Strict):
@@ -161,11 +202,10 @@ class ContractSpec(_Strict):
 
     @field_validator("eval", mode="before")
     @classmethod
-    def _parse_thresholds(cls, value):
+    def _eval_is_a_table(cls, value):
         if not isinstance(value, dict):
             raise ValueError("expected a table of metric = threshold")
-        return {name: Threshold.parse(raw) if not isinstance(raw, Threshold) else raw
-                for name, raw in value.items()}
+        return value
 
     @model_validator(mode="after")
     def _budget_needs_volume(self) -> ContractSpec:

@@ -54,11 +54,12 @@ CREATE TABLE IF NOT EXISTS results (
     output JSON,                 -- null when the example errored
     scores JSON,                 -- metric name -> score in [0, 1]
     latency_ms DOUBLE,
-    tokens_in INTEGER,
-    tokens_out INTEGER,
+    tokens_in INTEGER,           -- prompt tokens, cached included
+    tokens_out INTEGER,          -- generated tokens (a forced JSON skeleton counts as prompt)
     cost DOUBLE,                 -- in the currency of the price_per_1k_* settings
     error VARCHAR,
     created_at TIMESTAMP,
+    tokens_cached INTEGER,       -- of tokens_in, reused from llama.cpp's KV cache (not evaluated again)
     PRIMARY KEY (run_id, example_id)
 );
 CREATE TABLE IF NOT EXISTS checks (
@@ -126,7 +127,8 @@ CREATE TABLE IF NOT EXISTS audit_checkpoint (
 
 
 MIGRATIONS = [f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}"
-              for table, columns in {"checks": ("report_sha256 VARCHAR", "statement JSON", "signer_key VARCHAR",
+              for table, columns in {"results": ("tokens_cached INTEGER",),
+                                     "checks": ("report_sha256 VARCHAR", "statement JSON", "signer_key VARCHAR",
                                                 "signature VARCHAR"),
                                      "approvals": ("statement JSON", "signer_key VARCHAR", "signature VARCHAR"),
                                      "deployments": ("statement JSON", "signer_key VARCHAR", "signature VARCHAR"),
@@ -176,8 +178,8 @@ class Store:
         if not read_only:
             self.con.execute(SCHEMA)
             self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-            # 1 -> 2 added tables (SCHEMA creates them); 2 -> 3 added signature columns. Rows from before
-            # signing stay readable but carry no signature, so no gate counts them.
+            # 1 -> 2 added tables (SCHEMA creates them); 2 -> 3 added signature columns and results.tokens_cached.
+            # Rows from before signing stay readable but carry no signature, so no gate counts them.
             for sql in MIGRATIONS:
                 self.con.execute(sql)
             self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND value IN ('1', '2')",
@@ -216,11 +218,13 @@ class Store:
 
     def add_result(self, run_id: str, record: dict[str, Any]) -> None:
         self.con.execute(
-            "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO results (run_id, example_id, position, inputs, expected, output, scores, latency_ms, "
+            "tokens_in, tokens_out, cost, error, created_at, tokens_cached) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [run_id, record["example_id"], record["position"], json.dumps(record["inputs"]),
              json.dumps(record["expected"]), json.dumps(record["output"]) if record["output"] is not None else None,
              json.dumps(record["scores"]), record["latency_ms"], record["tokens_in"], record["tokens_out"],
-             record["cost"], record["error"], now()])
+             record["cost"], record["error"], now(), record.get("tokens_cached")])
 
     def finish_run(self, run_id: str, status: str, measurements: dict | None) -> None:
         self.con.execute("UPDATE runs SET status = ?, finished_at = ?, measurements = ? WHERE run_id = ?",

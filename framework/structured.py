@@ -7,7 +7,10 @@ is ~20 of ~40 decode steps, each ~100 ms on a 2-core CPU. Here the skeleton is
 appended to the prompt (evaluated as one batch, ~15 ms a token) and the model
 only generates each value, under a small grammar for that value. The answer is
 the same JSON object the schema describes; the saving is measured in
-BENCHMARKS.md (bench/structured_decoding.py).
+BENCHMARKS.md (bench/structured_decoding.py). Decoding runs on token ids
+(`generate`), so prompt text is never re-tokenized with special tokens parsed,
+and it reports what the model evaluated (cached or new) apart from what it
+sampled: the forced skeleton is input, not output.
 
 Only flat objects whose properties are all required and are enums, booleans,
 integers or strings qualify (`plan` returns None otherwise, and the engine
@@ -66,46 +69,151 @@ def plan(schema: dict) -> list[Step] | None:
     return steps
 
 
-def decode(llama, prompt: str, steps: list[Step], *, max_tokens: int | None, temperature: float,
-           grammar_cache: dict, stop_at: float | None = None) -> tuple[str, str, int]:
-    """Fill the steps on `llama` (a llama_cpp.Llama). Returns (json text, finish reason, generated tokens).
+def count_evals(llama) -> list[int]:
+    """The sizes of the batches llama.cpp evaluates on `llama`, appended as they happen.
+
+    `Llama.generate` reuses the longest prefix its KV cache shares with the new prompt and
+    evaluates only the rest, in one `eval` call before the first token is sampled; counting those
+    calls is how a call knows how much of its prompt was cached instead of guessing. Installed once
+    per `Llama` instance (an instance attribute shadows the method).
+    """
+    counts = getattr(llama, "_slipway_evals", None)
+    if counts is None:
+        counts = []
+        evaluate = llama.eval
+
+        def counting_eval(tokens):
+            counts.append(len(tokens))
+            return evaluate(tokens)
+
+        llama.eval = counting_eval
+        llama._slipway_evals = counts
+    return counts
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generation from a token prompt: what the model sampled and what it evaluated to get there."""
+
+    ids: list[int]       # sampled tokens, end-of-generation token excluded
+    text: str
+    finish: str          # stop | length | deadline
+    prompt_new: int      # prompt tokens llama.cpp evaluated for this call
+    prompt_cached: int   # prompt tokens whose KV state was reused from the previous call
+
+
+def generate(llama, tokens: list[int], *, max_tokens: int, temperature: float, grammar=None,
+             top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
+             stop_at: float | None = None) -> Generation:
+    """Sample up to `max_tokens` after the token prompt `tokens` (the caller holds the model's lock).
+
+    The prompt goes in as token ids, never as text: text would be tokenized again with special
+    tokens parsed, and a ticket containing `<|im_start|>` would become a control token.
+    Generation ends at an end-of-generation token ("stop"), at a `stop` string (cut off, "stop"),
+    after `max_tokens` ("length") or past `stop_at`, a `time.monotonic()` deadline ("deadline").
+    """
+    import llama_cpp
+
+    if len(tokens) >= llama.n_ctx():
+        raise ValueError(f"prompt of {len(tokens)} tokens does not fit the context window of {llama.n_ctx()}")
+    max_tokens = max(1, min(max_tokens, llama.n_ctx() - len(tokens)))
+    evals = count_evals(llama)
+    evals.clear()
+    llama.set_seed(seed if seed is not None else 0)
+    vocab = llama._model.vocab
+    ids: list[int] = []
+    finish = "length"
+    for token in llama.generate(tokens, temp=temperature, top_p=0.95 if top_p is None else top_p,
+                                grammar=grammar):
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            finish = "stop"
+            break
+        ids.append(token)
+        if stop_at is not None and time.monotonic() > stop_at:
+            finish = "deadline"
+            break
+        if stop and any(s in _detokenize(llama, ids) for s in stop):
+            finish = "stop"
+            break
+        if len(ids) >= max_tokens:
+            break
+    text = _detokenize(llama, ids)
+    if stop:
+        cuts = [text.index(s) for s in stop if s in text]
+        text = text[: min(cuts)] if cuts else text
+    new = evals[0] if evals else len(tokens)
+    return Generation(ids=ids, text=text, finish=finish, prompt_new=new, prompt_cached=len(tokens) - new)
+
+
+def _detokenize(llama, ids: list[int]) -> str:
+    return llama.detokenize(ids).decode("utf-8", errors="ignore")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A skeleton-decoded answer and what producing it cost, in tokens.
+
+    `prompt_cached + prompt_new` is every token the model took as input: the chat prompt and the
+    skeleton text forced between values. `generated` counts only sampled value tokens, so
+    `prompt_cached + prompt_new + generated` is the length of the sequence the model ended on.
+    """
+
+    text: str
+    finish: str
+    generated: int
+    prompt_new: int
+    prompt_cached: int
+
+
+def decode(llama, prompt: list[int], steps: list[Step], *, max_tokens: int | None, temperature: float,
+           grammar_cache: dict, stop_at: float | None = None) -> Decoded:
+    """Fill the steps on `llama` (a llama_cpp.Llama) after the token prompt `prompt`.
 
     `stop_at` is a `time.monotonic()` deadline: generation stops at the next token past it and the
     finish reason is "deadline" (the caller turns that into a timeout error).
 
-    Each step is one `create_completion` whose prompt extends the previous one,
-    so llama.cpp's prefix cache evaluates only the new skeleton text.
+    Each step extends the previous step's tokens (prompt, forced skeleton, sampled ids), so
+    llama.cpp's prefix cache evaluates only the new skeleton text. The skeleton is tokenized as
+    plain text; the values are the model's own token ids, so no text is ever re-tokenized.
     """
-    from llama_cpp import LlamaGrammar, StoppingCriteriaList
+    from llama_cpp import LlamaGrammar
 
-    stopping = None
-    if stop_at is not None:
-        stopping = StoppingCriteriaList([lambda _ids, _logits: time.monotonic() > stop_at])
+    tokens = list(prompt)
     answer = ""
     generated = 0
+    skeleton = 0
+    cached: int | None = None
     finish = "stop"
     budget = max_tokens if max_tokens is not None else 1 << 30
     for step in steps:
+        prefix = llama.tokenize(step.prefix.encode(), add_bos=False, special=False)
+        tokens += prefix
+        skeleton += len(prefix)
         answer += step.prefix
         if step.grammar not in grammar_cache:
             grammar_cache[step.grammar] = LlamaGrammar.from_string(step.grammar, verbose=False)
         if stop_at is not None and time.monotonic() > stop_at:
-            return answer, "deadline", generated
-        result = llama.create_completion(prompt + answer, max_tokens=max(budget - generated, 1),
-                                         temperature=temperature, grammar=grammar_cache[step.grammar],
-                                         stopping_criteria=stopping)
-        choice = result["choices"][0]
-        generated += result["usage"]["completion_tokens"]
-        value = choice["text"]
-        if stop_at is not None and time.monotonic() > stop_at:
-            return answer + value, "deadline", generated
-        if choice.get("finish_reason") == "length":
+            finish = "deadline"
+            break
+        result = generate(llama, tokens, max_tokens=max(budget - generated, 1), temperature=temperature,
+                          grammar=grammar_cache[step.grammar], stop_at=stop_at)
+        if cached is None:  # later steps re-use everything up to the new skeleton text by construction
+            cached = result.prompt_cached
+        tokens += result.ids
+        generated += len(result.ids)
+        value = result.text
+        if result.finish == "deadline":
+            return Decoded(answer + value, "deadline", generated, len(prompt) + skeleton - (cached or 0),
+                           cached or 0)
+        if result.finish == "length":
             finish = "length"
             value = _close(value, step.kind)
         answer += value
         if finish == "length":
             break
-    return answer + "}", finish, generated
+    cached = cached or 0
+    return Decoded(answer + ("}" if finish != "deadline" else ""), finish, generated,
+                   len(prompt) + skeleton - cached, cached)
 
 
 def _close(value: str, kind: str) -> str:
@@ -125,3 +233,88 @@ def _close(value: str, kind: str) -> str:
     if kind == "integer" and not value.lstrip("-").isdigit():
         return "null"
     return value or "null"
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "number": (int, float),
+                                       "boolean": (bool,), "object": (dict,), "array": (list,),
+                                       "null": (type(None),)}
+
+
+def schema_problems(schema: dict, text: str) -> list[str]:
+    """Every reason the raw model output `text` is not a JSON document valid under `schema`; [] if valid.
+
+    Covers the JSON Schema subset DSPy response schemas use: `type`, `enum`, `const`, `required`,
+    `properties`, `additionalProperties: false`, `items`, string and number limits, `anyOf` and local
+    `$ref`s. Each problem names its location (`$.reason: ...`), like pydantic's `loc`. This judges the
+    text the model wrote, before DSPy's lenient parsing (which extracts JSON from prose and ignores
+    length limits) gets to it.
+    """
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        return [f"$: not JSON: {exc}"]
+    return _check(schema, value, "$", schema)
+
+
+def _check(schema: dict, value, loc: str, root: dict) -> list[str]:
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target = root
+        for part in ref[2:].split("/"):
+            target = target.get(part, {})
+        schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+    if "anyOf" in schema:
+        options = [_check(option, value, loc, root) for option in schema["anyOf"]]
+        if all(options):
+            return [f"{loc}: matches none of the anyOf options ({'; '.join(p[0] for p in options)})"]
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{loc}: {value!r} is not one of {schema['enum']}"]
+    if "const" in schema and value != schema["const"]:
+        return [f"{loc}: expected {schema['const']!r}, got {value!r}"]
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        if not any(_is(value, kind) for kind in kinds):
+            return [f"{loc}: expected {' or '.join(kinds)}, got {type(value).__name__} {value!r}"[:200]]
+    problems: list[str] = []
+    if isinstance(value, str):
+        if len(value) > schema.get("maxLength", len(value)):
+            problems.append(f"{loc}: {len(value)} characters, more than maxLength {schema['maxLength']}")
+        if len(value) < schema.get("minLength", 0):
+            problems.append(f"{loc}: {len(value)} characters, fewer than minLength {schema['minLength']}")
+        if "pattern" in schema:
+            import re
+
+            if not re.search(schema["pattern"], value):
+                problems.append(f"{loc}: does not match pattern {schema['pattern']!r}")
+    if _is(value, "number"):
+        for key, bad in (("minimum", value < schema.get("minimum", value)),
+                         ("maximum", value > schema.get("maximum", value)),
+                         ("exclusiveMinimum", "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]),
+                         ("exclusiveMaximum", "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"])):
+            if bad:
+                problems.append(f"{loc}: {value!r} violates {key} {schema[key]!r}")
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        problems += [f"{loc}.{name}: required field is missing" for name in schema.get("required") or ()
+                     if name not in value]
+        if schema.get("additionalProperties") is False:
+            problems += [f"{loc}.{name}: unexpected field" for name in value if name not in props]
+        for name, item in value.items():
+            if name in props:
+                problems += _check(props[name], item, f"{loc}.{name}", root)
+    if isinstance(value, list):
+        if isinstance(schema.get("items"), dict):
+            for index, item in enumerate(value):
+                problems += _check(schema["items"], item, f"{loc}[{index}]", root)
+        if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", len(value)):
+            problems.append(f"{loc}: {len(value)} items, outside [minItems, maxItems]")
+    return problems
+
+
+def _is(value, kind: str) -> bool:
+    if isinstance(value, bool):
+        return kind == "boolean"
+    if kind == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, _TYPES.get(kind, (object,)))

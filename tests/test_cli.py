@@ -46,6 +46,7 @@ def test_missing_model_file_exits_2_naming_field(toml_path, tmp_path):
     assert "gone.gguf is missing" in result.output
 
 
+@pytest.mark.model
 def test_sha256_mismatch_exits_2(toml_path, tiny_model_present):
     edit_toml(toml_path, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "a" * 64)
     edit_toml(toml_path, TINY_SOURCE,
@@ -55,6 +56,7 @@ def test_sha256_mismatch_exits_2(toml_path, tiny_model_present):
     assert "sha256 is b179c9523d0e" in result.output and "models.tiny.sha256" in result.output
 
 
+@pytest.mark.model
 def test_corrupt_eval_row_exits_2_and_keeps_earlier_runs(toml_path, tiny_model_present):
     first = runner.invoke(app, ["eval", str(toml_path), "--model", TINY, "--limit", "2", "--json"])
     assert first.exit_code == 0, first.output
@@ -71,7 +73,7 @@ def test_corrupt_eval_row_exits_2_and_keeps_earlier_runs(toml_path, tiny_model_p
 
 @pytest.mark.model
 def test_failing_clause_exits_1_and_is_named(toml_path, tiny_model_present):
-    edit_toml(toml_path, 'category_accuracy = ">= 0.60"', 'category_accuracy = ">= 0.999"')
+    edit_toml(toml_path, 'category_accuracy = ">= 0.55 @ lower95"', 'category_accuracy = ">= 0.999"')
     result = runner.invoke(app, ["check", str(toml_path), "--model", TINY, "--limit", "6", "--json"])
     assert result.exit_code == 1, result.output
     verdict = json.loads(result.stdout)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -67,3 +69,46 @@ def test_quality_clause_follows_its_operator(threshold, measured, op):
     expected = {">=": measured >= threshold, "<=": measured <= threshold,
                 ">": measured > threshold, "<": measured < threshold}[op]
     assert verdict.passed == expected
+
+
+def test_a_lower95_clause_is_judged_on_the_interval_not_the_point():
+    contract = ContractSpec(eval={"category_macro_f1": ">= 0.86 @ lower95"})
+    (clause,) = judge(contract, _m()).clauses  # point 0.90, interval [0.85, 0.94]
+    assert not clause.passed and clause.measured == 0.9
+    assert clause.target == ">= 0.86 (95% lower bound)" and "lower bound 0.850" in clause.note
+    assert judge(ContractSpec(eval={"category_macro_f1": ">= 0.86"}), _m()).passed  # the point alone passes
+    assert judge(ContractSpec(eval={"category_macro_f1": ">= 0.84 @ lower95"}), _m()).passed
+
+
+@given(lo=st.floats(0, 1), width=st.floats(0, 1), bar=st.floats(0, 1),
+       basis=st.sampled_from(["point", "lower95", "upper95"]))
+def test_quality_clause_uses_the_number_its_basis_names(lo, width, bar, basis):
+    hi = min(lo + width, 1.0)
+    point = (lo + hi) / 2
+    op = "<=" if basis == "upper95" else ">="
+    suffix = "" if basis == "point" else f" @ {basis}"
+    verdict = judge(ContractSpec(eval={"q": f"{op} {bar!r}{suffix}"}),
+                    _m(metrics={"q": point}, intervals={"q": (lo, hi)}))
+    judged = {"point": point, "lower95": lo, "upper95": hi}[basis]
+    assert verdict.passed == (judged >= bar if op == ">=" else judged <= bar)
+
+
+def test_a_bound_without_an_interval_fails_with_a_note():
+    verdict = judge(ContractSpec(eval={"q": ">= 0.5 @ lower95"}),
+                    _m(metrics={"q": 0.9}, intervals={"q": (math.nan, math.nan)}))
+    assert not verdict.passed and "no 95% interval" in verdict.clauses[0].note
+
+
+def test_demo_contract_judges_quality_on_the_lower_bound_with_headroom():
+    """The measured qwen15 figures (README) pass the demo contract, each on its 95% lower bound."""
+    from framework import load_project
+    from tests.conftest import REPO
+
+    contract = load_project("ticket-triage", root=REPO).spec.contract
+    measured = {"category_accuracy": (0.655, (0.590, 0.720)), "category_macro_f1": (0.650, (0.568, 0.715)),
+                "priority_band_match": (0.720, (0.655, 0.785)), "format_validity": (1.0, (1.0, 1.0))}
+    m = _m(metrics={k: v for k, (v, _) in measured.items()}, intervals={k: i for k, (_, i) in measured.items()})
+    quality = [c for c in judge(contract, m).clauses if c.name in measured]
+    assert [c.name for c in quality] and all(c.passed for c in quality), [c.note for c in quality]
+    bases = {name: contract.eval[name].basis for name in measured}
+    assert bases["category_accuracy"] == bases["category_macro_f1"] == bases["priority_band_match"] == "lower95"

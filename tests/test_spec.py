@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 
 import pytest
@@ -90,6 +91,66 @@ def test_threshold_parse_roundtrip(value, op, pad):
     assert threshold.op == op
     assert threshold.value == value
     assert Threshold.parse(str(threshold)).op == op
+
+
+thresholds = st.builds(
+    Threshold, op=st.sampled_from([">=", "<=", ">", "<", "=="]),
+    value=st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)).flatmap(
+    lambda t: st.sampled_from({">=": ["point", "lower95"], ">": ["point", "lower95"], "<=": ["point", "upper95"],
+                               "<": ["point", "upper95"], "==": ["point"]}[t.op]).map(
+        lambda basis: t.model_copy(update={"basis": basis})))
+
+
+@given(thresholds, st.sampled_from(["", " ", "  "]))
+def test_threshold_with_basis_round_trips(threshold, pad):
+    assert Threshold.parse(str(threshold)) == threshold
+    squeezed = str(threshold).replace(" @ ", f"{pad}@{pad}").replace(f"{threshold.op} ", f"{threshold.op}{pad}")
+    assert Threshold.parse(squeezed) == threshold
+
+
+def test_threshold_basis_is_parsed_and_described():
+    lower = Threshold.parse(">= 0.60 @ lower95")
+    assert (lower.op, lower.value, lower.basis) == (">=", 0.6, "lower95")
+    assert lower.describe() == ">= 0.6 (95% lower bound)"
+    assert Threshold.parse("<= 0.1 @ upper95").describe() == "<= 0.1 (95% upper bound)"
+    assert Threshold.parse(">= 0.6 @ point") == Threshold.parse(">= 0.6") == Threshold.parse(0.6)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("<= 0.6 @ lower95", "use it with >= or >"),
+    ("> 0.6 @ upper95", "use it with <= or <"),
+    ("== 0.6 @ lower95", "use it with >= or >"),
+    (">= 0.6 @ lower90", "unknown basis '@ lower90'"),
+    (">= 0.6 @", "unknown basis '@'"),
+    (">= 0.6 lower95", "expected a number or a string like"),
+])
+def test_threshold_basis_misuse_says_what_to_write(raw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Threshold.parse(raw)
+
+
+def test_contract_basis_error_names_file_line_and_field(toml_path):
+    text = toml_path.read_text()
+    start = text.index("category_accuracy = ")
+    toml_path.write_text(text[:start] + 'category_accuracy = "<= 0.9 @ lower95"' + text[text.index("\n", start):])
+    with pytest.raises(SpecError) as info:
+        load_project(str(toml_path))
+    line = text[:start].count("\n") + 1
+    assert f":{line}:" in str(info.value) and "contract.eval.category_accuracy" in str(info.value)
+    assert "use it with >= or >" in str(info.value)
+
+
+@given(st.text(alphabet=string.ascii_letters + string.digits + "!@#%<>=. ", min_size=1, max_size=16))
+def test_threshold_parse_accepts_only_the_grammar(raw):
+    """Anything parse accepts is `op? number (@ basis)?`; anything else raises a ValueError saying what to write."""
+    try:
+        threshold = Threshold.parse(raw)
+    except ValueError as exc:
+        assert "expected" in str(exc) or "use it with" in str(exc)
+    else:
+        assert re.fullmatch(r"\s*(>=|<=|>|<|==)?\s*[-+]?[\d.]+(e[-+]?\d+)?\s*(@\s*(point|lower95|upper95))?\s*",
+                            raw, flags=re.IGNORECASE)
+        assert Threshold.parse(str(threshold)) == threshold
 
 
 @given(st.floats(min_value=-1e3, max_value=1e3, allow_nan=False))

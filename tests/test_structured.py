@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from framework import load_project
 from framework.evaluate import language_model
-from framework.structured import plan
+from framework.structured import plan, schema_problems
 from tests.conftest import REPO, TINY
 
 TRIAGE = {"type": "object", "additionalProperties": False, "required": ["category", "urgent", "n", "reason"],
@@ -54,7 +54,11 @@ def test_real_model_output_validates_against_the_schema(tiny_model_present):
                                                  temperature=0.0, max_tokens=64)
         assert finish == "stop"
         jsonschema.validate(json.loads(text), TRIAGE)
-        assert stats.tokens_out == usage["completion_tokens"] > 5
+        assert schema_problems(TRIAGE, text) == []
+        # Counted independently of the decoder: the model ended on prompt + skeleton + sampled values,
+        # and the skeleton it was handed (keys, quotes, commas) is not counted as generated.
+        assert stats.tokens_in + stats.tokens_out == engine._llama.n_tokens
+        assert 5 < stats.tokens_out < len(engine._llama.tokenize(text.encode(), add_bos=False))
 
 
 @pytest.mark.model
@@ -64,3 +68,37 @@ def test_token_budget_exhaustion_still_yields_json(tiny_model_present):
                                      max_tokens=3)
     assert finish == "length"
     json.loads(text)  # truncated but parseable; DSPy then reports the missing fields as an error
+    assert schema_problems(TRIAGE, text)  # and the raw output is not schema-valid
+
+
+valid_triage = st.fixed_dictionaries({
+    "category": st.sampled_from(["billing", "bug", "account"]), "urgent": st.booleans(),
+    "n": st.integers(-10**6, 10**6), "reason": st.text(max_size=30)})
+any_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=40),
+                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                       max_size=4), max_leaves=8)
+near_triage = st.one_of(
+    valid_triage,
+    valid_triage.flatmap(lambda d: st.sampled_from(list(d)).map(lambda k: {x: v for x, v in d.items() if x != k})),
+    st.tuples(valid_triage, st.sampled_from(list(TRIAGE["properties"])), any_json).map(
+        lambda t: {**t[0], t[1]: t[2]}),
+    st.tuples(valid_triage, st.text(min_size=1, max_size=8), any_json).map(lambda t: {**t[0], t[1]: t[2]}),
+    any_json)
+
+
+@given(near_triage)
+def test_schema_problems_agrees_with_jsonschema(value):
+    """The raw-output check used for format_validity accepts exactly what jsonschema accepts."""
+    text = json.dumps(value)
+    expected_valid = jsonschema.Draft202012Validator(TRIAGE).is_valid(value)
+    problems = schema_problems(TRIAGE, text)
+    assert (problems == []) == expected_valid, problems
+    assert all(p.startswith("$") for p in problems)  # each problem names where it is
+
+
+@given(st.text(max_size=60))
+def test_schema_problems_rejects_non_json_with_a_location(text):
+    try:
+        json.loads(text)
+    except ValueError:
+        assert schema_problems(TRIAGE, text)[0].startswith("$: not JSON")

@@ -71,6 +71,7 @@ def test_pull_assembles_parts_in_order_and_verifies(tmp_path, monkeypatch):
         weights.pull(missing)
 
 
+@pytest.mark.model
 def test_tiny_model_pulled_by_make_test_is_verified(tiny_model_present):
     project = load_project("ticket-triage", root=REPO)
     assert weights.ensure(project.model(TINY)) == tiny_model_present
