@@ -149,3 +149,18 @@ def build_statement(bento_dir: Path) -> dict[str, Any]:
         raise BentoTampered("the bento carries no signed build statement", path=str(path),
                             hint="rebuild it with `slipway build`")
     return json.loads(path.read_text())
+
+
+def verify(bento_dir: Path) -> str:
+    """What `slipway serve` and the service check before loading anything: every file matches the manifest,
+    and the build statement's signature holds over that manifest. Returns the manifest's sha256.
+    (Whether the signer may build is the deploy gate's question: framework/release.py.)"""
+    from framework import signing
+
+    manifest = check_manifest(bento_dir)
+    signed = signing.Signed.from_dict(build_statement(bento_dir))
+    if (not signing.signature_holds(signed)
+            or signed.statement.get("details", {}).get("manifest_sha256") != manifest):
+        raise BentoTampered("the signed build statement does not vouch for this manifest (edited or forged)",
+                            path=str(bento_dir / BUILD_SIGNATURE), hint="rebuild it with `slipway build`")
+    return manifest
