@@ -34,8 +34,11 @@ RUNTIME_REQUIREMENTS = ["dspy>=3.4.1", "llama-cpp-python>=0.3.36", "pydantic>=2.
 
 
 def bentoml_home(project: Project) -> Path:
-    """The repository's own BentoML store: `bentos/` beside `projects/`."""
-    return Path(os.environ.get("BENTOML_HOME") or project.root / "bentos")
+    """The repository's own BentoML store: `bentos/` beside `projects/`; always absolute.
+
+    A relative BENTOML_HOME (`BENTOML_HOME=bentos`) is resolved against the current directory here,
+    once: BentoML's server processes run from other directories and would resolve it elsewhere."""
+    return Path(os.environ.get("BENTOML_HOME") or project.root / "bentos").resolve()
 
 
 def use_bentoml_home(project: Project) -> Path:
