@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from framework.cli import app
+from tests.conftest import cli_ok as ok
 from tests.conftest import edit_toml
 
 runner = CliRunner()
@@ -39,6 +40,12 @@ def _stop(server: subprocess.Popen) -> None:
 def _bentoml(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), *args], env=env or os.environ.copy(),
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def loosen_latency(toml: Path) -> None:
+    """Checks here test serving, not speed: do not fail a latency clause on a busy machine."""
+    for key in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms"):
+        edit_toml(toml, f"{key} = 60000", f"{key} = 600000")
 
 
 def break_when_served(notebook: Path) -> None:
@@ -243,9 +250,10 @@ def test_exported_bento_serves_from_a_fresh_store_with_plain_bentoml(tiny_projec
 def test_failed_warm_up_keeps_the_service_unready_and_serve_gives_up(tiny_project, tiny_model_present):
     """A version whose program raises: the server stays up but /readyz and the API answer 503 saying
     why; `slipway serve` stops it and exits 1 naming the cause; past startup_timeout_s it gives up too."""
+    loosen_latency(tiny_project)
     break_when_served(Path("notebooks/ticket_triage.py"))
-    assert runner.invoke(app, ["check", "ticket-triage"]).exit_code == 0
-    tag = json.loads(runner.invoke(app, ["build", "ticket-triage", "--json"]).stdout)["tag"]
+    ok(["check", "ticket-triage"])
+    tag = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
     broken_env = {**os.environ, "TRIAGE_FAIL_ON_PURPOSE": "1"}
     port = _free_port()
     server = _bentoml("serve", tag, "--host", "127.0.0.1", "--port", str(port), env=broken_env)
@@ -291,8 +299,8 @@ def test_plain_serve_follows_prod_when_approvals_are_required(tiny_project, tiny
     allowed with a warning."""
     from framework.serve import pick_tag
 
-    assert runner.invoke(app, ["check", "ticket-triage"]).exit_code == 0
-    v1 = json.loads(runner.invoke(app, ["build", "ticket-triage", "--json"]).stdout)["tag"]
+    ok(["check", "ticket-triage"])
+    v1 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
     refused = runner.invoke(app, ["serve", "ticket-triage", "--port", str(_free_port())])
     assert refused.exit_code == 1, refused.output
     assert "nothing deployed to prod" in refused.output and "ticket-triage:<version>" in refused.output
@@ -301,10 +309,10 @@ def test_plain_serve_follows_prod_when_approvals_are_required(tiny_project, tiny
     assert pick_tag(v1, said.append)[1] == v1
     assert "not approved" in said[-1] and "0 of 1 approvals" in said[-1]
 
-    assert runner.invoke(app, ["approve", v1, "--as", "bob"]).exit_code == 0
-    assert runner.invoke(app, ["deploy", v1, "--channel", "prod", "--as", "carol"]).exit_code == 0
+    ok(["approve", v1, "--as", "bob"])
+    ok(["deploy", v1, "--channel", "prod", "--as", "carol"])
     edit_toml(tiny_project, "timeout_s = 60", "timeout_s = 45")  # a newer, unapproved build
-    v2 = json.loads(runner.invoke(app, ["build", "ticket-triage", "--json"]).stdout)["tag"]
+    v2 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
     assert v2 != v1
     said.clear()
     assert pick_tag("ticket-triage", said.append)[1] == v1
@@ -315,8 +323,8 @@ def test_plain_serve_follows_prod_when_approvals_are_required(tiny_project, tiny
 def test_a_program_edited_after_the_build_is_refused(tiny_project, tiny_model_present):
     """The served program_hash is computed from the loaded program; a bento whose program.json was
     edited after the build does not start, and the error names the file."""
-    assert runner.invoke(app, ["check", "ticket-triage"]).exit_code == 0
-    built = json.loads(runner.invoke(app, ["build", "ticket-triage", "--json"]).stdout)
+    ok(["check", "ticket-triage"])
+    built = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)
     program = Path(built["path"]) / "src" / "slipway" / "program.json"
     edit_toml(program, "Triage one customer-support ticket", "Triage one customer-support ticket, kindly")
     server = _bentoml("serve", built["tag"], "--host", "127.0.0.1", "--port", str(_free_port()))
@@ -332,8 +340,8 @@ def test_a_program_edited_after_the_build_is_refused(tiny_project, tiny_model_pr
 @pytest.mark.model
 def test_readme_relative_bentoml_home_serves(tiny_project, tiny_model_present):
     """README: from the repository root, `BENTOML_HOME=bentos bentoml serve <tag>` becomes ready and answers."""
-    assert runner.invoke(app, ["check", "ticket-triage"]).exit_code == 0
-    tag = json.loads(runner.invoke(app, ["build", "ticket-triage", "--json"]).stdout)["tag"]
+    ok(["check", "ticket-triage"])
+    tag = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
     port = _free_port()
     server = _bentoml("serve", tag, "--host", "127.0.0.1", "--port", str(port),
                       env={**os.environ, "BENTOML_HOME": "bentos"}, cwd=tiny_project.parents[2])

@@ -13,12 +13,13 @@ import httpx
 import pytest
 
 from tests.conftest import cli_ok as ok
-from tests.e2e.test_build_serve import _free_port, _wait_ready, break_when_served
+from tests.e2e.test_build_serve import _free_port, _wait_ready, break_when_served, loosen_latency
 
 
 @pytest.mark.model
 def test_channel_keeps_the_old_version_when_the_new_one_fails_its_warm_up(tiny_project, tiny_model_present,
                                                                             tmp_path):
+    loosen_latency(tiny_project)
     ok(["check", "ticket-triage"])
     v1 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
     ok(["approve", v1, "--as", "bob"])
