@@ -417,7 +417,9 @@ def _probe(process, host: str, port: int) -> str:
             body = json.loads(exc.read() or b"{}")
         except ValueError:
             return "starting"
-        return body["error"] if isinstance(body, dict) and body.get("ready") is False else "starting"
+        if isinstance(body, dict) and body.get("ready") is False:
+            return str(body.get("error", "not ready")).removeprefix("not ready: ")
+        return "starting"
     except (urllib.error.URLError, OSError):
         return "starting"
 
