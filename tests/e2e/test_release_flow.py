@@ -142,7 +142,8 @@ def test_serve_channel_follows_a_rollback_without_downtime(tiny_project, tiny_mo
         first_v1 = next((t for t, _, v in seen if v == v1), None)
         assert first_v1 is not None, f"still serving {v2} 150 s after the rollback: {seen[-3:]}"
         print(f"\nswitch: first answer from {v1} {first_v1 - rolled_back:.1f} s after the rollback; "
-              f"{len(seen)} requests during the test, statuses {sorted({str(s) for _, s, _ in seen})}")
+              f"{len(seen)} requests on new connections and {len(kept)} on one kept-alive connection during the test, "
+              f"statuses {sorted({str(s) for _, s, _ in seen + kept})}")
         assert {s for _, s, _ in seen} == {200}, [x for x in seen if x[1] != 200][:5]  # nothing refused or failed
         assert {s for _, s, _ in kept} == {200}, [x for x in kept if x[1] != 200][:5]
         assert kept[-1][2] == v1, f"the keep-alive client still gets {kept[-1][2]} after the switch"
