@@ -78,8 +78,11 @@ def pick_tag(target: str, echo: Callable[[str], None] = print) -> tuple[Project,
         return project, tag
     tag = resolve_tag(target)[1]
     where = [channel for channel, v in deployed.items() if v == version]
-    with Store(store_path(project), read_only=True) as store:
-        missing = release.readiness(project, store, version, release.bento_labels(project, version)).missing
+    if store_path(project).exists():
+        with Store(store_path(project), read_only=True) as store:
+            missing = release.readiness(project, store, version, release.bento_labels(project, version)).missing
+    else:
+        missing = ["no store: nothing checked or approved here"]
     if not where and missing:
         echo(f"warning: {tag} is not deployed to any channel and is not approved ({'; '.join(missing)})")
     elif not where:
@@ -330,6 +333,7 @@ async def _follow(project_name: str, channel: str, *, host: str, port: int, work
         await asyncio.to_thread(_terminate, process, spec.timeout_s + 30)
         return "stopped while starting"
 
+    version = release.channel_version(project, channel)  # nothing deployed: refuse before listening
     server = proxy_server(proxy_app(upstreams, timeout_s=spec.timeout_s + 60, read_timeout_s=spec.idle_timeout_s),
                           host=host, port=port, idle_timeout_s=spec.idle_timeout_s,
                           max_connections=spec.max_connections, graceful_s=spec.timeout_s + 30)
@@ -340,7 +344,6 @@ async def _follow(project_name: str, channel: str, *, host: str, port: int, work
         raise SpecError(f"cannot listen on {host}:{port} (see the error above)", hint="pick another --port")
     echo(f"serving the {project.name} {channel} channel on http://{host}:{port}")
     failed: set[str] = set()
-    version = release.channel_version(project, channel)
     stamp = None
     try:
         started = await start(version)
