@@ -117,6 +117,14 @@ class AuditBroken(SlipwayError):
     exit_code = 1
 
 
+class NotReady(SlipwayError):
+    """A served version did not become ready: its warm-up answer failed, it exited, or it passed
+    `serve.startup_timeout_s`."""
+
+    code = "serve-not-ready"
+    exit_code = 1
+
+
 def exit_code(error: BaseException) -> int:
     """0 ok, 1 contract failed, 2 bad input/config, 3 internal."""
     if isinstance(error, SlipwayError):

@@ -1,40 +1,83 @@
-"""`slipway serve`: find the bento for a project (or a given version) and run `bentoml serve` on it.
+"""`slipway serve`: pick the bento to serve, run `bentoml serve` on it, and trust it only once it is ready.
 
-Serving is BentoML's own server, started as `bentoml serve <tag>` against the
-repository's store, so what runs here is exactly what `bentoml serve` or a
-container built from the same bento would run.
+Serving is BentoML's own server, started as `bentoml serve <tag>` against the repository's store, so
+what runs here is exactly what `bentoml serve` or a container built from the same bento would run. A
+version is live only after its /readyz says yes, which the service says only after a successful
+warm-up answer; one that fails its warm-up, exits, or passes `[serve] startup_timeout_s` is stopped.
+With `--channel`, an HTTP reverse proxy (uvicorn + httpx) holds the public port and sends each request
+to the version that is live when the request arrives (docs/serve.md says why this and not nginx or a
+TCP relay).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from framework.build import use_bentoml_home
-from framework.errors import SpecError
-from framework.spec import load_project
+from framework.bentos import use_bentoml_home
+from framework.errors import NotReady, ReleaseRefused, SpecError
+from framework.spec import Project, load_project
+
+# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are not forwarded by a proxy.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+                        b"upgrade", b"host", b"content-length"})
+MAX_BODY_BYTES = 1 << 20  # requests carry one ticket (contract.max_input_chars); anything larger is refused
 
 
 def resolve_tag(target: str) -> tuple[str, str]:
     """(project name, bento tag) for `project` (newest build) or `project:version`."""
+    from framework import bentos
+
     name, _, version = target.partition(":")
     project = load_project(name)
-    use_bentoml_home(project)
-    import bentoml
+    return project.name, str(bentos.get(project, version or None).tag)
 
-    if version:
-        try:
-            return project.name, str(bentoml.get(f"{project.name}:{version}").tag)
-        except bentoml.exceptions.NotFound:
-            raise SpecError(f"no bento {project.name}:{version}", hint=f"list builds: BENTOML_HOME="
-                            f"{os.environ['BENTOML_HOME']} bentoml list {project.name}") from None
-    bentos = sorted(bentoml.list(project.name), key=lambda b: b.info.creation_time)
-    if not bentos:
-        raise SpecError(f"{project.name} has no build yet", path=str(project.toml_path),
-                        hint=f"run `slipway build {project.name}`")
-    return project.name, str(bentos[-1].tag)
+
+def pick_tag(target: str, echo: Callable[[str], None] = print) -> tuple[Project, str]:
+    """The bento plain `slipway serve` runs, honouring the release gate.
+
+    When the project requires approvals (`[contract] approvals_required >= 1`), `<project>` alone
+    serves what the prod channel points to, never the newest (possibly unapproved) build, and is
+    refused when nothing is deployed; an explicit `<project>:<version>` is served with a warning
+    when that version is neither deployed nor approved. Without approvals the newest build is served.
+    """
+    from framework import release
+    from framework.evaluate import store_path
+    from framework.store import Store
+
+    name, _, version = target.partition(":")
+    project = load_project(name)
+    if project.spec.contract.approvals_required < 1:
+        return project, resolve_tag(target)[1]
+    deployed = {channel: row["version"] for channel, row in release.status(project).items()
+                if row and row["verified"]}
+    if not version:
+        if "prod" not in deployed:
+            raise ReleaseRefused(f"{project.name} requires {project.spec.contract.approvals_required} approval(s) "
+                                 "and has nothing deployed to prod; refusing to serve its newest build, which may "
+                                 "not be approved", path=str(project.toml_path), field="contract.approvals_required",
+                                 hint=f"serve an explicit version: `slipway serve {project.name}:<version>`, or "
+                                      f"deploy one: `slipway deploy {project.name}:<version> --channel prod`")
+        tag = resolve_tag(f"{project.name}:{release.channel_version(project, 'prod')}")[1]  # re-verifies the gate
+        echo(f"serving {tag}: what the prod channel points to ({project.name} requires approvals; pass "
+             f"{project.name}:<version> to serve another build)")
+        return project, tag
+    tag = resolve_tag(target)[1]
+    where = [channel for channel, v in deployed.items() if v == version]
+    if store_path(project).exists():
+        with Store(store_path(project), read_only=True) as store:
+            missing = release.readiness(project, store, version).missing
+    else:
+        missing = ["no store: nothing checked or approved here"]
+    if not where and missing:
+        echo(f"warning: {tag} is not deployed to any channel and is not approved ({'; '.join(missing)})")
+    elif not where:
+        echo(f"warning: {tag} is approved but not deployed to any channel")
+    return project, tag
 
 
 def serve_command(tag: str, *, host: str, port: int) -> list[str]:
@@ -42,7 +85,9 @@ def serve_command(tag: str, *, host: str, port: int) -> list[str]:
 
 
 def serve_env(service_name: str, workers: int | None) -> dict[str, str]:
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
+    # Bytecode goes to a private folder: a .pyc planted beside the bento's verified sources is never read.
+    prefix = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slipway" / "pycache"
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "PYTHONPYCACHEPREFIX": str(prefix)}
     if workers:
         env["BENTOML_CONFIG_OPTIONS"] = f"services.{service_name}.workers={workers}"
     return env
@@ -50,34 +95,194 @@ def serve_env(service_name: str, workers: int | None) -> dict[str, str]:
 
 def serve(target: str, *, host: str, port: int, workers: int | None,
           echo: Callable[[str], None] = print) -> int:
-    """Replace this process with `bentoml serve`: signals (Ctrl-C, SIGTERM from a supervisor) then reach
-    BentoML directly, which drains in-flight requests and stops its workers."""
-    name, tag = resolve_tag(target)
+    """Run `bentoml serve` on the picked bento until it exits; raise `NotReady` when it does not become
+    ready within `[serve] startup_timeout_s` (it is stopped first). SIGTERM/SIGINT are passed on to
+    BentoML, which drains in-flight requests and stops its workers; the exit status is BentoML's."""
+    import signal
+    import subprocess
+
+    from framework import bentos
+
+    project, tag = pick_tag(target, echo)
+    use_bentoml_home(project)
+    bentos.verify(Path(bentos.get(project, tag.partition(":")[2]).path))  # an edited file: refuse before starting
+    spec = project.spec.serve
     echo(f"serving {tag} on http://{host}:{port} (BENTOML_HOME={os.environ['BENTOML_HOME']})")
-    command = serve_command(tag, host=host, port=port)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(command[0], command, serve_env(name.replace("-", "_"), workers))
-    return 0  # not reached
+    process = subprocess.Popen(serve_command(tag, host=host, port=port),
+                               env=serve_env(project.name.replace("-", "_"), workers), start_new_session=True)
+    stopping: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        stopping.append(signum)
+        process.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        deadline = time.monotonic() + spec.startup_timeout_s
+        while not stopping:
+            state = _probe(process, probe_host, port)
+            if state == "ready":
+                echo(f"{tag} is ready")
+                break
+            if state != "starting" or time.monotonic() > deadline:
+                reason = state if state != "starting" else f"not ready after {spec.startup_timeout_s} s"
+                _terminate(process, 10)
+                raise NotReady(f"{tag} did not become ready: {reason}; stopped it", path=str(project.toml_path),
+                               field="serve.startup_timeout_s" if state == "starting" else None,
+                               hint="see the server log above; a failed warm-up names the error")
+            time.sleep(0.5)
+        return process.wait()
+    finally:
+        if process.poll() is None:
+            _terminate(process, spec.timeout_s + 30)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def serve_channel(project_name: str, channel: str, *, host: str, port: int, workers: int | None,
                   poll_s: float = 2.0, echo: Callable[[str], None] = print) -> int:
     """Serve what `channel` points to, and follow it without downtime (blue/green).
 
-    The public port is a small TCP relay in this process; behind it runs `bentoml serve` of the
-    channel's version on a private port. When a deploy or rollback moves the channel, the new
-    version starts on another private port while the old one keeps answering; once its /readyz
-    says yes, new connections go to it and the old server gets SIGTERM, which lets BentoML finish
-    the requests in flight. Nothing is refused or dropped during the switch; the time until the
-    new version answers is its start-up (measured in BENCHMARKS.md). The two servers share the
-    GGUF through the page cache when the model is the same. A version that fails to start is
-    logged and skipped; the old one keeps serving.
+    The public port is an HTTP reverse proxy in this process; behind it runs `bentoml serve` of the
+    channel's version on a private port. When a deploy or rollback moves the channel, the new version
+    starts on another private port while the old one keeps answering; once its /readyz says yes (after
+    its warm-up answer), each request that arrives from then on, on a new or a kept-alive connection,
+    goes to it; the old server gets SIGTERM once the requests it was given are answered. A version
+    that fails its warm-up, exits or passes `[serve] startup_timeout_s` is stopped, logged and skipped;
+    the old one keeps serving. The proxy closes idle connections after `[serve] idle_timeout_s` and
+    answers 503 past `[serve] max_connections`.
     """
     import asyncio
 
     return asyncio.run(_follow(project_name, channel, host=host, port=port, workers=workers, poll_s=poll_s,
                                echo=echo))
+
+
+class Upstreams:
+    """Which private port takes new requests (`live`, None before the first version is ready) and how many
+    requests each port has in flight, so a replaced server is stopped only once they are answered."""
+
+    def __init__(self) -> None:
+        self.live: int | None = None
+        self.in_flight: Counter[int] = Counter()
+
+    async def drained(self, port: int, timeout_s: float) -> bool:
+        import asyncio
+
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight[port] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self.in_flight[port]
+
+
+def proxy_app(upstreams: Upstreams, *, timeout_s: float, read_timeout_s: float):
+    """ASGI app forwarding each HTTP request to `upstreams.live` at the moment it arrives.
+
+    `timeout_s` bounds the wait for the upstream's answer (its own deadline fires first), `read_timeout_s`
+    each read of the client's request body. Errors are JSON bodies with an `error`, like the service's."""
+    import asyncio
+    import json
+
+    import httpx
+
+    client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0), follow_redirects=False,
+                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+
+    async def answer(send, status: int, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await client.aclose()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        port = upstreams.live
+        if port is None:
+            return await answer(send, 503, "not ready: no version of this channel is live yet")
+        upstreams.in_flight[port] += 1  # before any await: the switch waits for this request
+        try:
+            body = bytearray()
+            more = True
+            while more:
+                try:
+                    message = await asyncio.wait_for(receive(), read_timeout_s)
+                except TimeoutError:
+                    return await answer(send, 408, f"request body not received within {read_timeout_s} s")
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > MAX_BODY_BYTES:
+                    return await answer(send, 413, f"request body over {MAX_BODY_BYTES} bytes")
+            url = f"http://127.0.0.1:{port}{scope.get('raw_path', scope['path'].encode()).decode('latin-1')}"
+            if scope.get("query_string"):
+                url += "?" + scope["query_string"].decode("latin-1")
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
+            request = client.build_request(scope["method"], url, headers=headers, content=bytes(body))
+            try:
+                response = await client.send(request, stream=True)
+            except httpx.TransportError as exc:
+                return await answer(send, 502, f"the live server did not answer: {type(exc).__name__}: {exc}")
+            try:
+                await send({"type": "http.response.start", "status": response.status_code,
+                            "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP
+                                        or k.lower() == b"content-length"]})
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            finally:
+                await response.aclose()
+        finally:
+            upstreams.in_flight[port] -= 1
+
+    return app
+
+
+def proxy_server(app, *, host: str, port: int, idle_timeout_s: float, max_connections: int,
+                 graceful_s: float):
+    """A uvicorn server for the proxy that leaves SIGTERM/SIGINT to its caller, closes a connection
+    with no request in `idle_timeout_s` (new, or kept alive after an answer, or with headers still
+    incomplete) and answers 503 (then closes) a request on a connection past `max_connections`."""
+    import contextlib
+
+    import h11
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:  # uvicorn only times out connections after an answer
+            super().connection_made(transport)
+            self._arm_idle_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state == h11.IDLE:  # still waiting for a whole request head
+                self._arm_idle_timer()
+
+        def _arm_idle_timer(self) -> None:
+            if self.timeout_keep_alive_task is None and not self.transport.is_closing():
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+    # uvicorn counts the connection asking as one of `limit_concurrency`: +1 admits max_connections at once
+    config = uvicorn.Config(app, host=host, port=port, http=Protocol, lifespan="on", log_level="warning",
+                            access_log=False, server_header=False, date_header=False,
+                            timeout_keep_alive=idle_timeout_s, limit_concurrency=max_connections + 1,
+                            timeout_graceful_shutdown=graceful_s)
+    return Server(config)
 
 
 async def _follow(project_name: str, channel: str, *, host: str, port: int, workers: int | None, poll_s: float,
@@ -92,49 +297,58 @@ async def _follow(project_name: str, channel: str, *, host: str, port: int, work
 
     project = load_project(project_name)
     use_bentoml_home(project)
+    spec = project.spec.serve
     env = serve_env(project.name.replace("-", "_"), workers)
     store = store_path(project)
-    live: dict = {}  # version, port, process of the server that new connections go to
+    live: dict = {}  # version, port, process of the server that new requests go to
+    upstreams = Upstreams()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    async def start(version: str) -> tuple[subprocess.Popen, int] | None:
+    async def start(version: str) -> tuple[subprocess.Popen, int] | str:
+        """The ready server of `version`, or why it is not (it is stopped then)."""
         _, tag = await asyncio.to_thread(resolve_tag, f"{project.name}:{version}")
         private = _free_port()
         process = subprocess.Popen(serve_command(tag, host="127.0.0.1", port=private), env=env)
         echo(f"starting {tag} ({channel} channel) on private port {private}")
+        deadline = time.monotonic() + spec.startup_timeout_s
         while not stop.is_set():
-            if process.poll() is not None:
-                echo(f"{tag} exited with {process.returncode} before it was ready")
-                return None
-            if await asyncio.to_thread(_ready, private):
+            state = await asyncio.to_thread(_probe, process, "127.0.0.1", private)
+            if state == "ready":
                 return process, private
+            if state != "starting" or time.monotonic() > deadline:
+                reason = state if state != "starting" else \
+                    f"not ready after {spec.startup_timeout_s} s (serve.startup_timeout_s)"
+                echo(f"{tag} did not become ready: {reason}; stopping it")
+                await asyncio.to_thread(_terminate, process, 10)
+                return reason
             await asyncio.sleep(0.5)
-        await asyncio.to_thread(_terminate, process, project.spec.serve.timeout_s + 30)
-        return None
+        await asyncio.to_thread(_terminate, process, spec.timeout_s + 30)
+        return "stopped while starting"
 
-    async def relay(client_reader, client_writer) -> None:
-        try:
-            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", live["port"])
-        except (OSError, KeyError):  # no server ready yet: refuse, as a starting server would
-            client_writer.close()
-            return
-        await asyncio.gather(_pipe(client_reader, upstream_writer), _pipe(upstream_reader, client_writer))
-        for writer in (client_writer, upstream_writer):
-            writer.close()
-
-    server = await asyncio.start_server(relay, host, port)
+    version = release.channel_version(project, channel)  # nothing deployed: refuse before listening
+    server = proxy_server(proxy_app(upstreams, timeout_s=spec.timeout_s + 60, read_timeout_s=spec.idle_timeout_s),
+                          host=host, port=port, idle_timeout_s=spec.idle_timeout_s,
+                          max_connections=spec.max_connections, graceful_s=spec.timeout_s + 30)
+    proxy = asyncio.create_task(server.serve())
+    while not server.started and not proxy.done():
+        await asyncio.sleep(0.05)
+    if proxy.done():
+        raise SpecError(f"cannot listen on {host}:{port} (see the error above)", hint="pick another --port")
     echo(f"serving the {project.name} {channel} channel on http://{host}:{port}")
     failed: set[str] = set()
-    version = release.channel_version(project, channel)
     stamp = None
     try:
         started = await start(version)
-        if started is None:
-            return 0 if stop.is_set() else 1
+        if isinstance(started, str):
+            if stop.is_set():
+                return 0
+            raise NotReady(f"{project.name}:{version} ({channel}) did not become ready: {started}",
+                           path=str(project.toml_path), hint="see the server log above")
         live.update(version=version, process=started[0], port=started[1])
+        upstreams.live = started[1]
         echo(f"{channel}: {project.name}:{version} is live")
         while not stop.is_set():
             try:
@@ -158,31 +372,23 @@ async def _follow(project_name: str, channel: str, *, host: str, port: int, work
                 continue
             echo(f"{channel} moved from {live['version']} to {current}: starting it beside the live server")
             started = await start(current)
-            if started is None:
+            if isinstance(started, str):
                 failed.add(current)
-                echo(f"still serving {live['version']}")
+                echo(f"still serving {live['version']}: {project.name}:{current} never became ready ({started})")
                 continue
-            old = live["process"]
+            old_process, old_port = live["process"], live["port"]
             live.update(version=current, process=started[0], port=started[1])
+            upstreams.live = started[1]
             echo(f"{channel}: {project.name}:{current} is live; draining the previous server")
-            await asyncio.to_thread(_terminate, old, project.spec.serve.timeout_s + 30)
+            if not await upstreams.drained(old_port, spec.timeout_s + 30):
+                echo(f"{upstreams.in_flight[old_port]} request(s) to the previous server still open; stopping it")
+            await asyncio.to_thread(_terminate, old_process, spec.timeout_s + 30)
         return 0
     finally:
-        server.close()
+        server.should_exit = True
+        await proxy
         if live.get("process") is not None:
-            await asyncio.to_thread(_terminate, live["process"], project.spec.serve.timeout_s + 30)
-
-
-async def _pipe(reader, writer) -> None:
-    """Copy one direction of a relayed connection; pass on end-of-stream so HTTP closes cleanly."""
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (ConnectionError, OSError):
-        writer.close()
+            await asyncio.to_thread(_terminate, live["process"], spec.timeout_s + 30)
 
 
 def _free_port() -> int:
@@ -193,15 +399,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ready(port: int) -> bool:
+def _probe(process, host: str, port: int) -> str:
+    """`ready`, `starting`, or why the server will not become ready (it exited, or its warm-up failed)."""
+    import json
     import urllib.error
     import urllib.request
 
+    if process.poll() is not None:
+        return f"the server exited with {process.returncode}"
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-            return response.status == 200
+        with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=2) as response:
+            return "ready" if response.status == 200 else "starting"
+    except urllib.error.HTTPError as exc:  # 503: starting, or not ready for good (the service says why)
+        try:
+            body = json.loads(exc.read() or b"{}")
+        except ValueError:
+            return "starting"
+        if isinstance(body, dict) and body.get("ready") is False:
+            return str(body.get("error", "not ready")).removeprefix("not ready: ")
+        return "starting"
     except (urllib.error.URLError, OSError):
-        return False
+        return "starting"
 
 
 def _terminate(process, timeout: float) -> None:

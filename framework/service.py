@@ -11,6 +11,7 @@ Every response says which versions produced it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -20,7 +21,7 @@ from typing import Any
 import bentoml
 from pydantic import BaseModel, Field, create_model
 
-from framework.errors import SlipwayError
+from framework.errors import NotebookError, SlipwayError
 from framework.lm import load_engine
 from framework.spec import parse_spec
 
@@ -35,13 +36,48 @@ def _bento_dir() -> Path:
     raise RuntimeError("framework.service runs inside a bento built by `slipway build`; no slipway/bento.json found")
 
 
+def _absolute_bentoml_home() -> None:
+    """Make a relative BENTOML_HOME absolute, or fail at once saying how to fix it.
+
+    `BENTOML_HOME=bentos bentoml serve <tag>` resolves `bentos` from the repository root in the
+    server process but from the bento's own folder in each worker (BentoML starts them there), where
+    the model lookup misses and the worker crash-loops on `bentos/.yatai.yaml`. A bento served from a
+    store lives at `<home>/bentos/<name>/<version>/src/framework/service.py`, so the home it was found
+    in is known here; it is used when it ends with the relative path given."""
+    home = os.environ.get("BENTOML_HOME")
+    if not home or os.path.isabs(home):
+        return
+    here = Path(__file__).resolve()
+    found = here.parents[5] if len(here.parents) > 5 and (here.parents[2] / "bento.yaml").exists() else None
+    relative = Path(os.path.normpath(home))
+    if found is None or found.parts[-len(relative.parts):] != relative.parts:
+        raise RuntimeError(f"BENTOML_HOME={home} is a relative path, which BentoML's worker processes resolve "
+                           f"from another directory ({Path.cwd()}); set it to an absolute path, e.g. "
+                           f"BENTOML_HOME=$PWD/{home}")
+    os.environ["BENTOML_HOME"] = str(found)
+    from framework.bentos import _repoint_imported_bentoml
+
+    _repoint_imported_bentoml(found)
+
+
+def _verify_files(bento_dir: Path) -> None:
+    """Refuse to start when any file of the bento differs from the manifest signed at build time
+    (framework/bentos.py), naming the file. While `slipway build` imports this module to build the
+    bento there is no bento yet (no bento.yaml), so there is nothing to verify."""
+    from framework import bentos
+
+    root = bento_dir.parent.parent
+    if (root / "bento.yaml").exists():
+        bentos.verify(root)
+
+
+_absolute_bentoml_home()
 BENTO_DIR = _bento_dir()
+_verify_files(BENTO_DIR)
 CONFIG: dict[str, Any] = json.loads((BENTO_DIR / "bento.json").read_text())
 SPEC = parse_spec((BENTO_DIR / "project.toml").read_text(), str(BENTO_DIR / "project.toml"))
 MODEL = SPEC.models[CONFIG["model_key"]]
 LABELS = CONFIG["labels"]
-VERSION = {"bento": f"{CONFIG['project']}:{CONFIG['bento_version']}", "model_sha256": MODEL.sha256,
-           "program_hash": LABELS["slipway.program_hash"]}
 
 
 def _program():
@@ -50,6 +86,33 @@ def _program():
     program = getattr(import_notebook(BENTO_DIR / "notebook.py"), CONFIG["program"])()
     program.load(str(BENTO_DIR / "program.json"))
     return program
+
+
+def verified_program_hash(program, labels: dict[str, str], bento_dir: Path) -> str:
+    """The hash of the program as loaded here, or `NotebookError` when it is not the one the gate passed.
+
+    `slipway build` labels the bento with the program hash its passing check covered; a changed
+    `program.json` (or notebook) in the bento after the build would otherwise serve unchecked prompts
+    under a checked label. `_verify_files` catches such an edit first, by the signed manifest; this
+    recomputation is what the response's `program_hash` reports."""
+    from framework.notebook import program_hash
+
+    actual = program_hash(program)
+    expected = labels.get("slipway.program_hash", "")
+    if actual != expected:
+        raise NotebookError(
+            f"the program loaded from this bento hashes to {actual[:12]}…, but the bento was built and checked "
+            f"with {expected[:12] or '(no label)'}…: {bento_dir / 'program.json'} (or notebook.py beside it) "
+            "changed after `slipway build`; refusing to serve it",
+            path=str(bento_dir / "program.json"), field="labels.slipway.program_hash",
+            hint="rebuild from the checked project (`slipway build`) instead of editing a built bento")
+    return actual
+
+
+VERSION = {"bento": f"{CONFIG['project']}:{CONFIG['bento_version']}", "model_sha256": MODEL.sha256,
+           "program_hash": verified_program_hash(_program(), LABELS, BENTO_DIR)}
+# Why this worker is not ready (a failed warm-up), for /readyz and the API to say; None while starting or ready.
+NOT_READY: dict[str, str | None] = {"reason": None}
 
 
 def _schemas():
@@ -76,6 +139,7 @@ def _desc(field) -> str:
 
 Request, Response, MAX_INPUT_CHARS = _schemas()
 ENDPOINT = "/" + SPEC.serve.endpoint.strip("/")
+logger = logging.getLogger("slipway.service")
 
 _latency = bentoml.metrics.Histogram(
     name="slipway_request_seconds", documentation="End-to-end request latency",
@@ -93,6 +157,28 @@ class ErrorBody(BaseModel):
     error: str
     request_id: str
     version: dict[str, str]
+
+
+class NotReadyAnswers:
+    """After a failed warm-up the worker stays up but not ready: /readyz and the API answer 503 saying why
+    (BentoML's own /readyz only says that `__is_ready__` returned False), so `slipway serve` can give up on
+    the version at once instead of waiting for `serve.startup_timeout_s`."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        reason = NOT_READY["reason"]
+        if reason is None or scope["type"] != "http" or scope.get("path") not in ("/readyz", ENDPOINT):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        body = {"error": f"not ready: {reason}", "request_id": request_id, "version": VERSION, "ready": False}
+        payload = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                                (b"x-request-id", request_id.encode("latin-1"))]})
+        await send({"type": "http.response.body", "body": payload})
 
 
 class ValidationErrorsAs422:
@@ -135,25 +221,35 @@ class SlipwayService:
         self.engine = load_engine(MODEL, path)
         self.program = _program()
         self.adapter = json_adapter() if SPEC.pipeline.adapter == "json" else None
-        self._warm_up()
+        try:
+            self._warm_up()
+        except Exception as exc:  # noqa: BLE001 - stay up and say why: a crash-looping worker hides the reason
+            from framework.lm import root_cause
+
+            cause = root_cause(exc)
+            detail = (cause.render() if isinstance(cause, SlipwayError)
+                      else f"{type(cause).__name__}: {str(cause)[:300]}")
+            NOT_READY["reason"] = f"the warm-up answer failed ({detail})"
+            logger.error("%s is not ready: %s; /readyz and %s answer 503", VERSION["bento"], NOT_READY["reason"],
+                         ENDPOINT)
+            return
         self.ready = True
 
     def _warm_up(self) -> None:
-        """One throw-away answer before /readyz says yes: the first call pages the weights in and fills
-        llama.cpp's prompt cache with the instructions (measured: 3 s vs 0.6 s for the tiny model), and
-        it should not land on the first real request after a start, a deploy or a rollback."""
+        """One answer before /readyz says yes, which must succeed: it proves the model and program answer
+        (a version that cannot answer must never take traffic), pages the weights in and fills llama.cpp's
+        prompt cache with the instructions (measured: 3 s vs 0.6 s for the tiny model), so that cost does
+        not land on the first real request after a start, a deploy or a rollback. Raises what the program raised."""
         import dspy
 
+        from framework.lm import deadline
         from framework.notebook import input_fields
 
         fields = self.program.predictors()[0].signature.input_fields
-        if not all(fields[name].annotation is str for name in input_fields(self.program)):
-            return
-        try:
-            with dspy.context(lm=self.lm, adapter=self.adapter):
-                self.program(**dict.fromkeys(input_fields(self.program), "Hello, how do I export my data?"))
-        except Exception:  # noqa: BLE001 - a failed warm-up is not a failed start; requests report their own errors
-            pass
+        inputs = {name: "Hello, how do I export my data?" if fields[name].annotation is str
+                  else fields[name].annotation() for name in input_fields(self.program)}
+        with deadline(SPEC.serve.startup_timeout_s), dspy.context(lm=self.lm, adapter=self.adapter):
+            self.program(**inputs)
 
     def __is_ready__(self) -> bool:
         return self.ready
@@ -182,12 +278,15 @@ class SlipwayService:
             message = cause.render() if isinstance(cause, SlipwayError) else \
                 f"model error: {type(exc).__name__}: {str(exc)[:300]}"
             return self._error(ctx, 503, request_id, message, start)
-        tokens_in = sum(c.tokens_in for c in calls)
-        tokens_out = sum(c.tokens_out for c in calls)
-        _tokens.labels(version, "input").inc(tokens_in)
-        _tokens.labels(version, "output").inc(tokens_out)
-        _cost.labels(version).inc(tokens_in / 1000 * MODEL.price_per_1k_input
-                                  + tokens_out / 1000 * MODEL.price_per_1k_output)
+        from framework.metrics import request_cost
+
+        new = sum(c.tokens_in_new for c in calls)
+        cached = sum(c.tokens_in_cached for c in calls)
+        generated = sum(c.tokens_out for c in calls)
+        _tokens.labels(version, "input").inc(new)
+        _tokens.labels(version, "input_cached").inc(cached)
+        _tokens.labels(version, "output").inc(generated)
+        _cost.labels(version).inc(request_cost(MODEL, new, cached, generated))  # as `slipway check` prices it
         _latency.labels(version, "ok").observe(time.perf_counter() - start)
         return {**json.loads(json.dumps(outputs, default=str)), "request_id": request_id, "version": VERSION}
 
@@ -199,3 +298,4 @@ class SlipwayService:
 
 
 SlipwayService.add_asgi_middleware(ValidationErrorsAs422)
+SlipwayService.add_asgi_middleware(NotReadyAnswers)

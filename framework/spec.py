@@ -228,6 +228,13 @@ class ServeSpec(_Strict):
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     timeout_s: Annotated[int, Field(ge=1, le=3600)] = 60
     max_concurrency: Annotated[int, Field(ge=1, le=10000)] = 32
+    startup_timeout_s: Annotated[int, Field(ge=1, le=3600)] = Field(
+        300, description="seconds a started version has to answer its warm-up and report ready; past it "
+                         "`slipway serve` gives up on it (the 1.5B model starts in ~30 s on 2 slow cores)")
+    idle_timeout_s: Annotated[int, Field(ge=1, le=3600)] = Field(
+        15, description="`serve --channel` proxy: an idle keep-alive connection is closed after this many seconds")
+    max_connections: Annotated[int, Field(ge=1, le=100000)] = Field(
+        256, description="`serve --channel` proxy: connections and requests at once; more are answered 503")
 
 
 class ProjectMeta(_Strict):

@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from framework.cli import app
+from tests.conftest import cli_ok as ok
 from tests.conftest import edit_toml
 
 runner = CliRunner()
@@ -25,6 +26,35 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def _bentoml(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), *args], env=env or os.environ.copy(),
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def loosen_latency(toml: Path) -> None:
+    """Checks here test serving, not speed: do not fail a latency clause on a busy machine."""
+    for key in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms"):
+        edit_toml(toml, f"{key} = 60000", f"{key} = 600000")
+
+
+def break_when_served(notebook: Path) -> None:
+    """Make the notebook's program raise when TRIAGE_FAIL_ON_PURPOSE is set: a check (without it)
+    passes, so the version builds, and a server started with it cannot answer its warm-up."""
+    edit_toml(notebook, "    def forward(self, ticket: str):\n",
+              "    def forward(self, ticket: str):\n        import os\n\n"
+              "        if os.environ.get('TRIAGE_FAIL_ON_PURPOSE'):\n"
+              "            raise RuntimeError('broken on purpose')\n")
 
 
 def _wait_ready(base: str, server: subprocess.Popen) -> None:
@@ -90,10 +120,11 @@ def test_failing_check_blocks_the_build(tiny_project, tiny_model_present):
 
 @pytest.mark.model
 def test_served_bento_answers_concurrently_with_versions(tiny_project, tiny_model_present):
-    assert runner.invoke(app, ["check", "ticket-triage"]).exit_code == 0
+    loosen_latency(tiny_project)
+    ok(["check", "ticket-triage"])
     built = json.loads(runner.invoke(app, ["build", "ticket-triage", "--json"]).stdout)
     port = _free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "slipway"), "serve", "ticket-triage",
+    server = subprocess.Popen([str(Path(sys.executable).parent / "slipway"), "serve", built["tag"],
                                "--port", str(port), "--workers", "2"], env=os.environ.copy(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -141,10 +172,11 @@ def test_requests_past_the_timeout_get_503_and_the_worker_survives(tiny_project,
     """One worker, a 1 s deadline, six long tickets at once: the queued ones must come back as 503s
     naming their request id (not hang, not crash the worker), and the service keeps answering."""
     edit_toml(tiny_project, "timeout_s = 60", "timeout_s = 1")
-    assert runner.invoke(app, ["check", "ticket-triage"]).exit_code == 0
-    assert runner.invoke(app, ["build", "ticket-triage"]).exit_code == 0
+    loosen_latency(tiny_project)
+    ok(["check", "ticket-triage"])
+    built = json.loads(runner.invoke(app, ["build", "ticket-triage", "--json"]).stdout)
     port = _free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "slipway"), "serve", "ticket-triage",
+    server = subprocess.Popen([str(Path(sys.executable).parent / "slipway"), "serve", built["tag"],
                                "--port", str(port), "--workers", "1"], env=os.environ.copy(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -214,3 +246,111 @@ def test_exported_bento_serves_from_a_fresh_store_with_plain_bentoml(tiny_projec
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+@pytest.mark.model
+def test_failed_warm_up_keeps_the_service_unready_and_serve_gives_up(tiny_project, tiny_model_present):
+    """A version whose program raises: the server stays up but /readyz and the API answer 503 saying
+    why; `slipway serve` stops it and exits 1 naming the cause; past startup_timeout_s it gives up too."""
+    loosen_latency(tiny_project)
+    break_when_served(Path("notebooks/ticket_triage.py"))
+    ok(["check", "ticket-triage"])
+    tag = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
+    broken_env = {**os.environ, "TRIAGE_FAIL_ON_PURPOSE": "1"}
+    port = _free_port()
+    server = _bentoml("serve", tag, "--host", "127.0.0.1", "--port", str(port), env=broken_env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        readyz = None
+        while time.monotonic() < deadline:
+            try:
+                readyz = httpx.get(f"{base}/readyz", timeout=2)
+                if readyz.status_code != 503 or "warm-up" in readyz.text:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.stdout.read()
+            time.sleep(1)
+        assert readyz is not None and readyz.status_code == 503, readyz
+        assert "warm-up answer failed" in readyz.json()["error"] and "broken on purpose" in readyz.json()["error"]
+        answer = httpx.post(f"{base}/triage", json={"ticket": "refund please"}, headers={"X-Request-ID": "r-9"},
+                            timeout=30)
+        assert answer.status_code == 503 and answer.json()["request_id"] == "r-9"
+        assert answer.json()["error"].startswith("not ready:")
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200 and server.poll() is None
+    finally:
+        _stop(server)
+
+    slipway = str(Path(sys.executable).parent / "slipway")
+    refused = subprocess.run([slipway, "serve", tag, "--port", str(_free_port())], env=broken_env,
+                             capture_output=True, text=True, timeout=240)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert "did not become ready" in refused.stderr and "broken on purpose" in refused.stderr, refused.stderr[-3000:]
+
+    edit_toml(tiny_project, "timeout_s = 60", "timeout_s = 60\nstartup_timeout_s = 1")  # read by serve, not baked
+    slow = subprocess.run([slipway, "serve", tag, "--port", str(_free_port())], env=os.environ.copy(),
+                          capture_output=True, text=True, timeout=240)
+    assert slow.returncode == 1 and "not ready after 1 s" in slow.stderr, slow.stderr[-3000:]
+
+
+@pytest.mark.model
+def test_plain_serve_follows_prod_when_approvals_are_required(tiny_project, tiny_model_present, keys):
+    """`slipway serve <project>` must not serve the newest (unapproved) build of a project that requires
+    approvals: it refuses while prod is empty, then serves what prod points to; an explicit version is
+    allowed with a warning."""
+    from framework.serve import pick_tag
+
+    ok(["check", "ticket-triage"])
+    v1 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
+    refused = runner.invoke(app, ["serve", "ticket-triage", "--port", str(_free_port())])
+    assert refused.exit_code == 1, refused.output
+    assert "nothing deployed to prod" in refused.output and "ticket-triage:<version>" in refused.output
+
+    said: list[str] = []
+    assert pick_tag(v1, said.append)[1] == v1
+    assert "not approved" in said[-1] and "0 of 1 approvals" in said[-1]
+
+    ok(["approve", v1, "--key", str(keys["bob"])])
+    ok(["deploy", v1, "--channel", "prod", "--key", str(keys["carol"])])
+    edit_toml(tiny_project, "timeout_s = 60", "timeout_s = 45")  # a newer, unapproved build
+    v2 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
+    assert v2 != v1
+    said.clear()
+    assert pick_tag("ticket-triage", said.append)[1] == v1
+    assert "prod channel" in said[-1]
+
+
+@pytest.mark.model
+def test_a_program_edited_after_the_build_is_refused(tiny_project, tiny_model_present):
+    """The served program_hash is computed from the loaded program; a bento whose program.json was
+    edited after the build does not start, and the error names the file."""
+    ok(["check", "ticket-triage"])
+    built = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)
+    program = Path(built["path"]) / "src" / "slipway" / "program.json"
+    edit_toml(program, "Triage one customer-support ticket", "Triage one customer-support ticket, kindly")
+    server = _bentoml("serve", built["tag"], "--host", "127.0.0.1", "--port", str(_free_port()))
+    try:
+        output, _ = server.communicate(timeout=180)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode != 0
+    assert str(program) in output and "changed after the build" in output, output[-3000:]
+
+
+@pytest.mark.model
+def test_readme_relative_bentoml_home_serves(tiny_project, tiny_model_present):
+    """README: from the repository root, `BENTOML_HOME=bentos bentoml serve <tag>` becomes ready and answers."""
+    ok(["check", "ticket-triage"])
+    tag = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
+    port = _free_port()
+    server = _bentoml("serve", tag, "--host", "127.0.0.1", "--port", str(port),
+                      env={**os.environ, "BENTOML_HOME": "bentos"}, cwd=tiny_project.parents[2])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, server)
+        answer = httpx.post(f"{base}/triage", json={"ticket": "I was charged twice"}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["version"]["bento"] == tag, answer.text
+    finally:
+        _stop(server)

@@ -97,9 +97,11 @@ def test_check_build_approve_deploy_rollback_audit(tiny_project, tiny_model_pres
 
 
 @pytest.mark.model
-def test_serve_channel_follows_a_rollback_without_downtime(tiny_project, tiny_model_present, tmp_path):
+def test_serve_channel_follows_a_rollback_without_downtime(tiny_project, tiny_model_present, tmp_path, keys):
     """`slipway serve --channel prod` keeps answering through a rollback: every request during the
-    switch gets a 200 (from the old version until the new one is ready, then from the new one).
+    switch gets a 200 (from the old version until the new one is ready, then from the new one), both
+    for a client opening a connection per request and for one keep-alive client reusing its connection,
+    whose requests must also switch to the new version (not stay pinned to the old server).
     Prints how long the rolled-back version took to answer."""
     import os
     import subprocess
@@ -117,8 +119,8 @@ def test_serve_channel_follows_a_rollback_without_downtime(tiny_project, tiny_mo
     edit_toml(tiny_project, "timeout_s = 60", "timeout_s = 45")  # a serve setting: a new version, same check
     v2 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
     for version in (v1, v2):
-        ok(["approve", version, "--as", "bob"])
-        ok(["deploy", version, "--channel", "prod", "--as", "carol"])
+        ok(["approve", version, "--key", str(keys["bob"])])
+        ok(["deploy", version, "--channel", "prod", "--key", str(keys["carol"])])
 
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")
@@ -126,18 +128,20 @@ def test_serve_channel_follows_a_rollback_without_downtime(tiny_project, tiny_mo
                                "--channel", "prod", "--port", str(port)], env=os.environ.copy(),
                               stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    seen: list[tuple[float, int | str, str | None]] = []
+    seen: list[tuple[float, int | str, str | None]] = []  # (request start, status, version), new connections
+    kept: list[tuple[float, int | str, str | None]] = []  # the same from one keep-alive client
     done = threading.Event()
 
-    def traffic():  # one client, a request every ~0.5 s, bounded in count and time
+    def traffic(record, post):  # one client, a request every ~0.5 s, bounded in count and time
         deadline = time.monotonic() + 200
-        while not done.is_set() and len(seen) < 500 and time.monotonic() < deadline:
+        while not done.is_set() and len(record) < 500 and time.monotonic() < deadline:
+            start = time.monotonic()
             try:
-                r = httpx.post(f"{base}/triage", json={"ticket": "I was charged twice"}, timeout=60)
-                seen.append((time.monotonic(), r.status_code,
-                             r.json().get("version", {}).get("bento") if r.status_code == 200 else r.text[:200]))
+                r = post(f"{base}/triage", json={"ticket": "I was charged twice"}, timeout=60)
+                record.append((start, r.status_code,
+                               r.json().get("version", {}).get("bento") if r.status_code == 200 else r.text[:200]))
             except httpx.TransportError as exc:
-                seen.append((time.monotonic(), type(exc).__name__, None))
+                record.append((start, type(exc).__name__, None))
             # Not back to back: on 2 cores a saturating client starves the new server's start-up (llama.cpp
             # threads of both servers spin on the same cores); BENCHMARKS.md has that case measured.
             time.sleep(0.5)
@@ -145,22 +149,33 @@ def test_serve_channel_follows_a_rollback_without_downtime(tiny_project, tiny_mo
     try:
         _wait_ready(base, server)
         assert httpx.post(f"{base}/triage", json={"ticket": "hi"}, timeout=60).json()["version"]["bento"] == v2
-        client = threading.Thread(target=traffic)
+        keep_alive = httpx.Client()
+        client = threading.Thread(target=traffic, args=(seen, httpx.post))
         client.start()
+        time.sleep(0.25)  # the two clients' requests interleave, 0.25 s apart
+        kept_client = threading.Thread(target=traffic, args=(kept, keep_alive.post))
+        kept_client.start()
         time.sleep(1)
-        ok(["rollback", "ticket-triage", "--channel", "prod", "--as", "dave"])
+        ok(["rollback", "ticket-triage", "--channel", "prod", "--key", str(keys["dave"])])
         rolled_back = time.monotonic()
         while time.monotonic() - rolled_back < 150 and not any(v == v1 for _, _, v in seen):
             time.sleep(0.2)
         time.sleep(1)  # a few answers from the new version, then stop
         done.set()
         client.join(timeout=70)
+        kept_client.join(timeout=70)
+        keep_alive.close()
         first_v1 = next((t for t, _, v in seen if v == v1), None)
         assert first_v1 is not None, f"still serving {v2} 150 s after the rollback: {seen[-3:]}"
         print(f"\nswitch: first answer from {v1} {first_v1 - rolled_back:.1f} s after the rollback; "
-              f"{len(seen)} requests during the test, statuses {sorted({str(s) for _, s, _ in seen})}")
+              f"{len(seen)} requests on new connections and {len(kept)} on one kept-alive connection during the test, "
+              f"statuses {sorted({str(s) for _, s, _ in seen + kept})}")
         assert {s for _, s, _ in seen} == {200}, [x for x in seen if x[1] != 200][:5]  # nothing refused or failed
-        versions = [v for _, _, v in seen]
+        assert {s for _, s, _ in kept} == {200}, [x for x in kept if x[1] != 200][:5]
+        assert kept[-1][2] == v1, f"the keep-alive client still gets {kept[-1][2]} after the switch"
+        # Both clients, by the time each request was sent: once one request got the new version, no later
+        # request (on any connection) may get the old one.
+        versions = [v for _, _, v in sorted(seen + kept)]
         assert versions == sorted(versions, key=lambda v: v == v1), "answers went back to the old version"
         assert server.poll() is None
     finally:
