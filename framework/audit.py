@@ -59,9 +59,15 @@ def make_row(seq: int, prev_hash: str, signed: signing.Signed, actor: str) -> di
 
 
 def signed_of(row: dict[str, Any]) -> signing.Signed:
-    st = row["statement"]
-    return signing.Signed(statement=json.loads(st) if isinstance(st, str) else st, key=row["signer_key"] or "",
-                          signature=row["signature"] or "")
+    """The signed statement a row records. A malformed one (not JSON, not an object) comes back empty,
+    so its signature fails like any other forgery instead of crashing the reader."""
+    st = row.get("statement")
+    try:
+        statement = json.loads(st) if isinstance(st, str) else st
+    except ValueError:
+        statement = None
+    return signing.Signed(statement=statement if isinstance(statement, dict) else {},
+                          key=row.get("signer_key") or "", signature=row.get("signature") or "")
 
 
 @dataclass
@@ -161,27 +167,53 @@ def append(store: Store, signed: signing.Signed, actor: str) -> dict:
     return row
 
 
+# Rows that only count when a key listed in signers.toml (and not revoked) signed them. Checks and builds
+# may be signed by anyone (their author is named); the deploy gate decides whether it trusts those.
+LISTED_ONLY = {"approve": "approve", "deploy": None, "rollback": None, "prune": "audit"}
+
+
+def policy_problem(rows: list[dict[str, Any]], signers: signing.SignersSpec) -> Problem | None:
+    """The first gated row (approve, deploy, rollback, prune) whose key is not listed, is revoked, or
+    lacks the role: a row signed with a throw-away key verifies as a signature but proves nothing."""
+    for row in rows:
+        if row["action"] in LISTED_ONLY:
+            role = LISTED_ONLY[row["action"]]
+            channel = (signed_of(row).statement.get("details") or {}).get("channel")
+            if role is None:
+                role = f"{row['action']}:{channel}"
+            if why := signing.refusal(signing.verify(signed_of(row), signers), role):
+                return Problem(int(row["seq"]), f"row {row['seq']} ({row['action']}): {why}")
+    return None
+
+
 def verify(store: Store, *, anchor: signing.Signed | None = None,
            signers: signing.SignersSpec | None = None) -> Problem | None:
+    """Chain, signatures, checkpoint and (with `signers`) who signed each gated row, then the anchor."""
     rows = store.audit_rows()
-    checkpoint = _signed_checkpoint(rows, store.audit_checkpoint())
+    checkpoint = _signed_checkpoint(rows, store.audit_checkpoint(), signers)
     if isinstance(checkpoint, Problem):
         return checkpoint
     problem = verify_rows(rows, checkpoint, store.audit_head())
+    if problem is None and signers is not None:
+        problem = policy_problem(rows, signers)
     if problem is None and anchor is not None:
         problem = check_anchor(rows, anchor, signers or signing.SignersSpec(), checkpoint)
     return problem
 
 
-def _signed_checkpoint(rows: list[dict[str, Any]], stored: tuple[int, str] | None):
-    """The checkpoint table is a plain row; trust it only as far as the newest signed prune row vouches."""
+def _signed_checkpoint(rows: list[dict[str, Any]], stored: tuple[int, str] | None,
+                       signers: signing.SignersSpec | None):
+    """The checkpoint table is a plain row; trust it only as far as the newest signed prune row vouches
+    (signed by an `audit` key when the signers are known)."""
     if stored is None:
         return None
     prunes = [r for r in rows if r["action"] == "prune"]
     if not prunes:
         return Problem(stored[0], "the log starts after a checkpoint that no signed prune row records")
-    details = json.loads(prunes[-1]["details"])
-    if (int(details["through_seq"]), details["through_hash"]) != (int(stored[0]), stored[1]):
+    if signers is not None and (why := signing.refusal(signing.verify(signed_of(prunes[-1]), signers), "audit")):
+        return Problem(int(prunes[-1]["seq"]), f"the prune row that sets the checkpoint does not count: {why}")
+    details = signed_of(prunes[-1]).statement.get("details") or {}
+    if (details.get("through_seq"), details.get("through_hash")) != (int(stored[0]), stored[1]):
         return Problem(stored[0], "the checkpoint differs from what the newest signed prune row records")
     return stored
 
@@ -230,7 +262,13 @@ def anchor(store: Store, project_dir: Path, project: str, *, key: Path | None = 
 
 def read_anchor(project_dir: Path) -> signing.Signed | None:
     path = project_dir / ANCHOR_FILE
-    return signing.Signed.from_dict(json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return signing.Signed.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError):
+        raise SpecError("not the signed head `slipway audit anchor` writes", path=str(path),
+                        hint="restore it from git history, or write a new one with `slipway audit anchor`") from None
 
 
 def export(rows: list[dict[str, Any]], out: Path, fmt: str, *, head: signing.Signed | None = None) -> int:
@@ -280,13 +318,16 @@ def verify_file(path: Path, signers: signing.SignersSpec) -> tuple[int, Problem 
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        data = json.loads(line)
-        if "head" in data:
-            head = signing.Signed.from_dict(data["head"])
-            continue
-        data["details"] = json.dumps(data["details"], sort_keys=True)
-        data["statement"] = json.dumps(data["statement"], sort_keys=True) if data.get("statement") else None
-        data["logged_at"] = datetime.fromisoformat(str(data["logged_at"]))
+        try:
+            data = json.loads(line)
+            if "head" in data:
+                head = signing.Signed.from_dict(data["head"])
+                continue
+            data["details"] = json.dumps(data["details"], sort_keys=True)
+            data["statement"] = json.dumps(data["statement"], sort_keys=True) if data.get("statement") else None
+            data["logged_at"] = datetime.fromisoformat(str(data["logged_at"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            return len(rows), Problem(0, f"{path}:{number}: not an exported audit row ({type(exc).__name__}: {exc})")
         data["_line"] = number
         rows.append(data)
     if head is None:
@@ -299,4 +340,5 @@ def verify_file(path: Path, signers: signing.SignersSpec) -> tuple[int, Problem 
         return len(rows), Problem(int(details.get("first_seq", 1)), f"the export's first row is not row "
                                                                     f"{details.get('first_seq', 1)}: rows were removed")
     start = (int(rows[0]["seq"]) - 1, rows[0]["prev_hash"])
-    return len(rows), verify_rows(rows, start, (int(details["seq"]), details["hash"]))
+    problem = verify_rows(rows, start, (int(details["seq"]), details["hash"]))
+    return len(rows), problem or policy_problem(rows, signers)

@@ -101,12 +101,20 @@ def labels(project: Project, version: str) -> dict[str, str]:
 
 # -- manifest ------------------------------------------------------------------
 def _files(root: Path) -> dict[str, str]:
+    """sha256 of every regular file below `root`. A symlink (to a file or a folder) is refused outright:
+    it would let the bento's content change outside it, and Python would import through it."""
     out = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_dir() or rel in UNLISTED or "__pycache__" in path.parts:
-            continue
-        out[rel] = file_hash(path)
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__" or (here / d).is_symlink())
+        for name in sorted(files) + [d for d in dirs if (here / d).is_symlink()]:
+            path = here / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink() or not path.is_file():
+                raise BentoTampered("the bento holds a symlink or special file, which no build writes",
+                                    path=str(path), hint="remove it, or rebuild with `slipway build`")
+            if rel not in UNLISTED:
+                out[rel] = file_hash(path)
     return out
 
 
@@ -124,8 +132,12 @@ def check_manifest(bento_dir: Path) -> str:
     if not path.exists():
         raise BentoTampered("the bento has no manifest: it was not built by this Slipway, or the manifest "
                             "was deleted", path=str(path), hint="rebuild it with `slipway build`")
-    manifest = json.loads(path.read_text())
-    listed: dict[str, str] = manifest.get("files", {})
+    try:
+        manifest = json.loads(path.read_text())
+        listed: dict[str, str] = dict(manifest["files"])
+    except (ValueError, KeyError, TypeError):
+        raise BentoTampered("the manifest is not the JSON `slipway build` writes", path=str(path),
+                            hint="rebuild it with `slipway build`") from None
     actual = _files(bento_dir)
     for rel, digest in sorted(listed.items()):
         if rel not in actual:
@@ -148,19 +160,36 @@ def build_statement(bento_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise BentoTampered("the bento carries no signed build statement", path=str(path),
                             hint="rebuild it with `slipway build`")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+        if not (isinstance(data["statement"], dict) and isinstance(data["key"], str)
+                and isinstance(data["signature"], str)):
+            raise TypeError("wrong types")
+    except (ValueError, KeyError, TypeError):
+        raise BentoTampered("the signed build statement is not what `slipway build` writes", path=str(path),
+                            hint="rebuild it with `slipway build`") from None
+    return data
 
 
-def verify(bento_dir: Path) -> str:
-    """What `slipway serve` and the service check before loading anything: every file matches the manifest,
-    and the build statement's signature holds over that manifest. Returns the manifest's sha256.
-    (Whether the signer may build is the deploy gate's question: framework/release.py.)"""
+def verify(bento_dir: Path, target: str | None = None, signers=None) -> str:
+    """Every file matches the manifest, and a build statement for `target` (`<project>:<version>`) with a
+    valid signature vouches for that manifest; with `signers` (a signing.SignersSpec, the project's own
+    file from git), its key must also be listed and not revoked. Returns the manifest's sha256.
+
+    Without `signers` this only proves the bento is what *some* key built: plain `bentoml serve` and the
+    service can check no more, having no trust root outside the bento. `slipway serve` passes the signers."""
     from framework import signing
 
     manifest = check_manifest(bento_dir)
     signed = signing.Signed.from_dict(build_statement(bento_dir))
-    if (not signing.signature_holds(signed)
-            or signed.statement.get("details", {}).get("manifest_sha256") != manifest):
+    details = signed.statement.get("details") or {}
+    if (not signing.signature_holds(signed) or signed.statement.get("action") != "build"
+            or details.get("manifest_sha256") != manifest
+            or (target is not None and signed.statement.get("target") != target)):
         raise BentoTampered("the signed build statement does not vouch for this manifest (edited or forged)",
                             path=str(bento_dir / BUILD_SIGNATURE), hint="rebuild it with `slipway build`")
+    if signers is not None and (why := signing.refusal(signing.verify(signed, signers), None)):
+        raise BentoTampered(f"the build is not signed by a key of this project: {why}",
+                            path=str(bento_dir / BUILD_SIGNATURE),
+                            hint="rebuild it with a key listed in signers.toml, or list the builder's key")
     return manifest

@@ -141,10 +141,12 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
     model_tag = _ensure_model(project, model_key)
     try:
         existing = bentoml.get(tag)
+    except bentoml.exceptions.NotFound:
+        existing = None
+    if existing is not None:
+        bentos.verify(Path(existing.path), tag)  # the same content, but an edited copy is not "already built"
         return BuildResult(tag=tag, created=False, model_tag=model_tag, labels=dict(existing.info.labels),
                            path=str(existing.path))
-    except bentoml.exceptions.NotFound:
-        pass
     labels = {
         "slipway.project": name, "slipway.model_sha256": model_spec.sha256,
         "slipway.program_hash": passing["program_hash"], "slipway.notebook_hash": passing["notebook_hash"],
@@ -166,16 +168,20 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
             python={"packages": RUNTIME_REQUIREMENTS},
         )
     root = Path(bento.path)
-    manifest = bentos.write_manifest(root)
-    statement = audit.statement(name, "build", tag, {
-        "content_hash": passing["content_hash"], "contract_hash": passing["contract_hash"],
-        "manifest_sha256": manifest, "check_id": passing["check_id"],
-        "override": labels.get("slipway.override"), "failed": passing["failed"]})
-    signed = signing.sign(statement, key)
-    (root / bentos.BUILD_SIGNATURE).write_text(json.dumps(signed.to_dict(), indent=1, sort_keys=True))
-    verified = signing.verify(signed, signers)
-    with Store(store_path(project)) as store, store.transaction():
-        audit.append(store, signed, verified.name if verified else signed.fingerprint)
+    try:  # a bento without its signed manifest would be stuck under its tag: remove it if signing fails
+        manifest = bentos.write_manifest(root)
+        statement = audit.statement(name, "build", tag, {
+            "content_hash": passing["content_hash"], "contract_hash": passing["contract_hash"],
+            "manifest_sha256": manifest, "check_id": passing["check_id"],
+            "override": labels.get("slipway.override"), "failed": passing["failed"]})
+        signed = signing.sign(statement, key)
+        (root / bentos.BUILD_SIGNATURE).write_text(json.dumps(signed.to_dict(), indent=1, sort_keys=True))
+        verified = signing.verify(signed, signers)
+        with Store(store_path(project)) as store, store.transaction():
+            audit.append(store, signed, verified.name if verified else signed.fingerprint)
+    except BaseException:
+        bentoml.bentos.delete(tag)
+        raise
     return BuildResult(tag=str(bento.tag), created=True, model_tag=model_tag, labels=labels, path=str(bento.path))
 
 

@@ -49,8 +49,13 @@ def _folder(bento) -> Path:
 
 
 def signed_check(bento) -> signing.Signed | None:
+    """The signed check statement in the bento, or None when missing or malformed (the gate says so)."""
     path = _folder(bento) / CHECK_FILE
-    return signing.Signed.from_dict(json.loads(path.read_text())) if path.exists() else None
+    try:
+        signed = signing.Signed.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return signed if isinstance(signed.statement, dict) else None
 
 
 def readiness(project: Project, store: Store | None, version: str, bento=None) -> Readiness:
@@ -99,8 +104,9 @@ def readiness(project: Project, store: Store | None, version: str, bento=None) -
         who = row["approver"]
         if why:
             rejected.append(f"{who}: {why}")
-        elif row["signer_key"] not in counted:
-            counted[row["signer_key"]] = signers.by_key(row["signer_key"]).name  # type: ignore[union-attr]
+        else:  # one key counts once, however its line is spelt in the row
+            key = signing.normal_key(row["signer_key"])
+            counted.setdefault(key, signers.by_key(key).name)  # type: ignore[union-attr]
     required = project.spec.contract.approvals_required
     if len(counted) < required:
         missing.append(f"rule approvals: {len(counted)} of {required} valid approvals"
@@ -212,7 +218,7 @@ def rollback(project: Project, channel: str, *, key: Path | None = None) -> dict
     if not history or not history[0]["previous_version"]:
         raise ReleaseRefused(f"{project.name} {channel} has no previous version to roll back to",
                              hint=f"see `slipway status {project.name}`")
-    current, back_to = history[0]["version"], history[0]["previous_version"]
+    current, back_to = history[0]["version"], history[0]["previous_version"]  # verified against the statement
     # The version before `back_to` is what `back_to`'s own deploy replaced, so rollbacks walk back in order.
     earlier = next((h["previous_version"] for h in history[1:] if h["version"] == back_to), None)
     statement = audit.statement(project.name, "rollback", f"{project.name}:{back_to}",
@@ -228,27 +234,51 @@ def rollback(project: Project, channel: str, *, key: Path | None = None) -> dict
 
 
 def _deployment_refusal(project: Project, row: dict, signers: signing.SignersSpec) -> str | None:
-    """Why a deployments row may not move a channel: bad signature, wrong role, or a statement that
-    says something else than the row."""
+    """Why a deployments row may not move a channel: bad signature, wrong role, or any column that says
+    something else than the signed statement (only the statement is trusted; columns are for queries)."""
     if not row.get("signature"):
         return "rule signature-valid: the row carries no signature (inserted by hand, or from before signing)"
     signed = audit.signed_of(row)
-    st, details = signed.statement, signed.statement.get("details", {})
+    st, details = signed.statement, signed.statement.get("details") or {}
     role = f"{row['action']}:{row['channel']}"
     if why := signing.refusal(signing.verify(signed, signers), role):
         return why
-    if (st.get("action"), st.get("target"), details.get("channel")) != (
-            row["action"], f"{project.name}:{row['version']}", row["channel"]):
-        return "rule same-target: the signed statement names another version or channel than the row"
-    if row["action"] == "deploy" and details.get("override") and signing.refusal(
-            signing.verify(signed, signers), "override"):
+    override = details.get("override") if row["action"] == "deploy" else None
+    if (st.get("project"), st.get("action"), st.get("target"), details.get("channel"),
+        details.get("previous_version"), override) != (
+            project.name, row["action"], f"{project.name}:{row['version']}", row["channel"],
+            row["previous_version"], row["override_reason"]):
+        return "rule same-target: the row's columns differ from the statement its signature covers"
+    if override and signing.refusal(signing.verify(signed, signers), "override"):
         return "rule role: the override was not signed by a key with the override role"
     return None
 
 
+def _history_refusal(rows: list[dict[str, Any]], audit_rows: list[dict[str, Any]], channel: str) -> str | None:
+    """Do the channel's rows (newest first) form one history? Each deploy names the version it replaced,
+    each rollback the version it left and goes back to what that one replaced; so a replayed old row or a
+    row whose link was edited breaks the chain. The newest row must also be the newest deploy or rollback
+    of the channel in the audit log, which catches deleting the newest rows."""
+    for index, row in enumerate(rows):
+        details = audit.signed_of(row).statement.get("details") or {}
+        older = rows[index + 1] if index + 1 < len(rows) else None
+        if row["action"] == "deploy" and details.get("previous_version") != (older["version"] if older else None):
+            return (f"rule history: deployment {row['deploy_id']} says it replaced {details.get('previous_version')}, "
+                    f"but the row before it is {older['version'] if older else 'none'} (replayed or reordered)")
+        if row["action"] == "rollback" and (older is None or details.get("from") != older["version"]
+                                            or row["version"] != older["previous_version"]):
+            return f"rule history: rollback {row['deploy_id']} does not undo the row before it (replayed or edited)"
+    logged = [r for r in audit_rows if r["action"] in ("deploy", "rollback")
+              and (audit.signed_of(r).statement.get("details") or {}).get("channel") == channel]
+    if rows and logged and logged[-1]["signature"] != rows[0]["signature"]:
+        return ("rule history: the audit log's newest deploy or rollback of this channel is not the deployments "
+                "table's newest row (rows deleted or inserted)")
+    return None
+
+
 def verified_history(project: Project, store: Store, channel: str) -> list[dict[str, Any]]:
-    """The channel's deployments, newest first, refusing if any row fails verification: a channel whose
-    history was tampered with must not move until someone looks."""
+    """The channel's deployments, newest first, refusing if any row fails verification or the rows do not
+    form one history: a channel whose history was tampered with must not move until someone looks."""
     signers = signing.load_signers(project.dir)
     rows = store.deployments(project.name, channel)
     for row in rows:
@@ -256,6 +286,9 @@ def verified_history(project: Project, store: Store, channel: str) -> list[dict[
             raise ReleaseRefused(f"{project.name} {channel}: deployment {row['deploy_id']} ({row['action']} of "
                                  f"{row['version']}) does not verify: {why}", path=str(store.path),
                                  hint="the store was edited outside slipway; see `slipway audit verify`")
+    if why := _history_refusal(rows, store.audit_rows(), channel):
+        raise ReleaseRefused(f"{project.name} {channel}: {why}", path=str(store.path),
+                             hint="the store was edited outside slipway; see `slipway audit verify`")
     return rows
 
 
@@ -290,15 +323,24 @@ def channel_version(project: Project, channel: str) -> str:
             raise SpecError(f"{project.name} has nothing deployed to {channel}", path=str(project.toml_path),
                             hint=f"run `slipway deploy {project.name}:<version> --channel {channel}`")
         current = history[0]
-        if current["action"] == "deploy" and not current["override_reason"]:
-            try:
-                ready = readiness(project, store, current["version"])
-            except BentoTampered as exc:
-                raise ReleaseRefused(f"{project.name}:{current['version']} ({channel}) fails its manifest: "
-                                     f"{exc.render()}") from None
-            if ready.missing:
-                raise ReleaseRefused(f"{project.name}:{current['version']} is on {channel} but the gate does not "
-                                     f"open for it: {'; '.join(ready.missing)}", path=str(store.path))
+        version = current["version"]
+        # The bento must still be the one whose manifest the deploy signed (for a rollback: the deploy that
+        # first put this version on the channel); a plain deploy must also still pass the whole gate.
+        signed_by = current if current["action"] == "deploy" else next(
+            (r for r in history[1:] if r["action"] == "deploy" and r["version"] == version), current)
+        signed_manifest = (audit.signed_of(signed_by).statement.get("details") or {}).get("manifest_sha256")
+        try:
+            manifest = bentos.check_manifest(Path(bentos.get(project, version).path))
+            ready = readiness(project, store, version) if current["action"] == "deploy" and not \
+                current["override_reason"] else None
+        except BentoTampered as exc:
+            raise ReleaseRefused(f"{project.name}:{version} ({channel}) fails its manifest: {exc.render()}") from None
+        if ready is not None and ready.missing:
+            raise ReleaseRefused(f"{project.name}:{version} is on {channel} but the gate does not open for it: "
+                                 f"{'; '.join(ready.missing)}", path=str(store.path))
+        if manifest != signed_manifest:
+            raise ReleaseRefused(f"{project.name}:{version} ({channel}) is not the build its deploy signed for "
+                                 "(rule same-manifest)", path=str(store.path))
     return current["version"]
 
 

@@ -105,7 +105,13 @@ def serve(target: str, *, host: str, port: int, workers: int | None,
 
     project, tag = pick_tag(target, echo)
     use_bentoml_home(project)
-    bentos.verify(Path(bentos.get(project, tag.partition(":")[2]).path))  # an edited file: refuse before starting
+    # Refuse before starting a bento with an edited file; where approvals are required, also one whose
+    # build was not signed by a key of this project (signers.toml in git is the trust root).
+    from framework import signing
+
+    strict = project.spec.contract.approvals_required >= 1
+    bentos.verify(Path(bentos.get(project, tag.partition(":")[2]).path), tag,
+                  signing.load_signers(project.dir) if strict else None)
     spec = project.spec.serve
     echo(f"serving {tag} on http://{host}:{port} (BENTOML_HOME={os.environ['BENTOML_HOME']})")
     process = subprocess.Popen(serve_command(tag, host=host, port=port),
@@ -292,7 +298,7 @@ async def _follow(project_name: str, channel: str, *, host: str, port: int, work
     import subprocess
 
     from framework import release
-    from framework.errors import SlipwayError
+    from framework.errors import SlipwayError, StoreError
     from framework.evaluate import store_path
 
     project = load_project(project_name)
@@ -364,9 +370,11 @@ async def _follow(project_name: str, channel: str, *, host: str, port: int, work
             stamp = _stamp(store)
             try:
                 current = await asyncio.to_thread(release.channel_version, project, channel)
-            except SlipwayError as exc:  # store busy or the channel emptied: keep serving
-                echo(f"keeping {live['version']}: cannot read the {channel} channel ({exc.args[0]})")
-                stamp = None
+            except Exception as exc:  # noqa: BLE001 - a busy, emptied or tampered store never stops what is live
+                echo(f"keeping {live['version']}: cannot follow the {channel} channel "
+                     f"({exc.args[0] if isinstance(exc, SlipwayError) else f'{type(exc).__name__}: {exc}'})")
+                if isinstance(exc, StoreError):
+                    stamp = None  # a lock: try again at the next poll
                 continue
             if current == live["version"] or current in failed:
                 continue

@@ -244,7 +244,12 @@ def sign(statement: dict[str, Any], key_path: Path | None = None) -> Signed:
     """Sign `statement` with the person's key through `ssh-keygen -Y sign` (agent and passphrases work)."""
     path = key_path or find_key()
     armored = _ssh_keygen(["-Y", "sign", "-q", "-f", str(path), "-n", NAMESPACE], data=canonical(statement))
-    return Signed(statement=statement, key=public_key(path), signature=armored)
+    signed = Signed(statement=statement, key=public_key(path), signature=armored)
+    if not signature_holds(signed):  # e.g. a stale .pub beside the key: nothing signed with it would count
+        raise IdentityError(f"the signature made with {path} does not verify against {path}.pub",
+                            hint="the .pub file is not this key's public half; regenerate it with "
+                                 f"`ssh-keygen -y -f {path} > {path}.pub`")
+    return signed
 
 
 def signature_holds(signed: Signed) -> bool:

@@ -176,3 +176,35 @@ def test_export_parquet_carries_signatures(keys, tmp_path):
     con = duckdb.connect()
     assert con.execute(f"SELECT count(signature) FROM '{tmp_path / 'a.parquet'}'").fetchone()[0] == 3
     assert (tmp_path / "a.parquet.head.json").exists()
+
+
+def test_a_log_rebuilt_behind_a_fake_prune_by_an_unlisted_key_fails(keys, project_root, tmp_path):
+    """Everything deleted, a checkpoint past the anchor, and a prune row signed with a throw-away key:
+    the chain and signatures hold, but the prune row does not count, so the checkpoint is not trusted."""
+    folder = project_root / "projects" / "ticket-triage"
+    write_signers(folder, keys)
+    signers = signing.load_signers(folder)
+    with Store(tmp_path / "s.duckdb") as store:
+        for i in range(3):
+            audit.append(store, signing.sign(audit.statement("p", "build", f"p:{i}"), keys["alice"]), "alice")
+        audit.anchor(store, folder, "p", key=keys["root"], signers=signers)
+        store.con.execute("DELETE FROM audit")
+        store.con.execute("DELETE FROM meta WHERE key = 'audit_head'")
+        store.con.execute("INSERT INTO audit_checkpoint VALUES (100, ?, now())", ["a" * 64])
+        fake = signing.sign(audit.statement("p", "prune", "p", {"through_seq": 100, "through_hash": "a" * 64}),
+                            keys["mallory"])
+        audit.append(store, fake, "root")
+        assert audit.verify(store) is None  # the chain alone holds
+        problem = audit.verify(store, anchor=audit.read_anchor(folder), signers=signers)
+    assert problem is not None and "rule known-key" in problem.message
+
+
+def test_gated_rows_need_listed_keys_with_the_role(keys, project_root, tmp_path):
+    folder = project_root / "projects" / "ticket-triage"
+    write_signers(folder, keys)
+    with Store(tmp_path / "s.duckdb") as store:
+        audit.append(store, signing.sign(audit.statement("p", "check", "p"), keys["mallory"]), "mallory")
+        assert audit.verify(store, signers=signing.load_signers(folder)) is None  # anyone may sign a check
+        audit.append(store, signing.sign(audit.statement("p", "approve", "p:1"), keys["carol"]), "carol")
+        problem = audit.verify(store, signers=signing.load_signers(folder))
+    assert problem.seq == 2 and "lacks the role 'approve'" in problem.message

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -258,3 +259,104 @@ def test_check_and_build_by_unlisted_keys_do_not_open_the_gate(project, keys):
 def test_act_as_helper_switches_the_signing_key(monkeypatch, keys):
     act_as(monkeypatch, keys, "bob")
     assert signing.find_key() == keys["bob"]
+
+
+# -- ways around the gate found in review ----------------------------------------------------------------------
+
+def _deploy_v1_then_v2(project, keys):
+    for version, content in (("v1", "c1"), ("v2", "c2")):
+        build(project, keys, version, content)
+        release.approve(project, version, key=keys["bob"])
+        release.deploy(project, version, "prod", key=keys["carol"])
+
+
+def test_one_approval_respelt_does_not_count_twice(project, keys, toml_path):
+    edit_toml(toml_path, "approvals_required = 1", "approvals_required = 2")
+    project = project.model_copy(update={"spec": load_project(str(toml_path)).spec})
+    build(project, keys, "v1", "c1")
+    approval = release.approve(project, "v1", key=keys["bob"])
+    with Store(store_path(project)) as store:  # same signature, the key line given a comment
+        store.add_approval({**approval, "approval_id": new_id("approval"),
+                            "signer_key": approval["signer_key"] + " copy@evil"})
+    with pytest.raises(ReleaseRefused, match="1 of 2 valid approvals"):
+        release.deploy(project, "v1", "prod", key=keys["carol"])
+
+
+def test_edited_columns_of_a_signed_deployment_are_caught(project, keys):
+    _deploy_v1_then_v2(project, keys)
+    for column, value in (("override_reason", "x"), ("previous_version", "v0"), ("version", "v1")):
+        with Store(store_path(project)) as store:
+            original = store.con.execute(f"SELECT {column} FROM deployments ORDER BY rowid DESC LIMIT 1").fetchone()[0]
+            store.con.execute(f"UPDATE deployments SET {column} = ? WHERE rowid = (SELECT max(rowid) FROM deployments)",
+                              [value])
+        with pytest.raises(ReleaseRefused, match="rule same-target"):
+            release.channel_version(project, "prod")
+        with Store(store_path(project)) as store:
+            store.con.execute(f"UPDATE deployments SET {column} = ? WHERE rowid = (SELECT max(rowid) FROM deployments)",
+                              [original])
+    assert release.channel_version(project, "prod") == "v2"
+
+
+def test_a_rollback_key_cannot_roll_forward_to_anything(project, keys):
+    _deploy_v1_then_v2(project, keys)
+    build(project, keys, "evil", "c9")
+    signed = signing.sign(audit.statement(project.name, "rollback", f"{project.name}:evil",
+                                          {"channel": "prod", "from": "v2", "previous_version": None}), keys["dave"])
+    with Store(store_path(project)) as store:
+        store.add_deployment({"deploy_id": new_id("deploy"), "project": project.name, "channel": "prod",
+                              "version": "evil", "previous_version": None, "action": "rollback", "actor": "dave",
+                              "statement": signed.statement, "signer_key": signed.key, "signature": signed.signature})
+    with pytest.raises(ReleaseRefused, match="rule history"):
+        release.channel_version(project, "prod")
+
+
+def test_replayed_or_deleted_deployments_do_not_move_the_channel(project, keys):
+    _deploy_v1_then_v2(project, keys)
+    with Store(store_path(project)) as store:
+        first = store.deployments(project.name, "prod")[-1]  # carol's signed deploy of v1, replayed as newest
+        store.add_deployment({**first, "deploy_id": new_id("deploy")})
+    with pytest.raises(ReleaseRefused, match="rule history"):
+        release.channel_version(project, "prod")
+    with Store(store_path(project)) as store:
+        store.con.execute("DELETE FROM deployments WHERE rowid = (SELECT max(rowid) FROM deployments)")
+        store.con.execute("DELETE FROM deployments WHERE rowid = (SELECT max(rowid) FROM deployments)")
+    with pytest.raises(ReleaseRefused, match="audit log's newest deploy"):  # back to v1 by deleting v2's row
+        release.channel_version(project, "prod")
+
+
+def test_malformed_signed_row_is_refused_not_a_crash(project, keys):
+    _deploy_v1_then_v2(project, keys)
+    with Store(store_path(project)) as store:
+        store.con.execute("UPDATE deployments SET statement = 'null' "
+                          "WHERE rowid = (SELECT max(rowid) FROM deployments)")
+    with pytest.raises(ReleaseRefused, match="rule signature-valid"):
+        release.channel_version(project, "prod")
+    assert release.status(project)["prod"]["verified"] is False
+
+
+def test_a_bento_re_signed_by_an_unlisted_key_is_refused_where_signers_are_known(project, keys):
+    bento = build(project, keys, "v1", "c1")
+    root = Path(bento.path)
+    (root / "src" / "slipway" / "program.json").write_text('{"evil": true}')
+    manifest = bentos.write_manifest(root)
+    forged = signing.sign(audit.statement(project.name, "build", f"{project.name}:v1",
+                                          {"content_hash": "c1", "manifest_sha256": manifest}), keys["mallory"])
+    (root / bentos.BUILD_SIGNATURE).write_text(json.dumps(forged.to_dict()))
+    assert bentos.verify(root, f"{project.name}:v1") == manifest  # integrity alone: some key built it
+    with pytest.raises(BentoTampered, match="rule known-key"):
+        bentos.verify(root, f"{project.name}:v1", signing.load_signers(project.dir))
+    with pytest.raises(BentoTampered, match="edited or forged"):
+        bentos.verify(root, f"{project.name}:v2")  # a build statement of another version
+    release.approve(project, "v1", key=keys["bob"])
+    with pytest.raises(ReleaseRefused, match="build by unlisted key"):
+        release.deploy(project, "v1", "prod", key=keys["carol"])
+
+
+def test_symlinks_in_a_bento_are_refused(project, keys, tmp_path):
+    bento = build(project, keys, "v1", "c1")
+    outside = tmp_path / "dspy"
+    outside.mkdir()
+    (outside / "__init__.py").write_text("print('attacker')")
+    (Path(bento.path) / "src" / "dspy").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(BentoTampered, match="symlink"):
+        bentos.check_manifest(Path(bento.path))

@@ -103,3 +103,12 @@ def test_missing_key_says_how_to_make_one(monkeypatch, tmp_path):
     made = signing.find_key(create=True)  # checks and builds make one rather than fail on a fresh machine
     assert made == signing.default_key_path() and made.exists()
     assert signing.find_key() == made
+
+
+def test_a_stale_pub_file_is_caught_when_signing(keys, tmp_path):
+    import shutil
+
+    shutil.copy(keys["bob"], tmp_path / "bob")
+    shutil.copy(keys["carol"].with_suffix(".pub"), tmp_path / "bob.pub")  # the wrong public half
+    with pytest.raises(IdentityError, match="match"):  # ssh-keygen refuses; were it not to, sign() checks
+        signing.sign({"x": 1}, tmp_path / "bob")
