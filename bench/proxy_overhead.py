@@ -2,13 +2,19 @@
 stand-in upstream (a stdlib HTTP server) and through the proxy (framework.serve.proxy_app on uvicorn).
 
     PYTHONPATH=$PWD .venv/bin/python bench/proxy_overhead.py [-n 300]
+
+Writes bench/results/proxy_overhead.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import statistics
 import time
+from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 
@@ -42,6 +48,14 @@ def main() -> None:
     upstream.close()
     print(f"direct p50 {direct[0]:.2f} ms p95 {direct[1]:.2f} ms; through the proxy p50 {proxied[0]:.2f} ms "
           f"p95 {proxied[1]:.2f} ms ({n} requests each)")
+    out = Path(__file__).parent / "results" / "proxy_overhead.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                               "machine": platform.node(), "requests": n,
+                               "direct_ms": {"p50": direct[0], "p95": direct[1]},
+                               "proxied_ms": {"p50": proxied[0], "p95": proxied[1]},
+                               "added_p50_ms": proxied[0] - direct[0]}, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

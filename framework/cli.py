@@ -265,7 +265,8 @@ def build(project: ProjectArg,
 
 
 @app.command()
-def serve(target: Annotated[str, typer.Argument(help="<project> or <project>:<version> (default: newest build)")],
+def serve(target: Annotated[str, typer.Argument(help="<project> or <project>:<version> (default: what prod serves "
+                                                      "when approvals are required, else the newest build)")],
           channel: Annotated[str | None, typer.Option(help="serve what this channel points to, following changes")]
           = None,
           port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 3000,
