@@ -33,7 +33,7 @@ from framework.store import Store
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUNTIME_REQUIREMENTS = ["dspy>=3.4.1", "llama-cpp-python>=0.3.36", "pydantic>=2.13", "duckdb>=2.0.0",
-                        "marimo>=0.25.2", "prometheus-client>=0.20", "typer>=0.29", "rich>=15.0"]
+                        "marimo>=0.25.2", "prometheus-client>=0.20", "typer>=0.29", "rich>=15.0", "sshsig>=0.3.1"]
 
 
 @dataclass
