@@ -309,7 +309,7 @@ def test_plain_serve_follows_prod_when_approvals_are_required(tiny_project, tiny
 
     said: list[str] = []
     assert pick_tag(v1, said.append)[1] == v1
-    assert "not approved" in said[-1] and "0 of 1 approvals" in said[-1]
+    assert "not approved" in said[-1] and "0 of 1 valid approvals" in said[-1]
 
     ok(["approve", v1, "--key", str(keys["bob"])])
     ok(["deploy", v1, "--channel", "prod", "--key", str(keys["carol"])])
