@@ -214,5 +214,5 @@ def test_a_request_past_its_deadline_fails_cleanly_and_the_engine_stays_usable(l
         with deadline(0.001), pytest.raises(Exception) as cut:
             program(ticket="generation cut off at the deadline, not after max_tokens")
         assert isinstance(root_cause(cut.value), ModelTimeout) and "generation" in str(root_cause(cut.value))
-        with deadline(60):
+        with deadline(600):  # generous: llama.cpp threads of two processes on 2 cores can slow a call 50x
             assert program(ticket="refund please, charged twice").category  # nothing left locked or broken

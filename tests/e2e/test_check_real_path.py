@@ -17,7 +17,10 @@ def test_check_on_a_slice_records_everything(toml_path, tiny_model_present):
     assert run.n == 8 and not run.reused
     m = run.measurements
     assert 0 < m.latency_p50_ms <= m.latency_p95_ms <= m.latency_p99_ms
-    assert m.tokens_per_request > 100  # the prompt alone is hundreds of tokens
+    assert all(r["tokens_in"] > 100 for r in run.records)  # the prompt alone is hundreds of tokens
+    assert sum(r["tokens_cached"] for r in run.records) > 0  # the shared instruction prefix is reused
+    assert m.tokens_per_request == pytest.approx(  # what the model evaluated anew and generated
+        sum(r["tokens_in"] - r["tokens_cached"] + r["tokens_out"] for r in run.records) / run.n)
     assert m.metrics["format_validity"] == 1.0  # the grammar guarantees parseable output
     assert {c.name for c in result.verdict.clauses} >= {"latency_p95_ms", "category_macro_f1", "monthly_budget"}
 
