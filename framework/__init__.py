@@ -4,7 +4,8 @@ The public API, in the order data flows through it:
 project.toml → `load_project` → `load_program` (from the notebook) →
 `language_model` (llama.cpp) → `run_eval` → `judge` / `check` → report →
 `build` (a BentoML bento, refused unless the check passed) → `review` (against the baseline) →
-`approve` → `deploy` / `rollback` (channels) → `slipway serve`.
+`approve` → `deploy` / `rollback` (channels) → `slipway serve`. Approvals, deploys and rollbacks are
+signed with the person's SSH key (`key=`, a path; see framework/signing.py and docs/trust.md).
 Heavy libraries (dspy, llama_cpp, duckdb) are imported only when used.
 """
 
@@ -19,10 +20,13 @@ from framework.build import build
 from framework.check import check
 from framework.errors import (
     AuditBroken,
+    BentoTampered,
     ContractFailed,
     DatasetError,
+    IdentityError,
     ModelError,
     NotebookError,
+    NotReady,
     ReleaseRefused,
     SlipwayError,
     SpecError,
@@ -38,9 +42,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AuditBroken",
+    "BentoTampered",
     "ContractFailed",
     "DatasetError",
+    "IdentityError",
     "ModelError",
+    "NotReady",
     "NotebookError",
     "Project",
     "ProjectSpec",
