@@ -28,10 +28,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _stop(server: subprocess.Popen) -> None:
+def _stop(server: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM (BentoML drains in-flight requests), then kill if it has not stopped within `timeout` s."""
     server.terminate()
     try:
-        server.wait(timeout=30)
+        server.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()

@@ -112,7 +112,7 @@ def test_serve_channel_follows_a_rollback_without_downtime(tiny_project, tiny_mo
 
     import httpx
 
-    from tests.e2e.test_build_serve import _free_port, _wait_ready
+    from tests.e2e.test_build_serve import _free_port, _stop, _wait_ready
 
     ok(["check", "ticket-triage"])
     v1 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
@@ -180,11 +180,7 @@ def test_serve_channel_follows_a_rollback_without_downtime(tiny_project, tiny_mo
         assert server.poll() is None
     finally:
         done.set()
-        server.terminate()
-        try:
-            server.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server, timeout=90)
         log.close()
     text = (tmp_path / "serve.log").read_text()
     assert "is live; draining the previous server" in text, text[-2000:]

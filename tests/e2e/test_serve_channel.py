@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import cli_ok as ok
-from tests.e2e.test_build_serve import _free_port, _wait_ready, break_when_served, loosen_latency
+from tests.e2e.test_build_serve import _free_port, _stop, _wait_ready, break_when_served, loosen_latency
 
 
 @pytest.mark.model
@@ -54,9 +54,5 @@ def test_channel_keeps_the_old_version_when_the_new_one_fails_its_warm_up(tiny_p
         assert answers and all(a == (200, v1) for a in answers), answers
         assert server.poll() is None
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server, timeout=90)
         log.close()
