@@ -50,6 +50,9 @@ class CallStats:
     finish_reason: str
     raw_text: str | None = None               # the text the model wrote, before DSPy parsed it
     format_problems: list[str] | None = None  # against the response schema; None: the call had none
+    messages: list[dict] | None = None        # the rendered chat prompt (for traces; redacted before written)
+    started: float | None = None              # time.perf_counter() when the call was made, before any wait
+    waited_ms: float = 0.0                    # of the call's time, spent waiting for the model (lock, tokenizing)
 
     @property
     def tokens_in(self) -> int:
@@ -186,6 +189,7 @@ class LlamaCppEngine:
 
     # -- the DSPy engine protocol -------------------------------------------------
     def complete(self, request):
+        entered = time.perf_counter()
         messages = _chat_messages(request)
         config = request.config
         temperature = config.temperature if config.temperature is not None else 0.0
@@ -198,6 +202,8 @@ class LlamaCppEngine:
             text, _, _, stats = self.chat(messages, grammar=self._grammar_for(config.response_format),
                                           temperature=temperature, max_tokens=config.max_tokens,
                                           stop=list(config.stop) or None, top_p=config.top_p, seed=config.seed)
+        stats.messages, stats.started = messages, entered
+        stats.waited_ms = max((time.perf_counter() - entered) * 1000 - stats.latency_ms, 0.0)
         return respond(self.name, text, stats, schema)
 
     def stream(self, request):

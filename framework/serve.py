@@ -84,10 +84,17 @@ def serve_command(tag: str, *, host: str, port: int) -> list[str]:
     return [str(Path(sys.executable).parent / "bentoml"), "serve", tag, "--host", host, "--port", str(port)]
 
 
-def serve_env(service_name: str, workers: int | None) -> dict[str, str]:
+def serve_env(project: Project, workers: int | None, channel: str | None = None) -> dict[str, str]:
+    """The environment `bentoml serve` runs in: workers trace into the project's folder
+    (framework/traces.py) and know which channel they serve, for their traces."""
     # Bytecode goes to a private folder: a .pyc planted beside the bento's verified sources is never read.
     prefix = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slipway" / "pycache"
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "PYTHONPYCACHEPREFIX": str(prefix)}
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "PYTHONPYCACHEPREFIX": str(prefix),
+           "SLIPWAY_TRACE_DIR": str(project.trace_dir.resolve())}
+    env.pop("SLIPWAY_CHANNEL", None)
+    if channel:
+        env["SLIPWAY_CHANNEL"] = channel
+    service_name = project.name.replace("-", "_")
     if workers:
         env["BENTOML_CONFIG_OPTIONS"] = f"services.{service_name}.workers={workers}"
     return env
@@ -111,7 +118,7 @@ def serve(target: str, *, host: str, port: int, workers: int | None,
     spec = project.spec.serve
     echo(f"serving {tag} on http://{host}:{port} (BENTOML_HOME={os.environ['BENTOML_HOME']})")
     process = subprocess.Popen(serve_command(tag, host=host, port=port),
-                               env=serve_env(project.name.replace("-", "_"), workers), start_new_session=True)
+                               env=serve_env(project, workers), start_new_session=True)
     stopping: list[int] = []
 
     def forward(signum, _frame) -> None:
@@ -300,7 +307,7 @@ async def _follow(project_name: str, channel: str, *, host: str, port: int, work
     project = load_project(project_name)
     use_bentoml_home(project)
     spec = project.spec.serve
-    env = serve_env(project.name.replace("-", "_"), workers)
+    env = serve_env(project, workers, channel)
     store = store_path(project)
     live: dict = {}  # version, port, process of the server that new requests go to
     upstreams = Upstreams()

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field, create_model, field_validator
 
 from framework.errors import NotebookError, SlipwayError
 from framework.lm import load_engine
+from framework.metrics import request_cost
 from framework.spec import parse_spec
+from framework.traces import RequestIndex, Tracer, feedback_id, is_negative, iso, trace_dir_for_bento, utc_now
 
 
 def _bento_dir() -> Path:
@@ -139,6 +141,33 @@ def _desc(field) -> str:
 
 Request, Response, MAX_INPUT_CHARS = _schemas()
 ENDPOINT = "/" + SPEC.serve.endpoint.strip("/")
+OUTPUT_TYPES = {name: field.annotation for name, field in Response.model_fields.items()
+                if name not in ("request_id", "version")}
+
+
+class FeedbackBody(bentoml.IODescriptor):
+    """POST /feedback: a thumbs up/down (+1 / -1) or a 0..1 score on one answered request."""
+
+    model_config = {"extra": "forbid"}
+    request_id: str = Field(min_length=1, max_length=200)
+    score: float = Field(ge=-1, le=1, description="+1 / -1, or 0..1 (below 0.5 counts as negative)")
+    comment: str | None = Field(None, max_length=2000)
+    correct_labels: dict[str, Any] | None = Field(None, description="what the answer should have been")
+
+    @field_validator("score")
+    @classmethod
+    def _thumbs_or_unit(cls, value: float) -> float:
+        if value < 0 and value != -1:
+            raise ValueError("score is -1 / +1, or between 0 and 1")
+        return value
+
+
+TRACE_IDENTITY = {"project": CONFIG["project"], "channel": os.environ.get("SLIPWAY_CHANNEL") or None,
+                  "bento": VERSION["bento"], "version": CONFIG["bento_version"],
+                  "model_sha256": VERSION["model_sha256"], "program_hash": VERSION["program_hash"]}
+TRACE_DIR = trace_dir_for_bento(CONFIG["project"])
+TRACER = Tracer(SPEC.tracing, TRACE_DIR, TRACE_IDENTITY, MODEL)
+REQUESTS = RequestIndex(TRACE_DIR)
 logger = logging.getLogger("slipway.service")
 
 _latency = bentoml.metrics.Histogram(
@@ -182,18 +211,27 @@ class NotReadyAnswers:
 
 
 class ValidationErrorsAs422:
-    """BentoML answers schema errors with 400; HTTP APIs (and FastAPI users) expect 422. Body unchanged."""
+    """BentoML answers schema errors with 400; HTTP APIs (and FastAPI users) expect 422. Body unchanged.
+    A refused request to the endpoint is traced too (error_code invalid-request, no inputs kept)."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") != ENDPOINT:
+        if scope["type"] != "http" or scope.get("path") not in (ENDPOINT, "/feedback"):
             return await self.app(scope, receive, send)
+        t0, started_at = time.perf_counter(), utc_now()
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
 
         async def send_422(message):
             if message["type"] == "http.response.start" and message["status"] == 400:
-                message = {**message, "status": 422}
+                message = {**message, "status": 422,
+                           "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]}
+                if scope.get("path") == ENDPOINT:
+                    TRACER.record(request_id=request_id, started_at=started_at, t0=t0, t_valid=None,
+                                  t_end=time.perf_counter(), status=422, error_code="invalid-request",
+                                  error="the request does not match the endpoint's schema")
             await send(message)
 
         await self.app(scope, receive, send_422)
@@ -260,14 +298,15 @@ class SlipwayService:
 
         from framework.lm import deadline, metering, root_cause
 
+        t0, started_at = time.perf_counter(), utc_now()
         request_id = ctx.request.headers.get("x-request-id") or uuid.uuid4().hex
         ctx.response.headers["X-Request-ID"] = request_id
-        version = VERSION["bento"]
-        start = time.perf_counter()
         size = sum(len(str(v)) for v in inputs.values())
         if size > MAX_INPUT_CHARS:
-            return self._error(ctx, 413, request_id, f"input is {size} characters; the contract allows "
-                               f"{MAX_INPUT_CHARS} (contract.max_input_chars)", start)
+            return self._error(ctx, 413, "input-too-large", request_id, f"input is {size} characters; the contract "
+                               f"allows {MAX_INPUT_CHARS} (contract.max_input_chars)", t0, started_at, inputs=None)
+        t_valid = time.perf_counter()
+        calls: list = []
         try:
             with metering() as calls, deadline(SPEC.serve.timeout_s), dspy.context(lm=self.lm, adapter=self.adapter):
                 prediction = self.program(**inputs)
@@ -277,24 +316,76 @@ class SlipwayService:
             cause = root_cause(exc)
             message = cause.render() if isinstance(cause, SlipwayError) else \
                 f"model error: {type(exc).__name__}: {str(exc)[:300]}"
-            return self._error(ctx, 503, request_id, message, start)
-        from framework.metrics import request_cost
-
+            code = cause.code if isinstance(cause, SlipwayError) else "model-error"
+            return self._error(ctx, 503, code, request_id, message, t0, started_at, inputs=inputs,
+                               t_valid=t_valid, calls=calls)
+        outputs = json.loads(json.dumps(outputs, default=str))
+        trace = TRACER.record(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
+                              t_end=time.perf_counter(), status=200, inputs=inputs, outputs=outputs, calls=calls)
+        version = VERSION["bento"]
         new = sum(c.tokens_in_new for c in calls)
         cached = sum(c.tokens_in_cached for c in calls)
         generated = sum(c.tokens_out for c in calls)
         _tokens.labels(version, "input").inc(new)
         _tokens.labels(version, "input_cached").inc(cached)
         _tokens.labels(version, "output").inc(generated)
-        _cost.labels(version).inc(request_cost(MODEL, new, cached, generated))  # as `slipway check` prices it
-        _latency.labels(version, "ok").observe(time.perf_counter() - start)
-        return {**json.loads(json.dumps(outputs, default=str)), "request_id": request_id, "version": VERSION}
+        # priced as `slipway check` prices it
+        _cost.labels(version).inc(trace["cost"] if trace else request_cost(MODEL, new, cached, generated))
+        _latency.labels(version, "ok").observe(time.perf_counter() - t0)
+        return {**outputs, "request_id": request_id, "version": VERSION}
 
-    def _error(self, ctx, status: int, request_id: str, message: str, start: float) -> dict:
+    def _error(self, ctx, status: int, code: str, request_id: str, message: str, t0: float, started_at,
+               *, inputs: dict | None, t_valid: float | None = None, calls=()) -> dict:
         ctx.response.status_code = status
+        TRACER.record(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
+                      t_end=time.perf_counter(), status=status, inputs=inputs, calls=calls, error_code=code,
+                      error=message)
         _errors.labels(VERSION["bento"], str(status)).inc()
-        _latency.labels(VERSION["bento"], "error").observe(time.perf_counter() - start)
+        _latency.labels(VERSION["bento"], "error").observe(time.perf_counter() - t0)
         return ErrorBody(error=message, request_id=request_id, version=VERSION).model_dump()
+
+    @bentoml.api(route="/feedback", input_spec=FeedbackBody)
+    def feedback(self, ctx: bentoml.Context, **body: Any) -> dict:
+        """Feedback on an answered request, attributed to the version that answered it (its trace).
+        Unknown request_id: 404; the same body twice: recorded once; bad labels: 422."""
+        request_id = body["request_id"]
+        problems = label_problems(body.get("correct_labels"))
+        if problems:
+            ctx.response.status_code = 422
+            return {"error": "correct_labels: " + "; ".join(problems), "request_id": request_id}
+        found = REQUESTS.lookup(request_id)
+        if found is None:
+            ctx.response.status_code = 404
+            return {"error": f"no trace of request {request_id!r}: feedback must name the X-Request-ID (or "
+                             "request_id) of a request this service answered", "request_id": request_id}
+        fid = feedback_id(request_id, body["score"], body.get("comment"), body.get("correct_labels"))
+        duplicate = REQUESTS.seen_feedback(fid)
+        if not duplicate:
+            redactions: dict[str, int] = {}
+            TRACER.feedback_writer.append({
+                "feedback_id": fid, "request_id": request_id, "trace_id": found["trace_id"],
+                "bento": found["bento"], "version": found["version"], "score": body["score"],
+                "negative": is_negative(body["score"]),
+                "comment": TRACER.redactor.text(body["comment"], redactions) if body.get("comment") else None,
+                "correct_labels": body.get("correct_labels"), "received_at": iso(utc_now())})
+            REQUESTS.feedback.add(fid)
+        return {"feedback_id": fid, "request_id": request_id, "bento": found["bento"], "duplicate": duplicate}
+
+
+def label_problems(labels: dict | None) -> list[str]:
+    """Why `correct_labels` do not fit the program's output fields (empty when they do)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    problems = []
+    for name, value in (labels or {}).items():
+        if name not in OUTPUT_TYPES:
+            problems.append(f"{name!r} is not an output field ({', '.join(OUTPUT_TYPES)})")
+            continue
+        try:
+            TypeAdapter(OUTPUT_TYPES[name]).validate_python(value)
+        except ValidationError as exc:
+            problems.append(f"{name}: {exc.errors()[0]['msg']}")
+    return problems
 
 
 SlipwayService.add_asgi_middleware(ValidationErrorsAs422)

@@ -258,6 +258,43 @@ class AuditSpec(_Strict):
     retention_days: Annotated[int, Field(ge=1)] | None = None
 
 
+class RedactPattern(_Strict):
+    """A project's own redaction rule: text matching `regex` is replaced by `[<NAME>]` in stored traces."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+    regex: str
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class TracingSpec(_Strict):
+    """What the served bento records per request (framework/traces.py, docs/traces.md)."""
+
+    enabled: bool = True
+    keep_text: bool = Field(True, description="store rendered prompts, inputs and outputs (after redaction); "
+                                              "false keeps only figures, versions and errors")
+    redact: list[Literal["email", "phone", "card"]] = Field(
+        default_factory=lambda: ["email", "phone", "card"],
+        description="built-in redactions applied before anything is written; [] turns them off")
+    redact_patterns: list[RedactPattern] = Field(default_factory=list)
+    redact_hook: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = Field(
+        None, description="`module:function` taking and returning a string, run after the patterns")
+    retention_days: Annotated[int, Field(ge=1)] | None = Field(
+        30, description="traces and feedback older than this are deleted at ingest; none: kept")
+    fsync: Literal["always", "interval", "never"] = Field(
+        "interval", description="when segment files are flushed to disk: every trace, at most every "
+                                "second, or left to the OS. A killed worker loses nothing either way")
+    otlp_endpoint: str | None = Field(None, description="also send spans live to this OTLP/HTTP collector, "
+                                                        "e.g. http://127.0.0.1:4318/v1/traces")
+
+
 class ProjectSpec(_Strict):
     project: ProjectMeta
     pipeline: PipelineSpec
@@ -267,6 +304,7 @@ class ProjectSpec(_Strict):
     optimize: OptimizeSpec = Field(default_factory=OptimizeSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
+    tracing: TracingSpec = Field(default_factory=TracingSpec)
 
     @model_validator(mode="after")
     def _pipeline_model_exists(self) -> ProjectSpec:
@@ -305,6 +343,11 @@ class Project(BaseModel):
     def state_dir(self) -> Path:
         """Git-ignored folder for the store and reports."""
         return self.dir / ".slipway"
+
+    @property
+    def trace_dir(self) -> Path:
+        """Where served workers append trace and feedback segments (`slipway serve` points them here)."""
+        return self.state_dir / "traces"
 
     def split_path(self, split: str) -> Path:
         rel = {"eval": self.spec.eval.dataset, "dev": self.spec.eval.dev, "train": self.spec.eval.train}.get(split)

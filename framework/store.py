@@ -22,7 +22,7 @@ from typing import Any
 
 from framework.errors import StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -118,6 +118,56 @@ CREATE TABLE IF NOT EXISTS audit (
     signer_key VARCHAR,
     signature VARCHAR
 );
+CREATE TABLE IF NOT EXISTS traces (
+    trace_id VARCHAR PRIMARY KEY, -- one per answered request (framework/traces.py); the OTLP trace id
+    request_id VARCHAR NOT NULL,  -- X-Request-ID as sent, or generated
+    started_at TIMESTAMP NOT NULL, -- UTC
+    duration_ms DOUBLE,
+    project VARCHAR,
+    channel VARCHAR,              -- the channel `slipway serve --channel` served it on; null otherwise
+    bento VARCHAR,                -- project:version
+    version VARCHAR,
+    model_sha256 VARCHAR,
+    program_hash VARCHAR,
+    caller VARCHAR,
+    tenant VARCHAR,
+    status INTEGER,               -- HTTP status answered
+    error_code VARCHAR,           -- input-too-large | model-timeout | model-error | … (docs/traces.md)
+    error VARCHAR,
+    tokens_in_new INTEGER,
+    tokens_in_cached INTEGER,
+    tokens_out INTEGER,
+    cost DOUBLE,
+    inputs JSON,                  -- redacted; null when [tracing] keep_text = false
+    outputs JSON,
+    calls JSON,                   -- per model call: prompt messages, raw output, tokens, timings
+    stages JSON,                  -- [{name, start_ms, duration_ms}]
+    decisions JSON,
+    redactions JSON,              -- rule -> how many replacements
+    worker VARCHAR,
+    segment VARCHAR,              -- the segment file it was ingested from
+    ingested_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    feedback_id VARCHAR PRIMARY KEY, -- sha256 of request_id + the body: a repeated POST adds nothing
+    request_id VARCHAR NOT NULL,
+    trace_id VARCHAR,
+    bento VARCHAR,                -- the version that answered (from its trace)
+    version VARCHAR,
+    score DOUBLE,                 -- as sent: -1 / +1, or 0..1
+    negative BOOLEAN,
+    comment VARCHAR,
+    correct_labels JSON,
+    received_at TIMESTAMP,
+    segment VARCHAR,
+    ingested_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS segments (
+    segment VARCHAR PRIMARY KEY,  -- traces/<file> or feedback/<file> under <project>/.slipway/traces
+    bytes_ingested BIGINT NOT NULL, -- written with the rows in one transaction: ingest is idempotent
+    lines_skipped BIGINT NOT NULL,
+    updated_at TIMESTAMP
+);
 CREATE TABLE IF NOT EXISTS audit_checkpoint (
     seq BIGINT PRIMARY KEY,      -- last pruned row
     hash VARCHAR NOT NULL,       -- its hash: the next kept row's prev_hash
@@ -178,11 +228,12 @@ class Store:
         if not read_only:
             self.con.execute(SCHEMA)
             self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-            # 1 -> 2 added tables (SCHEMA creates them); 2 -> 3 added signature columns and results.tokens_cached.
+            # 1 -> 2 added tables (SCHEMA creates them); 2 -> 3 added signature columns and results.tokens_cached;
+            # 3 -> 4 added traces, feedback and segments (SCHEMA creates them).
             # Rows from before signing stay readable but carry no signature, so no gate counts them.
             for sql in MIGRATIONS:
                 self.con.execute(sql)
-            self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND value IN ('1', '2')",
+            self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND value IN ('1', '2', '3')",
                              [str(SCHEMA_VERSION)])
         version = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if version and int(version[0]) != SCHEMA_VERSION:
@@ -333,3 +384,127 @@ class Store:
         the transaction that appends the signed prune row)."""
         self.con.execute("INSERT INTO audit_checkpoint VALUES (?, ?, ?)", [last_seq, last_hash, now()])
         self.con.execute("DELETE FROM audit WHERE seq <= ?", [last_seq])
+
+    # -- traces and feedback (framework/traces.py) ------------------------------
+    def segment_offset(self, segment: str) -> int:
+        row = self.con.execute("SELECT bytes_ingested FROM segments WHERE segment = ?", [segment]).fetchone()
+        return int(row[0]) if row else 0
+
+    def add_segment_rows(self, kind: str, segment: str, rows: list[dict[str, Any]], *, start: int, end: int,
+                         skipped: int) -> int:
+        """Insert a segment's new rows and move its offset in one transaction; returns rows added.
+        Rows already present (same trace_id / feedback_id) are ignored, so this is idempotent."""
+        import os
+        import tempfile
+
+        from framework.traces import KINDS
+
+        columns = KINDS[kind][0]
+        table = kind
+        added = 0
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as tmp:
+            for row in rows:
+                tmp.write(json.dumps({k: row.get(k) for k in columns}, default=str) + "\n")
+        try:
+            spec = "{" + ", ".join(f"'{name}': '{kind_}'" for name, kind_ in columns.items()) + "}"
+            with self.transaction():
+                if rows:
+                    added = self.con.execute(
+                        f"INSERT OR IGNORE INTO {table} BY NAME SELECT *, ? AS segment, ? AS ingested_at "
+                        f"FROM read_json(?, format='newline_delimited', columns={spec})",
+                        [segment, now(), tmp.name]).fetchone()[0]
+                self.con.execute(
+                    "INSERT INTO segments VALUES (?, ?, ?, ?) ON CONFLICT (segment) DO UPDATE SET "
+                    "bytes_ingested = excluded.bytes_ingested, "
+                    "lines_skipped = segments.lines_skipped + excluded.lines_skipped, updated_at = excluded.updated_at",
+                    [segment, end, skipped, now()])
+        finally:
+            os.unlink(tmp.name)
+        return int(added)
+
+    def forget_segment(self, segment: str) -> None:
+        self.con.execute("DELETE FROM segments WHERE segment = ?", [segment])
+
+    def delete_traces_before(self, cutoff: datetime) -> int:
+        traces = self.con.execute("DELETE FROM traces WHERE started_at < ?", [cutoff]).fetchone()[0]
+        feedback = self.con.execute("DELETE FROM feedback WHERE received_at < ?", [cutoff]).fetchone()[0]
+        return int(traces) + int(feedback)
+
+    def traces(self, *, since: datetime | None = None, version: str | None = None, channel: str | None = None,
+               where: str | None = None, limit: int | None = 100) -> list[dict[str, Any]]:
+        """Traces newest first. `where` is SQL over the traces table's columns, as `slipway traces --where`
+        takes it: run it on a read-only store (`Store(path, read_only=True)`), so it can only read."""
+        clauses, params = ["TRUE"], []
+        if since is not None:
+            clauses.append("started_at >= ?")
+            params.append(since)
+        if version:
+            clauses.append("(version = ? OR bento = ?)")
+            params += [version, version]
+        if channel:
+            clauses.append("channel = ?")
+            params.append(channel)
+        if where:
+            clauses.append(f"({where})")
+        sql = f"SELECT * FROM traces WHERE {' AND '.join(clauses)} ORDER BY started_at DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        try:
+            rows = self._rows(sql, params)
+        except Exception as exc:  # noqa: BLE001 - duckdb raises many kinds; say which clause failed
+            if not where:
+                raise
+            raise StoreError(f"--where {where!r} failed: {str(exc).splitlines()[0]}", path=str(self.path),
+                             hint="write SQL over the traces columns (docs/traces.md), e.g. "
+                                  "\"status >= 500\" or \"duration_ms > 2000\"") from None
+        return [_decode_trace(row) for row in rows]
+
+    def trace(self, request_id: str) -> list[dict[str, Any]]:
+        """Every trace of a request id (normally one; a client may reuse an id), newest first."""
+        return [_decode_trace(row) for row in
+                self._rows("SELECT * FROM traces WHERE request_id = ? OR trace_id = ? ORDER BY started_at DESC",
+                           [request_id, request_id])]
+
+    def feedback_rows(self, *, since: datetime | None = None) -> list[dict[str, Any]]:
+        rows = self._rows("SELECT * FROM feedback WHERE received_at >= ? ORDER BY received_at",
+                          [since or datetime(1970, 1, 1)])
+        for row in rows:
+            row["correct_labels"] = json.loads(row["correct_labels"]) if row["correct_labels"] else None
+        return rows
+
+    def slo_figures(self, *, since: datetime, channel: str | None = None, version: str | None = None,
+                    latency_targets: dict[str, float] | None = None) -> dict[str, Any]:
+        """The contract's SLO and cost figures over served traffic since `since` (framework/slo.py).
+
+        Client errors (4xx: a bad or oversized request) are the caller's, not the service's: they are
+        left out of every figure. Latency percentiles are over answered requests (2xx); the error rate
+        is 5xx over all the rest; `slow.<clause>` counts answered requests slower than each target."""
+        clauses, params = ["started_at >= ?", "NOT (status >= 400 AND status < 500)"], [since]
+        if channel:
+            clauses.append("channel = ?")
+            params.append(channel)
+        if version:
+            clauses.append("(version = ? OR bento = ?)")
+            params += [version, version]
+        slow = "".join(f", count(*) FILTER (WHERE status < 400 AND duration_ms > {float(limit)!r}) "
+                       f"AS \"slow.{name}\"" for name, limit in (latency_targets or {}).items())
+        sql = ("SELECT count(*) AS n, count(*) FILTER (WHERE status >= 500) AS errors, "
+               "count(*) FILTER (WHERE status < 400) AS answered, "
+               "quantile_cont(duration_ms, 0.5) FILTER (WHERE status < 400) AS p50, "
+               "quantile_cont(duration_ms, 0.95) FILTER (WHERE status < 400) AS p95, "
+               "quantile_cont(duration_ms, 0.99) FILTER (WHERE status < 400) AS p99, "
+               "avg(coalesce(tokens_in_new, 0) + coalesce(tokens_out, 0)) FILTER (WHERE status < 400) AS tokens, "
+               "quantile_cont(coalesce(tokens_in_new, 0) + coalesce(tokens_out, 0), 0.95) "
+               "FILTER (WHERE status < 400) AS tokens_p95, "
+               "avg(coalesce(tokens_in_cached, 0)) FILTER (WHERE status < 400) AS tokens_cached, "
+               "avg(coalesce(cost, 0)) AS cost, sum(coalesce(cost, 0)) AS spent, "
+               f"min(started_at) AS first, max(started_at) AS last{slow} "
+               f"FROM traces WHERE {' AND '.join(clauses)}")
+        return self._rows(sql, params)[0]
+
+
+def _decode_trace(row: dict[str, Any]) -> dict[str, Any]:
+    for key in ("inputs", "outputs", "calls", "stages", "decisions", "redactions"):
+        if row.get(key) is not None:
+            row[key] = json.loads(row[key])
+    return row

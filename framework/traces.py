@@ -1,0 +1,399 @@
+"""Served requests → trace records → segment files → the store.
+
+Each served worker appends one JSON line per answered request to its own segment file
+(`<project>/.slipway/traces/traces/<host>-<pid>-<start>-<rand>.jsonl`), written before the response
+leaves, so an answered request always has its trace. DuckDB allows one writer per file and a worker
+must never wait on `slipway approve`, so workers do not touch the store: `ingest()` copies new
+complete lines into it later (every `slipway traces`, `slo`, `harvest`, `drift`, `dashboard` starts
+with it). Ingestion is idempotent (traces are keyed by `trace_id`, and a segment's ingested byte offset
+is stored in the same transaction as its rows), so a second ingest, or one killed half-way, adds nothing
+twice. A line cut short by a killed worker is detected (no newline, or not JSON) and skipped with a
+warning naming the file; it is never ingested as garbage.
+
+fsync policy (`[tracing] fsync`): every line is one `os.write` on an O_APPEND file, so once a response is
+sent its trace is in the kernel and survives the worker being killed; "interval" (default) also
+fsyncs at most once a second, bounding what a power cut loses; "always" fsyncs every line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+# Keys every trace line carries; a line without them is not ingested (docs/traces.md has the rest).
+REQUIRED = ("trace_id", "request_id", "started_at", "duration_ms", "status")
+TRACE_COLUMNS = {
+    "trace_id": "VARCHAR", "request_id": "VARCHAR", "started_at": "TIMESTAMP", "duration_ms": "DOUBLE",
+    "project": "VARCHAR", "channel": "VARCHAR", "bento": "VARCHAR", "version": "VARCHAR",
+    "model_sha256": "VARCHAR", "program_hash": "VARCHAR", "caller": "VARCHAR", "tenant": "VARCHAR",
+    "status": "INTEGER", "error_code": "VARCHAR", "error": "VARCHAR",
+    "tokens_in_new": "INTEGER", "tokens_in_cached": "INTEGER", "tokens_out": "INTEGER", "cost": "DOUBLE",
+    "inputs": "JSON", "outputs": "JSON", "calls": "JSON", "stages": "JSON", "decisions": "JSON",
+    "redactions": "JSON", "worker": "VARCHAR",
+}
+FEEDBACK_COLUMNS = {
+    "feedback_id": "VARCHAR", "request_id": "VARCHAR", "trace_id": "VARCHAR", "bento": "VARCHAR",
+    "version": "VARCHAR", "score": "DOUBLE", "negative": "BOOLEAN", "comment": "VARCHAR",
+    "correct_labels": "JSON", "received_at": "TIMESTAMP",
+}
+FEEDBACK_REQUIRED = ("feedback_id", "request_id", "score", "received_at")
+KINDS = {"traces": (TRACE_COLUMNS, REQUIRED), "feedback": (FEEDBACK_COLUMNS, FEEDBACK_REQUIRED)}
+# A segment whose writer is gone (dead pid on this host, or silent this long) has its cut-off last line skipped.
+ABANDONED_AFTER_S = 300
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="microseconds")
+
+
+class SegmentWriter:
+    """One worker's append-only segment of one kind (traces or feedback). Thread-safe.
+
+    The file is created on the first line, so a worker that answers nothing leaves nothing behind;
+    it is never reopened after the process ends (a restarted worker gets a new name), so a line
+    cut short by a kill stays the last line of a file nobody writes again."""
+
+    def __init__(self, directory: Path, kind: str, *, fsync: str = "interval"):
+        self.path = (Path(directory) / kind /
+                     f"{socket.gethostname()}-{os.getpid()}-{utc_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}.jsonl")
+        self.fsync = fsync
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        self._synced = 0.0
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode()
+        with self._lock:
+            if self._fd is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view):]
+            if self.fsync == "always" or (self.fsync == "interval" and time.monotonic() - self._synced >= 1.0):
+                os.fsync(self._fd)
+                self._synced = time.monotonic()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+@dataclass
+class Chunk:
+    """The complete, valid lines of one segment from a byte offset on."""
+
+    segment: str
+    start: int
+    end: int                          # byte offset after the last line consumed (valid, skipped or cut off)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)   # "file:byte: why", for each line not ingested
+
+
+def segments(trace_dir: Path, kind: str) -> list[Path]:
+    folder = Path(trace_dir) / kind
+    return sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+
+
+def _writer_gone(path: Path) -> bool:
+    parts = path.stem.split("-")
+    try:
+        pid = int(parts[-3])
+    except (IndexError, ValueError):
+        return True
+    hostname = "-".join(parts[:-3])
+    if time.time() - path.stat().st_mtime > ABANDONED_AFTER_S:
+        return True
+    if hostname != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+_TYPES = {"trace_id": str, "request_id": str, "feedback_id": str, "started_at": str, "received_at": str,
+          "status": int, "duration_ms": (int, float), "score": (int, float)}
+
+
+def _problem(row: Any, required: tuple[str, ...]) -> str | None:
+    """Why a parsed line is not a record (None when it is one)."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    missing = [key for key in required if row.get(key) is None]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    wrong = [key for key in required if key in _TYPES and (not isinstance(row[key], _TYPES[key])
+                                                           or isinstance(row[key], bool))]
+    if wrong:
+        return f"wrong type for {', '.join(wrong)}"
+    for key in ("started_at", "received_at"):
+        if key in required:
+            try:
+                datetime.fromisoformat(row[key])
+            except ValueError:
+                return f"{key} is not an ISO time"
+    return None
+
+
+def read_chunk(path: Path, kind: str, start: int, *, name: str | None = None) -> Chunk:
+    """New complete lines of `path` from byte `start`. A last line without its newline is left for
+    later while its writer lives, and skipped (reported) once the writer is gone."""
+    _, required = KINDS[kind]
+    label = name or str(path)
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        data = fh.read()
+    cut = data.rfind(b"\n") + 1
+    chunk = Chunk(segment=label, start=start, end=start + cut)
+    position = start
+    for raw in data[:cut].splitlines(keepends=True):
+        text = raw.strip()
+        where = f"{label}:byte {position}"
+        position += len(raw)
+        if not text:
+            continue
+        try:
+            row = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            chunk.skipped.append(f"{where}: not JSON ({exc}); a write cut short?")
+            continue
+        problem = _problem(row, required)
+        if problem:
+            chunk.skipped.append(f"{where}: {problem}")
+            continue
+        chunk.rows.append(row)
+    if cut < len(data) and _writer_gone(path):
+        chunk.skipped.append(f"{label}:byte {start + cut}: last line cut short ({len(data) - cut} bytes, "
+                             "no newline) and its writer is gone")
+        chunk.end = start + len(data)
+    return chunk
+
+
+@dataclass
+class Ingested:
+    traces: int = 0
+    feedback: int = 0
+    skipped: list[str] = field(default_factory=list)
+    deleted: int = 0
+
+
+def ingest(project, *, store=None) -> Ingested:
+    """Copy new segment lines of `project` into its store (idempotent), then apply retention."""
+    from framework.evaluate import store_path
+    from framework.store import Store
+
+    if store is None:
+        with Store(store_path(project)) as opened:
+            return ingest(project, store=opened)
+    result = Ingested()
+    root = project.trace_dir
+    for kind in KINDS:
+        for path in segments(root, kind):
+            name = f"{kind}/{path.name}"
+            start = store.segment_offset(name)
+            if path.stat().st_size <= start:
+                continue
+            chunk = read_chunk(path, kind, start, name=name)
+            if chunk.end == start:
+                continue
+            added = store.add_segment_rows(kind, chunk.segment, chunk.rows, start=chunk.start, end=chunk.end,
+                                           skipped=len(chunk.skipped))
+            setattr(result, kind, getattr(result, kind) + added)
+            result.skipped += chunk.skipped
+    days = project.spec.tracing.retention_days
+    if days is not None:
+        result.deleted = retain(project, store, utc_now() - timedelta(days=days))
+    return result
+
+
+def retain(project, store, cutoff: datetime) -> int:
+    """Delete traces and feedback older than `cutoff` from the store, and segment files wholly ingested
+    whose last write is older than it."""
+    deleted = store.delete_traces_before(cutoff)
+    for kind in KINDS:
+        for path in segments(project.trace_dir, kind):
+            name = f"{kind}/{path.name}"
+            if (datetime.fromtimestamp(path.stat().st_mtime, UTC).replace(tzinfo=None) < cutoff
+                    and store.segment_offset(name) >= path.stat().st_size):
+                path.unlink()
+                store.forget_segment(name)
+    return deleted
+
+
+def iter_lines(trace_dir: Path, kind: str = "traces") -> Iterator[dict[str, Any]]:
+    """Every complete, valid line of every segment (no store): for workers looking up a request id."""
+    for path in segments(trace_dir, kind):
+        yield from read_chunk(path, kind, 0).rows
+
+
+def parse_since(text: str) -> timedelta:
+    """`90s`, `15m`, `1h`, `7d`, `2w` → a timedelta (for --since and --window)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text or "")
+    if not match:
+        raise ValueError(f"{text!r} is not a duration: write a number and a unit, e.g. 30m, 1h, 7d")
+    value, unit = float(match.group(1)), match.group(2)
+    return timedelta(seconds=value * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit])
+
+
+def trace_dir_for_bento(project_name: str) -> Path:
+    """Where a served bento writes: `SLIPWAY_TRACE_DIR` (set by `slipway serve`), else the project's
+    trace folder when the bento store is a repository's `bentos/`, else `./slipway-traces/<project>`."""
+    explicit = os.environ.get("SLIPWAY_TRACE_DIR")
+    if explicit:
+        return Path(explicit)
+    home = os.environ.get("BENTOML_HOME")
+    if home:
+        candidate = Path(home).resolve().parent / "projects" / project_name
+        if (candidate / "project.toml").exists():
+            return candidate / ".slipway" / "traces"
+    return Path.cwd() / "slipway-traces" / project_name
+
+
+class Tracer:
+    """One per served worker: turns a finished request into a redacted trace line in its segment.
+
+    `identity` is what every trace of this worker shares: project, channel, bento, version,
+    model_sha256, program_hash. Live OTLP export (`[tracing] otlp_endpoint`) is one more sink."""
+
+    def __init__(self, spec, directory: Path, identity: dict[str, Any], model=None):
+        from framework.redact import Redactor
+
+        self.spec = spec
+        self.directory = Path(directory)
+        self.identity = identity
+        self.model = model
+        self.redactor = Redactor(spec)
+        self.writer = SegmentWriter(self.directory, "traces", fsync=spec.fsync)
+        self.feedback_writer = SegmentWriter(self.directory, "feedback", fsync=spec.fsync)
+        self.sinks: list[Any] = []
+        if spec.otlp_endpoint:
+            from framework.otlp import LiveExporter
+
+            self.sinks.append(LiveExporter(spec.otlp_endpoint, identity))
+
+    def record(self, *, request_id: str, started_at: datetime, t0: float, t_valid: float | None, t_end: float,
+               status: int, inputs: dict | None = None, outputs: dict | None = None, calls=(),
+               error_code: str | None = None, error: str | None = None, caller: str | None = None,
+               tenant: str | None = None, decisions: list[dict] | None = None) -> dict[str, Any] | None:
+        """Build, redact and append the trace of one request; returns it (None when tracing is off).
+        Times are `time.perf_counter()` readings: t0 at arrival, t_valid after validation, t_end at answer."""
+        if not self.spec.enabled:
+            return None
+        from framework.metrics import request_cost
+
+        counts: dict[str, int] = {}
+        keep = self.spec.keep_text
+        ms = lambda t: round((t - t0) * 1000, 3)  # noqa: E731 - offsets from arrival
+        stages = []
+        if t_valid is not None:
+            stages.append({"name": "validation", "start_ms": 0.0, "duration_ms": ms(t_valid)})
+        call_rows, cursor = [], t_valid
+        for i, call in enumerate(calls):
+            begin = call.started if call.started is not None else cursor or t0
+            if cursor is not None and begin - cursor > 0.0005:
+                stages.append({"name": "program", "start_ms": ms(cursor), "duration_ms": ms(begin) - ms(cursor)})
+            end = begin + (call.waited_ms + call.latency_ms) / 1000
+            stages.append({"name": f"model_call_{i}", "start_ms": ms(begin), "duration_ms": ms(end) - ms(begin),
+                           "waited_ms": round(call.waited_ms, 3)})
+            cursor = end
+            call_rows.append({
+                "index": i, "start_ms": ms(begin), "latency_ms": round(call.latency_ms, 3),
+                "waited_ms": round(call.waited_ms, 3), "tokens_in_new": call.tokens_in_new,
+                "tokens_in_cached": call.tokens_in_cached, "tokens_out": call.tokens_out,
+                "finish_reason": call.finish_reason, "format_problems": call.format_problems,
+                "messages": self.redactor.value(call.messages, counts) if keep and call.messages else None,
+                "output": self.redactor.text(call.raw_text, counts) if keep and call.raw_text else None})
+        if cursor is not None and t_end - cursor > 0.0005 and status < 400:
+            stages.append({"name": "parse", "start_ms": ms(cursor), "duration_ms": ms(t_end) - ms(cursor)})
+        new = sum(c.tokens_in_new for c in calls)
+        cached = sum(c.tokens_in_cached for c in calls)
+        generated = sum(c.tokens_out for c in calls)
+        trace = {
+            "trace_id": uuid.uuid4().hex, "request_id": request_id, "started_at": iso(started_at),
+            "duration_ms": ms(t_end), **self.identity, "caller": caller, "tenant": tenant, "status": status,
+            "error_code": error_code, "error": self.redactor.text(error, counts) if error else None,
+            "tokens_in_new": new, "tokens_in_cached": cached, "tokens_out": generated,
+            "cost": request_cost(self.model, new, cached, generated) if self.model is not None and calls else 0.0,
+            "inputs": self.redactor.value(inputs, counts) if keep and inputs is not None else None,
+            "outputs": self.redactor.value(outputs, counts) if keep and outputs is not None else None,
+            "calls": call_rows, "stages": stages, "decisions": decisions or [], "redactions": counts,
+            "worker": f"{socket.gethostname()}-{os.getpid()}",
+        }
+        self.writer.append(trace)
+        for sink in self.sinks:
+            sink.send(trace)
+        return trace
+
+
+class RequestIndex:
+    """request_id → its trace's (trace_id, bento, version), read incrementally from every worker's trace
+    segments (the service answers POST /feedback with it: an id no worker traced is a 404). Also the
+    set of feedback ids already recorded, so a repeated POST is not written twice."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.offsets: dict[tuple[str, str], int] = {}
+        self.requests: dict[str, dict[str, Any]] = {}
+        self.feedback: set[str] = set()
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        with self._lock:
+            for kind in KINDS:
+                for path in segments(self.directory, kind):
+                    key = (kind, path.name)
+                    start = self.offsets.get(key, 0)
+                    if path.stat().st_size <= start:
+                        continue
+                    chunk = read_chunk(path, kind, start)
+                    self.offsets[key] = chunk.end
+                    for row in chunk.rows:
+                        if kind == "traces":
+                            self.requests[row["request_id"]] = {k: row.get(k) for k in
+                                                                ("trace_id", "bento", "version", "status")}
+                        else:
+                            self.feedback.add(row["feedback_id"])
+
+    def lookup(self, request_id: str) -> dict[str, Any] | None:
+        if request_id not in self.requests:
+            self.refresh()
+        return self.requests.get(request_id)
+
+    def seen_feedback(self, feedback_id: str) -> bool:
+        if feedback_id not in self.feedback:
+            self.refresh()
+        return feedback_id in self.feedback
+
+
+def feedback_id(request_id: str, score: float, comment: str | None, correct_labels: dict | None) -> str:
+    import hashlib
+
+    body = json.dumps({"request_id": request_id, "score": score, "comment": comment,
+                       "correct_labels": correct_labels}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def is_negative(score: float) -> bool:
+    """+1 / -1 thumbs, or a 0..1 rating: below 0.5 (and -1) is negative."""
+    return score < 0.5
