@@ -97,6 +97,32 @@ keys_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                        help="Signing keys: yours, and who may act on a project (signers.toml).")
 app.add_typer(keys_app, name="keys")
 
+
+class DefaultCommandGroup(TyperGroup):
+    """A group whose first argument may be a project instead of a subcommand: `slipway traces <project>`
+    runs `slipway traces list <project>`, while `slipway traces export …` runs `export`."""
+
+    default = "list"
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+class HarvestGroup(DefaultCommandGroup):
+    default = "run"
+
+
+traces_app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=True, rich_markup_mode=None,
+                         help="Traces of served requests: `slipway traces <project>` lists them; `export` writes "
+                              "OTLP or Parquet.")
+app.add_typer(traces_app, name="traces")
+harvest_app = typer.Typer(cls=HarvestGroup, no_args_is_help=True, rich_markup_mode=None,
+                          help="Served requests with negative feedback or corrected labels → candidate eval rows: "
+                               "`slipway harvest <project>` writes the review file, `accept` adds reviewed rows.")
+app.add_typer(harvest_app, name="harvest")
+
 ProjectArg = Annotated[str, typer.Argument(help="project name (projects/<name>) or path to its project.toml")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of tables")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m",
@@ -613,6 +639,146 @@ def keys_list(project: ProjectArg, as_json: JsonOpt = False) -> None:
         _print_json(rows)
     else:
         console.print(report.signers_table(rows))
+
+
+SinceOpt = Annotated[str | None, typer.Option("--since", help="only the last N s/m/h/d/w, e.g. 1h, 7d")]
+WindowOpt = Annotated[str, typer.Option("--window", help="judge the last N s/m/h/d/w of traffic, e.g. 1h, 24h")]
+
+
+def _duration(value: str, option: str):
+    from framework.traces import parse_since
+
+    try:
+        return parse_since(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+@traces_app.command("list")
+def traces_list(project: ProjectArg, since: SinceOpt = None,
+                version: Annotated[str | None, typer.Option("--version", help="only this bento version")] = None,
+                where: Annotated[str | None, typer.Option("--where", help="SQL condition over the traces columns, "
+                                                                          "e.g. \"status >= 500\"")] = None,
+                limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="newest N traces")] = 50,
+                as_json: JsonOpt = False) -> None:
+    """Served requests, newest first (ingests new trace segments into the store first).
+
+    Example: slipway traces ticket-triage --since 1h --where "duration_ms > 5000"
+    """
+    from framework import traces
+    from framework.evaluate import store_path
+    from framework.spec import load_project
+    from framework.store import Store
+
+    loaded = load_project(project)
+    ingested = traces.ingest(loaded)
+    for problem in ingested.skipped:
+        _echo(f"warning: skipped {problem}")
+    since_at = traces.utc_now() - _duration(since, "--since") if since else None
+    with Store(store_path(loaded), read_only=True) as store:   # read-only: --where can only read
+        rows = store.traces(since=since_at, version=version, where=where, limit=limit)
+    if as_json:
+        _print_json(rows)
+    else:
+        console.print(report.traces_table(rows))
+
+
+@traces_app.command("export")
+def traces_export(project: ProjectArg,
+                  out: Annotated[str, typer.Option("--out", "-o", help="file to write")],
+                  fmt: Annotated[str, typer.Option("--format", help="otlp (OTLP/JSON lines, as the OpenTelemetry "
+                                                                    "Collector's file exporter writes) or parquet")]
+                  = "otlp",
+                  since: SinceOpt = None,
+                  version: Annotated[str | None, typer.Option("--version", help="only this bento version")] = None
+                  ) -> None:
+    """Write traces for other tools: OTLP spans (Jaeger, Phoenix, Langfuse) or a Parquet table.
+
+    Example: slipway traces export ticket-triage --format otlp -o traces.jsonl
+    """
+    from pathlib import Path
+
+    from framework import traces
+    from framework.evaluate import store_path
+    from framework.spec import load_project
+    from framework.store import Store
+
+    if fmt not in ("otlp", "parquet"):
+        raise typer.BadParameter(f"{fmt!r}: use otlp or parquet", param_hint="--format")
+    loaded = load_project(project)
+    traces.ingest(loaded)
+    since_at = traces.utc_now() - _duration(since, "--since") if since else None
+    with Store(store_path(loaded), read_only=True) as store:
+        if fmt == "parquet":
+            count = store.export_traces_parquet(Path(out), since=since_at, version=version)
+            what = "traces"
+        else:
+            from framework.otlp import export_otlp
+
+            count = export_otlp(store.traces(since=since_at, version=version, limit=None), Path(out))
+            what = "spans"
+    console.print(line(("wrote", "green"), f" {count} {what} to {out}"))
+
+
+@app.command()
+def trace(request_id: Annotated[str, typer.Argument(help="the X-Request-ID (or trace id) of a served request")],
+          project: Annotated[str | None, typer.Option("--project", "-p", help="project to look in (default: "
+                                                                              "every project)")] = None,
+          as_json: JsonOpt = False) -> None:
+    """One served request: versions, stages as a timeline, prompts and outputs (as redacted when stored).
+
+    Example: slipway trace 3f2a9c…   (the X-Request-ID header of the answer)
+    """
+    from framework import traces
+    from framework.errors import StoreError
+    from framework.evaluate import store_path
+    from framework.spec import PROJECTS_DIR, find_root, load_project
+    from framework.store import Store
+
+    names = [project] if project else sorted(
+        p.parent.name for p in (find_root() / PROJECTS_DIR).glob("*/project.toml"))
+    found = []
+    for name in names:
+        loaded = load_project(name)
+        traces.ingest(loaded)
+        with Store(store_path(loaded), read_only=True) as store:
+            found += store.trace(request_id)
+    if not found:
+        raise StoreError(f"no trace of request {request_id!r} in {', '.join(names)}",
+                         hint="list recent ones with `slipway traces <project>`")
+    if as_json:
+        _print_json(found if len(found) > 1 else found[0])
+        return
+    for item in found:
+        report.print_trace(console, item)
+
+
+@app.command()
+def slo(project: ProjectArg, window: WindowOpt = "1h",
+        channel: Annotated[str | None, typer.Option("--channel", help="only traffic served on this channel")] = None,
+        version: Annotated[str | None, typer.Option("--version", help="only this bento version")] = None,
+        as_json: JsonOpt = False) -> None:
+    """The contract judged on served traffic: latency percentiles, error rate, tokens and cost per request,
+    with error-budget burn. Exit 1 when a clause is breached over the window (for cron or CI).
+
+    Example: slipway slo ticket-triage --channel prod --window 1h
+    """
+    from framework.slo import slo as judge_live
+    from framework.spec import load_project
+
+    result = judge_live(load_project(project), _duration(window, "--window"), channel=channel, version=version)
+    if as_json:
+        _print_json(result.to_dict())
+    elif result.n == 0:
+        console.print(f"no served traffic for {result.project} in the last {result.window}"
+                      + (f" on {channel}" if channel else "") + ": nothing to judge")
+    else:
+        console.print(report.slo_table(result))
+        if result.offline_only:
+            console.print(line(("offline only: ", "dim"), ", ".join(result.offline_only),
+                               (" (quality needs labels: `slipway check`, feedback via `slipway harvest`)", "dim")))
+    if not result.passed:
+        raise typer.Exit(1)
 
 
 def _key(value: str | None):

@@ -484,3 +484,72 @@ def render_review_html(data: dict) -> str:
         eval_changed=changes is not None and any(changes["eval_set"].values()), notebook_rows=notebook_rows,
         comparison=data["comparison"], metrics=data["metrics"], slo=data["slo"], regressed=data["regressed"],
         improved=data["improved"], approvals=data["approvals"])
+
+
+# -- traces and the live contract ---------------------------------------------------------------------------
+
+def traces_table(rows: list[dict]) -> Table:
+    """`slipway traces`: newest first, one request per line."""
+    table = _table(("time (UTC)", "request_id", "version", "status", "ms", "tokens", "cost", "error"),
+                   right=("ms", "tokens", "cost"))
+    for r in rows:
+        status = text(str(r["status"]), "green" if r["status"] < 400 else "bold red")
+        tokens = (r.get("tokens_in_new") or 0) + (r.get("tokens_out") or 0)
+        _row(table, str(r["started_at"])[:23], r["request_id"], r.get("version") or "", status,
+             f"{r['duration_ms']:,.0f}", f"{tokens:,}", f"${(r.get('cost') or 0):.7f}", r.get("error_code") or "")
+    return table
+
+
+def print_trace(console: Console, trace: dict) -> None:
+    """`slipway trace <request_id>`: one trace, its versions, stages as a timeline, and its model calls."""
+    console.print(line(("request ", "bold"), trace["request_id"], ("  trace ", "dim"), trace["trace_id"]))
+    for key in ("started_at", "bento", "channel", "model_sha256", "program_hash", "caller", "tenant", "status",
+                "error_code", "error", "redactions"):
+        if trace.get(key) not in (None, "", {}):
+            console.print(line((f"  {key}: ", "dim"), str(trace[key])))
+    console.print(line(("  tokens: ", "dim"), f"{trace.get('tokens_in_new') or 0} new prompt + "
+                       f"{trace.get('tokens_out') or 0} generated ({trace.get('tokens_in_cached') or 0} cached)  "
+                       f"cost ${(trace.get('cost') or 0):.7f}  total {trace['duration_ms']:,.1f} ms"))
+    total = max(float(trace["duration_ms"]), 1e-9)
+    table = _table(("stage", "start ms", "ms", ""), right=("start ms", "ms"))
+    for stage in trace.get("stages") or []:
+        width = 40
+        begin = int(width * stage["start_ms"] / total)
+        size = max(1, int(width * stage["duration_ms"] / total))
+        bar = " " * begin + "█" * min(size, width - begin)
+        waited = f" (waited {stage['waited_ms']:,.1f})" if stage.get("waited_ms") else ""
+        _row(table, stage["name"] + waited, f"{stage['start_ms']:,.1f}", f"{stage['duration_ms']:,.1f}", bar)
+    console.print(table)
+    if trace.get("inputs") is not None:
+        console.print(line(("  inputs: ", "dim"), json.dumps(trace["inputs"], ensure_ascii=False)[:2000]))
+    if trace.get("outputs") is not None:
+        console.print(line(("  outputs: ", "dim"), json.dumps(trace["outputs"], ensure_ascii=False)[:2000]))
+    for call in trace.get("calls") or []:
+        console.print(line((f"  model call {call['index']}: ", "bold"),
+                           f"{call['tokens_in_new']} new + {call['tokens_in_cached']} cached prompt tokens, "
+                           f"{call['tokens_out']} generated, {call['latency_ms']:,.1f} ms, {call['finish_reason']}"))
+        for message in call.get("messages") or []:
+            console.print(line((f"    [{message['role']}] ", "dim"), _clip(message["content"], 600)))
+        if call.get("output"):
+            console.print(line(("    [output] ", "dim"), _clip(call["output"], 600)))
+
+
+def _clip(value: str, limit: int) -> str:
+    value = " ".join(str(value).split())
+    return value if len(value) <= limit else value[:limit] + f"… ({len(value)} chars)"
+
+
+def slo_table(result) -> Table:
+    """`slipway slo`: each live clause, its burn rate, and what it is based on."""
+    table = _table(("clause", "target", "measured", "verdict", "burn", "note"),
+                   f"Live contract: {result.project}, last {result.window} ({result.n} requests)",
+                   right=("measured", "burn"))
+    for live in result.clauses:
+        clause = live.clause
+        style = "green" if clause.passed else "bold red"
+        burn = "" if live.burn_rate is None else f"{live.burn_rate:.2f}x"
+        _row(table, clause.name, clause.target, clause.measured_text(), text("PASS" if clause.passed else "FAIL",
+                                                                               style),
+             text(burn, "bold red" if (live.burn_rate or 0) > 1 else ""), "; ".join(
+                 x for x in (clause.note, live.note) if x))
+    return table
