@@ -17,8 +17,7 @@ import pytest
 from framework.evaluate import store_path
 from framework.spec import TracingSpec, load_project
 from framework.store import Store
-from framework.traces import (RequestIndex, SegmentWriter, Tracer, ingest, parse_since, read_chunk, segments,
-                              utc_now)
+from framework.traces import RequestIndex, SegmentWriter, Tracer, ingest, parse_since, read_chunk, segments, utc_now
 
 IDENTITY = {"project": "ticket-triage", "channel": "prod", "bento": "ticket-triage:v1", "version": "v1",
             "model_sha256": "ab" * 32, "program_hash": "cd" * 32}
