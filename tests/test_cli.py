@@ -213,3 +213,54 @@ def test_audit_list_at_120_columns_is_one_line_per_row_and_long_shows_every_deta
     flat = " ".join(words)
     assert "reason: incident 42 [urgent]" in flat and "content_hash: " + "c" * 64 in flat
     assert "approve" in long.output and "bob[/]" in long.output
+
+
+def _traced(toml_path, n: int = 3) -> list[str]:
+    """n traces written by the service's own Tracer (fake model calls), not yet ingested."""
+    from framework.spec import load_project
+    from framework.traces import Tracer
+    from tests.test_traces import IDENTITY, answer
+
+    project = load_project(str(toml_path))
+    tracer = Tracer(project.spec.tracing, project.trace_dir, IDENTITY, project.model())
+    ids = [f"req-{i}" for i in range(n)]
+    for i, request_id in enumerate(ids):
+        answer(tracer, request_id, status=200 if i else 503, error_code=None if i else "model-error",
+               error=None if i else "model error: boom")
+    return ids
+
+
+def test_traces_lists_ingests_and_filters(toml_path):
+    ids = _traced(toml_path)
+    listed = runner.invoke(app, ["traces", str(toml_path), "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert sorted(r["request_id"] for r in json.loads(listed.stdout)) == ids
+    failed = runner.invoke(app, ["traces", str(toml_path), "--where", "status >= 500", "--json"])
+    assert [r["request_id"] for r in json.loads(failed.stdout)] == ["req-0"]
+    table = runner.invoke(app, ["traces", str(toml_path)])
+    assert "req-1" in table.stdout and "model-error" in table.stdout
+
+
+def test_traces_where_cannot_write_to_the_store(toml_path):
+    _traced(toml_path)
+    for sql in ("1=1; DROP TABLE traces", "1=1) OR (DELETE FROM traces", "no_such_column = 1"):
+        result = runner.invoke(app, ["traces", str(toml_path), "--where", sql])
+        assert result.exit_code != 0 and "--where" in result.output, result.output
+    again = runner.invoke(app, ["traces", str(toml_path), "--json"])
+    assert len(json.loads(again.stdout)) == 3
+
+
+def test_trace_shows_one_request_and_unknown_ids_are_an_error(toml_path, monkeypatch):
+    _traced(toml_path)
+    shown = runner.invoke(app, ["trace", "req-1", "--project", str(toml_path)])
+    assert shown.exit_code == 0, shown.output
+    assert "model_call_0" in shown.stdout and "My invoice is wrong" in shown.stdout
+    missing = runner.invoke(app, ["trace", "nope", "--project", str(toml_path)])
+    assert missing.exit_code != 0 and "no trace of request 'nope'" in missing.output
+
+
+def test_slo_with_no_traffic_says_so_and_a_bad_window_is_a_usage_error(toml_path):
+    quiet = runner.invoke(app, ["slo", str(toml_path), "--window", "1h"])
+    assert quiet.exit_code == 0 and "nothing to judge" in quiet.stdout
+    bad = runner.invoke(app, ["slo", str(toml_path), "--window", "soon"])
+    assert bad.exit_code == 2 and "not a duration" in bad.output
