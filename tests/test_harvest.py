@@ -168,6 +168,7 @@ def test_round_trip_feedback_to_signed_eval_rows(project, tracer, monkeypatch, k
     harvest.harvest(project)
     eval_path = project.split_path("eval")
     before_hash, before_rows = file_hash(eval_path), len(load_examples(eval_path))
+    mode = eval_path.stat().st_mode & 0o777
     edit_review(project, lambda row: {**row, "accept": True} if row["id"] == "served-r-fixed" else row)
 
     result = accept_as(project, monkeypatch, keys, "carol", ids=None)
@@ -184,6 +185,7 @@ def test_round_trip_feedback_to_signed_eval_rows(project, tracer, monkeypatch, k
     assert provenance["accepted_by"] == "carol"
     assert provenance["key_fingerprint"] == signing.fingerprint(signing.public_key(keys["carol"]))
     assert provenance["acceptance_id"] == result.acceptance_id and provenance["accepted_at"]
+    assert eval_path.stat().st_mode & 0o777 == mode   # replaced atomically, readable as before
     # the next check measures another dataset: its hash (content.py's dataset_hash) changed
     assert file_hash(eval_path) != before_hash and file_hash(eval_path) == result.dataset_sha256
     # the audit log holds the signed statement, naming the rows and the new file
