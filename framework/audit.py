@@ -1,5 +1,5 @@
 """The audit log: a hash-chained, append-only record of every signed check, build, approval, deploy,
-rollback, override and prune.
+rollback, override, prune and addition of served requests to the eval set (harvest-accept).
 
 Each row records one signed statement (framework/signing.py: who, by key, did which action to which
 target, with which details, when) and carries sha256(previous row's hash + its own canonical content,
@@ -169,12 +169,13 @@ def append(store: Store, signed: signing.Signed, actor: str) -> dict:
 
 # Rows that only count when a key listed in signers.toml (and not revoked) signed them. Checks and builds
 # may be signed by anyone (their author is named); the deploy gate decides whether it trusts those.
-LISTED_ONLY = {"approve": "approve", "deploy": None, "rollback": None, "prune": "audit"}
+LISTED_ONLY = {"approve": "approve", "deploy": None, "rollback": None, "prune": "audit",
+               "harvest-accept": "curate"}
 
 
 def policy_problem(rows: list[dict[str, Any]], signers: signing.SignersSpec) -> Problem | None:
-    """The first gated row (approve, deploy, rollback, prune) whose key is not listed, is revoked, or
-    lacks the role: a row signed with a throw-away key verifies as a signature but proves nothing."""
+    """The first gated row (approve, deploy, rollback, prune, harvest-accept) whose key is not listed, is
+    revoked, or lacks the role: a row signed with a throw-away key verifies as a signature but proves nothing."""
     for row in rows:
         if row["action"] in LISTED_ONLY:
             role = LISTED_ONLY[row["action"]]

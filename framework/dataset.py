@@ -1,6 +1,7 @@
 """Labelled JSONL splits (train / dev / eval) → `Example`s.
 
-One row per line: {"id", "inputs": {...}, "expected": {...}, "tags": [...]}.
+One row per line: {"id", "inputs": {...}, "expected": {...}, "tags": [...]}; a row harvested from
+served traffic (framework/harvest.py) also carries "provenance": {request_id, trace_id, accepted_by, ...}.
 A corrupt row stops the load before anything runs, with file:line for every
 bad row, so a check never silently scores a smaller set than declared.
 """
@@ -24,6 +25,7 @@ class _Row(BaseModel):
     inputs: dict[str, Any] = Field(min_length=1)
     expected: dict[str, Any] = Field(default_factory=dict)
     tags: list[str] = Field(default_factory=list)
+    provenance: dict[str, Any] | None = None   # where a harvested row came from and who accepted it
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Example:
     tags: tuple[str, ...] = ()
     line: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] | None = None
 
     def to_dspy(self):
         import dspy
@@ -67,7 +70,7 @@ def parse_rows(text: str, path: str, *, input_fields: tuple[str, ...] = ()) -> l
             continue
         seen[row.id] = number
         examples.append(Example(id=row.id, inputs=row.inputs, expected=row.expected, tags=tuple(row.tags),
-                                line=number))
+                                line=number, provenance=row.provenance))
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise DatasetError(f"{len(problems)} bad row(s); nothing was run or recorded:\n  " + "\n  ".join(shown),

@@ -89,8 +89,9 @@ class ContractFailed(SlipwayError):
 
 
 class ReleaseRefused(SlipwayError):
-    """A deploy, approval, rollback or override is not allowed; the message names the rule that failed
-    (missing check, too few valid approvals, self-approval, unknown or revoked key, missing role)."""
+    """A deploy, approval, rollback, override or addition of served rows to the eval set is not allowed; the
+    message names the rule that failed (missing check, too few valid approvals, self-approval, unknown or
+    revoked key, missing role)."""
 
     code = "release-refused"
     exit_code = 1
