@@ -16,7 +16,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -501,6 +501,40 @@ class Store:
                f"min(started_at) AS first, max(started_at) AS last{slow} "
                f"FROM traces WHERE {' AND '.join(clauses)}")
         return self._rows(sql, params)[0]
+
+    # -- dashboard (framework/dashboard.py) -------------------------------------
+    def served_over_time(self, *, since: datetime, bucket: timedelta, channel: str | None = None
+                         ) -> list[dict[str, Any]]:
+        """Served traffic per time bucket and version since `since`, oldest first: the dashboard's charts.
+
+        The rules are `slo_figures`' (4xx left out; latency percentiles over answered requests; error rate
+        is 5xx over the rest), so a chart and the contract table agree. `bucket` is the bucket width;
+        its start (`bucket`, UTC) is aligned to multiples of the width. A trace without a version counts
+        under its bento, else under "unknown"."""
+        clauses, params = ["started_at >= ?", "NOT (status >= 400 AND status < 500)"], [bucket, since]
+        if channel:
+            clauses.append("channel = ?")
+            params.append(channel)
+        sql = ("SELECT time_bucket(?, started_at) AS bucket, coalesce(version, bento, 'unknown') AS version, "
+               "count(*) AS n, count(*) FILTER (WHERE status >= 500) AS errors, "
+               "count(*) FILTER (WHERE status >= 500) / count(*) AS error_rate, "
+               "quantile_cont(duration_ms, 0.5) FILTER (WHERE status < 400) AS p50, "
+               "quantile_cont(duration_ms, 0.95) FILTER (WHERE status < 400) AS p95, "
+               "quantile_cont(duration_ms, 0.99) FILTER (WHERE status < 400) AS p99, "
+               "avg(coalesce(cost, 0)) AS cost, "
+               "avg(coalesce(tokens_in_new, 0) + coalesce(tokens_out, 0)) FILTER (WHERE status < 400) AS tokens "
+               f"FROM traces WHERE {' AND '.join(clauses)} GROUP BY ALL ORDER BY bucket, version")
+        return self._rows(sql, params)
+
+    def feedback_by_version(self, *, since: datetime) -> list[dict[str, Any]]:
+        """Positive and negative feedback received since `since`, per version that answered (ordered by version).
+        A row whose `negative` flag is missing is judged by its score (below 0.5 is negative, as
+        traces.is_negative)."""
+        return self._rows(
+            "SELECT coalesce(version, bento, 'unknown') AS version, count(*) AS n, "
+            "count(*) FILTER (WHERE NOT coalesce(negative, score < 0.5)) AS positive, "
+            "count(*) FILTER (WHERE coalesce(negative, score < 0.5)) AS negative, avg(score) AS mean_score "
+            "FROM feedback WHERE received_at >= ? GROUP BY ALL ORDER BY version", [since])
 
 
 def _decode_trace(row: dict[str, Any]) -> dict[str, Any]:
