@@ -608,7 +608,7 @@ def keys_show(key: KeyOpt = None) -> None:
 def keys_add(project: ProjectArg, name: Annotated[str, typer.Argument(help="the person's name")],
              public: Annotated[str, typer.Option("--public-key", help="their .pub file, or the key line itself")],
              roles: Annotated[str, typer.Option(help="comma-separated: approve, deploy:prod, rollback:prod, "
-                                                     "override, audit")] = "") -> None:
+                                                     "override, audit, curate")] = "") -> None:
     """Add a person to projects/<name>/signers.toml; commit it (who may act is a reviewed change).
 
     Example: slipway keys add ticket-triage bob --public-key ~/bob.pub --roles approve
@@ -778,6 +778,72 @@ def slo(project: ProjectArg, window: WindowOpt = "1h",
             console.print(line(("offline only: ", "dim"), ", ".join(result.offline_only),
                                (" (quality needs labels: `slipway check`, feedback via `slipway harvest`)", "dim")))
     if not result.passed:
+        raise typer.Exit(1)
+
+
+@harvest_app.command("run")
+def harvest_run(project: ProjectArg, as_json: JsonOpt = False) -> None:
+    """Turn served requests with negative feedback or corrected labels into candidate eval rows in
+    projects/<name>/harvest/candidates.jsonl, for a person to review (edit labels, set accept: true).
+
+    Example: slipway harvest ticket-triage
+    """
+    from framework.harvest import harvest
+    from framework.spec import load_project
+
+    result = harvest(load_project(project))
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        for message in result.lines():
+            console.print(text(message))
+
+
+@harvest_app.command("accept")
+def harvest_accept(project: ProjectArg,
+                   ids: Annotated[list[str] | None, typer.Option("--id", help="accept this candidate (repeatable; "
+                                                                             "default: those marked accept: true)")]
+                   = None,
+                   key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Add reviewed candidates to the eval set with their provenance, signed (needs the `curate` role).
+    Exit 1 when a chosen candidate was refused (incomplete labels, text already in a split).
+
+    Example: slipway harvest accept ticket-triage --id served-demo-1
+    """
+    from framework.harvest import accept
+    from framework.spec import load_project
+
+    result = accept(load_project(project), ids=ids or None, key=_key(key))
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        for message in result.lines():
+            console.print(text(message))
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def drift(project: ProjectArg, window: WindowOpt = "24h",
+          threshold: Annotated[float, typer.Option("--threshold", min=0, max=1,
+                                                   help="p-value below which a test says drifted")] = 0.01,
+          channel: Annotated[str | None, typer.Option("--channel", help="only traffic served on this channel")] = None,
+          as_json: JsonOpt = False) -> None:
+    """Do served inputs still look like the eval set? Length, language mix and predicted labels, each a
+    two-sample test with its p-value. Exit 1 when the eval set no longer represents traffic.
+
+    Example: slipway drift ticket-triage --window 24h
+    """
+    from framework.drift import drift as compare
+    from framework.spec import load_project
+
+    result = compare(load_project(project), _duration(window, "--window"), threshold=threshold, channel=channel)
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        for message in result.lines():
+            console.print(text(message))
+    if result.drifted:
         raise typer.Exit(1)
 
 

@@ -19,8 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from framework.cli import app
+from tests.conftest import ROLES, act_as, edit_toml, write_signers
 from tests.conftest import cli_ok as ok
-from tests.conftest import edit_toml
 from tests.e2e.test_build_serve import _free_port, _stop, _wait_ready, loosen_latency
 
 runner = CliRunner()
@@ -51,9 +51,10 @@ def workers_of(server: subprocess.Popen) -> list[psutil.Process]:
 
 
 @pytest.mark.model
-def test_two_workers_one_killed_every_answer_traced_once_and_the_slo_matches(tiny_project, tiny_model_present):
+def test_two_workers_one_killed_every_answer_traced_once_and_the_slo_matches(tiny_project, tiny_model_present,
+                                                                             keys, monkeypatch):
     loosen_latency(tiny_project)
-    ok(["check", "ticket-triage"])
+    first_check = json.loads(ok(["check", "ticket-triage", "--json"]).stdout)
     built = json.loads(runner.invoke(app, ["build", "ticket-triage", "--json"]).stdout)
     port = _free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "slipway"), "serve", built["tag"],
@@ -100,7 +101,7 @@ def test_two_workers_one_killed_every_answer_traced_once_and_the_slo_matches(tin
         # Feedback on an answered request: recorded once, attributed to its version.
         first_ok = next(r for r, s in sorted(answered.items()) if s == 200)
         body = {"request_id": first_ok, "score": -1, "comment": "wrong, mail me at jane.doe0@example.com",
-                "correct_labels": {"category": "billing", "priority": "high"}}
+                "correct_labels": {"category": "billing", "priority": "high", "needs_human": True}}
         sent = httpx.post(f"{base}/feedback", json=body, timeout=30)
         assert sent.status_code == 200, sent.text
         assert sent.json()["bento"] == built["tag"] and sent.json()["duplicate"] is False
@@ -166,3 +167,29 @@ def test_two_workers_one_killed_every_answer_traced_once_and_the_slo_matches(tin
     breached = runner.invoke(app, ["slo", "ticket-triage", "--window", "1h"])
     assert breached.exit_code == 1, breached.output
     assert re.search(r"latency_p50_ms\s.*FAIL", breached.output)
+    edit_toml(tiny_project, "latency_p50_ms = 1", "latency_p50_ms = 600000")
+
+    # Feedback → harvest → accept (signed, curate role) → the next check measures the new eval set.
+    write_signers(tiny_project.parent, keys, {**ROLES, "carol": ["curate"]})
+    harvested = json.loads(ok(["harvest", "ticket-triage", "--json"]).stdout)
+    candidate = f"served-{first_ok}"
+    assert candidate in harvested["added"], harvested
+    refused = runner.invoke(app, ["harvest", "accept", "ticket-triage", "--id", candidate])   # alice: no role
+    assert refused.exit_code == 1 and "curate" in refused.output
+    act_as(monkeypatch, keys, "carol")
+    accepted = json.loads(ok(["harvest", "accept", "ticket-triage", "--id", candidate, "--json"]).stdout)
+    assert accepted["ok"] and [row["id"] for row in accepted["added"]] == [candidate]
+    eval_rows = [json.loads(x) for x in (tiny_project.parent / "data" / "eval.jsonl").read_text().splitlines()]
+    row = eval_rows[-1]
+    assert row["expected"] == {"category": "billing", "priority": "high", "needs_human": True}
+    assert row["provenance"]["request_id"] == first_ok and row["provenance"]["bento"] == built["tag"]
+    assert row["provenance"]["accepted_by"] == "carol"
+    assert "[EMAIL]" not in json.dumps(row) or "@" not in row["inputs"]["ticket"]
+    second_check = runner.invoke(app, ["check", "ticket-triage", "--json"])
+    assert second_check.exit_code == 0, second_check.output
+    second = json.loads(second_check.stdout)
+    assert second["n"] == first_check["n"] + 1
+    hashes = [json.loads(Path(c["report_json"]).read_text())["run"]["hashes"]["dataset_hash"]
+              for c in (first_check, second)]
+    assert hashes[0] != hashes[1]
+    assert "harvest-accept" in ok(["audit", "list", "ticket-triage"]).stdout
