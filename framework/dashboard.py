@@ -129,7 +129,8 @@ def html_table(rows, *, table_id, columns) -> str:
         cells = []
         for c in columns:
             value = html.escape(str(row.get(c, "")))
-            kind = {"PASS": "pass", "FAIL": "fail", "NO DATA": "nodata"}.get(value) if c == "verdict" else None
+            kind = {"PASS": "pass", "FAIL": "fail", "NO DATA": "nodata", "STABLE": "pass",
+                    "DRIFT": "fail"}.get(value) if c == "verdict" else None
             cells.append(f'<td class="{kind}">{value}</td>' if kind else f"<td>{value}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
     return (f'<table id="{table_id}" class="slipway-table"><thead><tr>{head}</tr></thead>'
@@ -270,20 +271,19 @@ def _(data):
 @app.cell
 def _(project, refresh, window):
     refresh.value  # noqa: B018 - re-run on every refresh tick
+    from framework import drift as _drift
+
     try:
-        from framework import drift as _drift
-    except ImportError:
-        _drift = None
-    if _drift is None or not hasattr(_drift, "drift"):
-        _body = mo.md("Drift: not available in this build (framework.drift).")
-    else:
-        try:
-            _result = _drift.drift(project, WINDOWS[window.value][0])
-            _rows = _result.table_rows() if hasattr(_result, "table_rows") else None
-            _body = (mo.Html(html_table(_rows, table_id="drift-table", columns=list(_rows[0])))
-                     if _rows else mo.tree(_result.to_dict() if hasattr(_result, "to_dict") else _result))
-        except Exception as _exc:  # noqa: BLE001 - drift is one panel; the rest of the page stays
-            _body = mo.md(f"Drift: not available ({html.escape(type(_exc).__name__)}: {html.escape(str(_exc))}).")
+        _result = _drift.drift(project, WINDOWS[window.value][0], ingest=False)
+        _rows = [{"test": t.name, "method": t.method, "served": t.n_served, "eval": t.n_eval,
+                  "p-value": "" if t.p_value is None else f"{t.p_value:.2g}",
+                  "verdict": {True: "DRIFT", False: "STABLE", None: "NO DATA"}[t.drifted],
+                  "why": t.explanation} for t in _result.tests]
+        _body = mo.vstack([mo.md(f"**{html.escape(_result.summary)}**"),
+                           mo.Html(html_table(_rows, table_id="drift-table", columns=list(_rows[0])))
+                           if _rows else mo.md("")])
+    except Exception as _exc:  # noqa: BLE001 - drift is one panel; the rest of the page stays
+        _body = mo.md(f"Drift: not available ({html.escape(type(_exc).__name__)}: {html.escape(str(_exc))}).")
     panel("drift", "Drift", _body)
     return
 

@@ -216,21 +216,24 @@ def label_field(examples) -> str | None:
 
 def drift(project: Project, window: timedelta, *, threshold: float = THRESHOLD, min_served: int = MIN_SERVED,
           channel: str | None = None, version: str | None = None, label: str | None = None,
-          until: datetime | None = None) -> DriftReport:
-    """Compare requests served in the last `window` (to `until`, default now, UTC) with the eval split."""
+          until: datetime | None = None, ingest: bool = True) -> DriftReport:
+    """Compare requests served in the last `window` (to `until`, default now, UTC) with the eval split.
+    `ingest=False` only reads the store (the dashboard), leaving new segment lines for the next ingest."""
     from framework.dataset import load_examples
     from framework.evaluate import store_path
     from framework.redact import Redactor
     from framework.store import Store
-    from framework.traces import ingest, iso, utc_now
+    from framework.traces import ingest as ingest_segments
+    from framework.traces import iso, utc_now
 
     examples = load_examples(project.split_path("eval"))
     fields = tuple(dict.fromkeys(k for e in examples for k in e.inputs))
     label = label or label_field(examples)
     until = until or utc_now()
     since = until - window
-    with Store(store_path(project)) as store:
-        ingest(project, store=store)
+    if ingest:
+        ingest_segments(project)
+    with Store(store_path(project), read_only=True) as store:
         traces = store.traces(since=since, channel=channel, version=version, limit=None)
     served_texts, served_labels = [], []
     for trace in traces:

@@ -70,7 +70,10 @@ def test_the_dashboard_shows_charts_feedback_and_the_live_contract(project, tmp_
             feedback = page.locator("#feedback #feedback-table")
             assert feedback.locator("tr", has_text="v1").count() == 1
             assert feedback.locator("tr", has_text="v2").count() == 1
-            assert page.locator("#drift").count() == 1
+            drift = page.locator("#drift #drift-table")
+            drift.wait_for(timeout=30_000)
+            for test in ("input_length", "language", "predicted_label"):
+                assert drift.locator("tr", has_text=test).count() == 1, test
             page.wait_for_timeout(500)   # let vega finish its transitions before the picture
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot))
