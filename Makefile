@@ -18,14 +18,14 @@ LLAMA_CMAKE_ARGS += -DGGML_CUDA=ON
 endif
 PROJECT ?= ticket-triage
 
-.PHONY: demo test install llama-wheel browser ssh-keygen lint clean-venv walkthrough
+.PHONY: demo test install llama-wheel browser promtool ssh-keygen lint clean-venv walkthrough
 
 demo: install
 	$(BIN)/slipway validate $(PROJECT)
 	$(BIN)/slipway models pull $(PROJECT)
 	$(BIN)/slipway check $(PROJECT)
 
-test: install browser
+test: install browser promtool
 	$(BIN)/slipway models pull $(PROJECT) --model tiny
 	$(BIN)/python -m pytest -q
 
@@ -67,6 +67,18 @@ browser:
 	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	    else \
 	        echo "note: no chromium found; browser tests will be skipped (sudo apt-get install chromium)"; \
+	    fi; }
+
+# The alert-rule tests check slipway/alerts.yml with promtool (Debian's prometheus package) and replay
+# synthetic metrics through the rules; without it they check the file's structure only.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	        echo "installing Debian's prometheus (for promtool) for the alert-rule tests"; \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	            prometheus >/dev/null; \
+	    else \
+	        echo "note: no promtool found; alert-rule tests check structure only (sudo apt-get install prometheus)"; \
 	    fi; }
 
 # README "Review and release": two versions, review page, approve, deploy, serve prod, roll back, audit.

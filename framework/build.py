@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from framework import audit, bentos, signing, weights
+from framework.alerts import write_alert_rules
 from framework.bentos import use_bentoml_home
 from framework.check import check, failed_clauses, verified_check
 from framework.content import content_hashes, contract_hash
@@ -33,7 +34,9 @@ from framework.store import Store
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUNTIME_REQUIREMENTS = ["dspy>=3.4.1", "llama-cpp-python>=0.3.36", "pydantic>=2.13", "duckdb>=2.0.0",
-                        "marimo>=0.25.2", "prometheus-client>=0.20", "typer>=0.29", "rich>=15.0", "sshsig>=0.3.1"]
+                        "marimo>=0.25.2", "prometheus-client>=0.20", "typer>=0.29", "rich>=15.0", "sshsig>=0.3.1",
+                        # [tracing] otlp_endpoint posts spans from inside the bento (framework/otlp.py)
+                        "opentelemetry-exporter-otlp-proto-http~=1.20"]
 
 
 @dataclass
@@ -218,6 +221,7 @@ def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels
     program.save(str(out / "program.json"))
     (out / "program_state.json").write_text(json.dumps(program_state(program), indent=2, default=str))
     (out / "contract.json").write_text(project.spec.contract.model_dump_json(indent=2))
+    write_alert_rules(project.spec, out / "alerts.yml")   # the contract, watched live by Prometheus
     for kind in ("report_json", "report_html"):
         if passing.get(kind) and Path(passing[kind]).exists():
             shutil.copyfile(passing[kind], out / f"check_report{Path(passing[kind]).suffix}")

@@ -21,6 +21,7 @@ from typing import Any
 import bentoml
 from pydantic import BaseModel, Field, create_model, field_validator
 
+from framework import alerts
 from framework.errors import NotebookError, SlipwayError
 from framework.lm import load_engine
 from framework.metrics import request_cost
@@ -170,16 +171,44 @@ TRACER = Tracer(SPEC.tracing, TRACE_DIR, TRACE_IDENTITY, MODEL)
 REQUESTS = RequestIndex(TRACE_DIR)
 logger = logging.getLogger("slipway.service")
 
+# What /metrics carries: what the bento's slipway/alerts.yml queries (names and buckets: framework/alerts.py).
+# Every series is labelled by version and tenant ("" when the request named none).
 _latency = bentoml.metrics.Histogram(
-    name="slipway_request_seconds", documentation="End-to-end request latency",
-    labelnames=["bento_version", "outcome"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64))
-_tokens = bentoml.metrics.Counter(name="slipway_tokens", documentation="Tokens processed",
-                                  labelnames=["bento_version", "direction"])
-_cost = bentoml.metrics.Counter(name="slipway_cost", documentation="Cost from token prices",
-                                labelnames=["bento_version"])
-_errors = bentoml.metrics.Counter(name="slipway_errors", documentation="Requests answered with an error",
-                                  labelnames=["bento_version", "status"])
+    name=alerts.REQUEST_SECONDS, documentation="End-to-end request latency (outcome: ok, error = 5xx, rejected = 4xx)",
+    labelnames=["bento_version", "outcome", "tenant"], buckets=alerts.latency_buckets(SPEC.contract))
+_request_tokens = bentoml.metrics.Histogram(
+    name=alerts.REQUEST_TOKENS, documentation="New prompt + generated tokens per answered request",
+    labelnames=["bento_version", "tenant"], buckets=alerts.token_buckets(SPEC.contract))
+_request_cost = bentoml.metrics.Histogram(
+    name=alerts.REQUEST_COST, documentation="Cost per answered or failed (5xx) request, from token prices",
+    labelnames=["bento_version", "tenant"], buckets=alerts.cost_buckets(SPEC.contract))
+_tokens = bentoml.metrics.Counter(name=alerts.TOKENS, documentation="Tokens processed",
+                                  labelnames=["bento_version", "direction", "tenant"])
+_cost = bentoml.metrics.Counter(name=alerts.COST, documentation="Cost from token prices",
+                                labelnames=["bento_version", "tenant"])
+_errors = bentoml.metrics.Counter(name=alerts.ERRORS, documentation="Requests answered with an error",
+                                  labelnames=["bento_version", "status", "tenant"])
+
+
+def _observe(status: int, t0: float, trace: dict | None, calls) -> None:
+    """One answered request into the metrics, priced as `slipway check` prices it."""
+    version, tenant = VERSION["bento"], (trace or {}).get("tenant") or ""
+    new = sum(c.tokens_in_new for c in calls)
+    cached = sum(c.tokens_in_cached for c in calls)
+    generated = sum(c.tokens_out for c in calls)
+    cost = trace["cost"] if trace else request_cost(MODEL, new, cached, generated) if calls else 0.0
+    outcome = "ok" if status < 400 else "rejected" if status < 500 else "error"
+    _tokens.labels(version, "input", tenant).inc(new)
+    _tokens.labels(version, "input_cached", tenant).inc(cached)
+    _tokens.labels(version, "output", tenant).inc(generated)
+    _cost.labels(version, tenant).inc(cost)
+    if outcome != "rejected":
+        _request_cost.labels(version, tenant).observe(cost)
+    if outcome == "ok":
+        _request_tokens.labels(version, tenant).observe(new + generated)
+    else:
+        _errors.labels(version, str(status), tenant).inc()
+    _latency.labels(version, outcome, tenant).observe(time.perf_counter() - t0)
 
 
 class ErrorBody(BaseModel):
@@ -322,26 +351,16 @@ class SlipwayService:
         outputs = json.loads(json.dumps(outputs, default=str))
         trace = TRACER.record(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
                               t_end=time.perf_counter(), status=200, inputs=inputs, outputs=outputs, calls=calls)
-        version = VERSION["bento"]
-        new = sum(c.tokens_in_new for c in calls)
-        cached = sum(c.tokens_in_cached for c in calls)
-        generated = sum(c.tokens_out for c in calls)
-        _tokens.labels(version, "input").inc(new)
-        _tokens.labels(version, "input_cached").inc(cached)
-        _tokens.labels(version, "output").inc(generated)
-        # priced as `slipway check` prices it
-        _cost.labels(version).inc(trace["cost"] if trace else request_cost(MODEL, new, cached, generated))
-        _latency.labels(version, "ok").observe(time.perf_counter() - t0)
+        _observe(200, t0, trace, calls)
         return {**outputs, "request_id": request_id, "version": VERSION}
 
     def _error(self, ctx, status: int, code: str, request_id: str, message: str, t0: float, started_at,
                *, inputs: dict | None, t_valid: float | None = None, calls=()) -> dict:
         ctx.response.status_code = status
-        TRACER.record(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
-                      t_end=time.perf_counter(), status=status, inputs=inputs, calls=calls, error_code=code,
-                      error=message)
-        _errors.labels(VERSION["bento"], str(status)).inc()
-        _latency.labels(VERSION["bento"], "error").observe(time.perf_counter() - t0)
+        trace = TRACER.record(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
+                              t_end=time.perf_counter(), status=status, inputs=inputs, calls=calls, error_code=code,
+                              error=message)
+        _observe(status, t0, trace, calls)
         return ErrorBody(error=message, request_id=request_id, version=VERSION).model_dump()
 
     @bentoml.api(route="/feedback", input_spec=FeedbackBody)

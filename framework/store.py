@@ -459,6 +459,29 @@ class Store:
                                   "\"status >= 500\" or \"duration_ms > 2000\"") from None
         return [_decode_trace(row) for row in rows]
 
+    def export_traces_parquet(self, path: Path, *, since: datetime | None = None,
+                              version: str | None = None) -> int:
+        """Write the traces table (every column, JSON columns as JSON text) to a Parquet file at `path`,
+        oldest first; returns the rows written. `since` and `version` filter as `traces()` does. DuckDB
+        writes the file itself (COPY … TO), so an export never holds the rows in Python."""
+        clauses, params = ["TRUE"], []
+        if since is not None:
+            clauses.append("started_at >= ?")
+            params.append(since)
+        if version:
+            clauses.append("(version = ? OR bento = ?)")
+            params += [version, version]
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            row = self.con.execute(f"COPY (SELECT * FROM traces WHERE {' AND '.join(clauses)} "
+                                   "ORDER BY started_at, trace_id) TO ? (FORMAT parquet)",
+                                   [*params, str(path)]).fetchone()
+        except Exception as exc:  # noqa: BLE001 - duckdb raises IOException and others: say which file
+            raise StoreError(f"cannot write the Parquet export: {str(exc).splitlines()[0]}", path=str(path),
+                             hint="choose a writable path for the output file") from None
+        return int(row[0]) if row else 0
+
     def trace(self, request_id: str) -> list[dict[str, Any]]:
         """Every trace of a request id (normally one; a client may reuse an id), newest first."""
         return [_decode_trace(row) for row in

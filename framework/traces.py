@@ -290,7 +290,7 @@ class Tracer:
         if spec.otlp_endpoint:
             from framework.otlp import LiveExporter
 
-            self.sinks.append(LiveExporter(spec.otlp_endpoint, identity))
+            self.sinks.append(LiveExporter(spec.otlp_endpoint, identity, model_name=getattr(model, "name", None)))
 
     def record(self, *, request_id: str, started_at: datetime, t0: float, t_valid: float | None, t_end: float,
                status: int, inputs: dict | None = None, outputs: dict | None = None, calls=(),

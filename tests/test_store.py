@@ -43,3 +43,42 @@ def test_unknown_schema_version_is_refused(tmp_path):
 def test_read_only_without_a_store_says_what_to_run(tmp_path):
     with pytest.raises(StoreError, match="slipway eval"):
         Store(tmp_path / "none.duckdb", read_only=True)
+
+
+def _trace_row(i: int, version: str) -> dict:
+    return {"trace_id": f"{i:032x}", "request_id": f"req-{i}", "started_at": f"2026-11-2{i}T10:00:00.000001",
+            "duration_ms": 10.5 * i, "project": "p", "bento": f"p:{version}", "version": version,
+            "status": 503 if i == 3 else 200, "error_code": "model-timeout" if i == 3 else None,
+            "tokens_in_new": i, "tokens_out": 2, "cost": 0.001 * i, "inputs": {"ticket": f"t{i} ü"},
+            "outputs": {"category": "bug"}, "calls": [{"index": 0, "messages": [{"role": "user", "content": "x"}]}],
+            "stages": [{"name": "validation", "start_ms": 0.0, "duration_ms": 0.1}], "decisions": [],
+            "redactions": {"email": 1}}
+
+
+def test_traces_export_to_parquet_with_the_same_rows(tmp_path):
+    from datetime import datetime
+
+    path = tmp_path / "store.duckdb"
+    with Store(path) as store:
+        store.add_segment_rows("traces", "traces/w.jsonl", [_trace_row(i, "v1" if i < 4 else "v2")
+                                                            for i in range(1, 6)], start=0, end=100, skipped=0)
+        every = store.export_traces_parquet(tmp_path / "out" / "all.parquet")
+        recent = store.export_traces_parquet(tmp_path / "recent.parquet", since=datetime(2026, 11, 23))
+        v2 = store.export_traces_parquet(tmp_path / "v2.parquet", version="p:v2")
+        assert (every, recent, v2) == (5, 3, 2)
+        stored = store.con.execute("SELECT * FROM traces ORDER BY started_at").fetchall()
+        columns = [d[0] for d in store.con.description]
+    con = duckdb.connect()
+    cursor = con.execute("SELECT * FROM read_parquet(?) ORDER BY started_at", [str(tmp_path / "out" / "all.parquet")])
+    assert [d[0] for d in cursor.description] == columns
+    assert cursor.fetchall() == stored
+    assert con.execute("SELECT list(request_id ORDER BY started_at) FROM read_parquet(?)",
+                       [str(tmp_path / "recent.parquet")]).fetchone()[0] == ["req-3", "req-4", "req-5"]
+    assert con.execute("SELECT inputs->>'ticket' FROM read_parquet(?) WHERE request_id = 'req-5'",
+                       [str(tmp_path / "v2.parquet")]).fetchone()[0] == "t5 ü"
+
+
+def test_a_parquet_export_to_an_unwritable_place_names_the_file(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with Store(tmp_path / "store.duckdb") as store, pytest.raises(StoreError, match="cannot write the Parquet"):
+        store.export_traces_parquet(tmp_path / "taken" / "x.parquet")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from framework.cli import app
@@ -82,6 +85,12 @@ def test_build_gate_determinism_and_staleness(tiny_project, tiny_model_present):
     assert first.exit_code == 0, first.output
     built = json.loads(first.stdout)
     assert built["created"] and built["labels"]["slipway.model_sha256"].startswith("b179c952")
+    # the contract's alert rules ship in the bento, under its signed manifest
+    alerts = Path(built["path"]) / "src" / "slipway" / "alerts.yml"
+    rules = yaml.safe_load(alerts.read_text())["groups"][0]["rules"]
+    assert {rule["alert"] for rule in rules} >= {"SlipwayLatencyP95", "SlipwayErrorRate", "SlipwayMonthlyBudgetBurn"}
+    manifest = json.loads((Path(built["path"]) / "slipway-manifest.json").read_text())["files"]
+    assert manifest["src/slipway/alerts.yml"] == hashlib.sha256(alerts.read_bytes()).hexdigest()
 
     again = runner.invoke(app, ["build", "ticket-triage", "--json"])
     assert again.exit_code == 0 and json.loads(again.stdout)["tag"] == built["tag"]
@@ -158,8 +167,14 @@ def test_served_bento_answers_concurrently_with_versions(tiny_project, tiny_mode
         assert "max_input_chars" in huge.json()["error"]
 
         metrics = httpx.get(f"{base}/metrics", timeout=10).text
-        assert f'slipway_request_seconds_count{{bento_version="{built["tag"]}",outcome="ok"}}' in metrics
+        mine = f'bento_version="{built["tag"]}"'
+        assert f'slipway_request_seconds_count{{{mine},outcome="ok",tenant=""}}' in metrics
+        assert f'slipway_request_seconds_count{{{mine},outcome="rejected",tenant=""}}' in metrics   # the 413
         assert "slipway_tokens_total" in metrics and 'status="413"' in metrics
+        alerts = Path(built["path"]) / "src" / "slipway" / "alerts.yml"
+        rules = yaml.safe_load(alerts.read_text())["groups"][0]["rules"]
+        queried = set(re.findall(r"slipway_[a-z_]+", " ".join(rule["expr"] for rule in rules)))
+        assert queried and all(f"{name}{{" in metrics for name in queried), queried   # what the alert rules read
     finally:
         server.terminate()
         try:
