@@ -715,7 +715,9 @@ def traces_export(project: ProjectArg,
         else:
             from framework.otlp import export_otlp
 
-            count = export_otlp(store.traces(since=since_at, version=version, limit=None), Path(out))
+            names = {model.sha256: model.name for model in loaded.spec.models.values()}
+            count = export_otlp(store.traces(since=since_at, version=version, limit=None), Path(out),
+                                model_names=names)
             what = "spans"
     console.print(line(("wrote", "green"), f" {count} {what} to {out}"))
 
@@ -845,6 +847,25 @@ def drift(project: ProjectArg, window: WindowOpt = "24h",
             console.print(text(message))
     if result.drifted:
         raise typer.Exit(1)
+
+
+@app.command()
+def dashboard(project: ProjectArg,
+              port: Annotated[int, typer.Option("--port", help="port on 127.0.0.1 (0: a free one)")] = 2718,
+              no_browser: Annotated[bool, typer.Option("--no-browser", help="do not open a browser")] = False) -> None:
+    """A read-only marimo app over the store: latency percentiles per version, error rate, cost, feedback,
+    drift and the live contract verdict. New traces are ingested every 30 s while it runs; Ctrl-C stops it.
+
+    Example: slipway dashboard ticket-triage
+    """
+    from framework.dashboard_launch import launch
+    from framework.spec import load_project
+
+    loaded = load_project(project)
+    board = launch(loaded, port=port, headless=no_browser)
+    board.wait_ready()
+    console.print(line(("dashboard", "green"), f" for {loaded.name} on {board.url} (Ctrl-C stops it)"))
+    raise typer.Exit(board.serve(loaded, warn=_echo))
 
 
 def _key(value: str | None):

@@ -92,3 +92,39 @@ def test_the_dashboard_shows_charts_feedback_and_the_live_contract(project, tmp_
         dashboard.stop()
         log.close()
         print((tmp_path / "marimo.log").read_text()[-3000:])
+
+
+def test_slipway_dashboard_serves_until_interrupted(project):
+    """The CLI command a user runs: it prints the address, answers there, and stops on Ctrl-C (SIGINT)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    synthetic_traffic(project)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([str(Path(sys.executable).parent / "slipway"), "dashboard", str(project.dir),
+                                "--port", str(port), "--no-browser"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the dashboard never answered")
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=30)
+        assert f"http://127.0.0.1:{port}/" in out
+    finally:
+        if process.poll() is None:
+            process.kill()
