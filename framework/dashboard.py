@@ -9,7 +9,7 @@ The figures follow `Store.slo_figures`' rules, so a chart and the contract table
 Run it with `slipway dashboard <project>` (framework/dashboard_launch.py ingests first, then
 starts `marimo run` on this file). By hand: `marimo run framework/dashboard.py -- --project DIR`,
 or set SLIPWAY_DASHBOARD_PROJECT (and SLIPWAY_DASHBOARD_STORE to read another store file).
-The functions below are plain Python: `from framework.dashboard import verdict_from_figures`.
+The functions below are plain Python: `from framework.dashboard import live_verdict`.
 """
 
 import marimo
@@ -19,7 +19,6 @@ app = marimo.App(width="full", app_title="Slipway dashboard", css_file="dashboar
 
 with app.setup:
     import html
-    import inspect
     import math
     import os
     import sys
@@ -34,9 +33,7 @@ with app.setup:
     import altair as alt
     import marimo as mo
 
-    from framework.contract import Verdict, judge
     from framework.evaluate import store_path
-    from framework.metrics import Measurements
     from framework.spec import load_project
     from framework.store import Store
     from framework.traces import utc_now
@@ -64,45 +61,15 @@ def dashboard_target(args=None, environ=None):
 
 
 @app.function
-def verdict_from_figures(contract, figures) -> Verdict:
-    """The contract's SLO and cost clauses judged on `Store.slo_figures` (pure: figures in, verdict out).
-    Eval clauses are left out: served traffic has no labels. A figure with no traffic is NaN."""
-    def figure(key):
-        value = figures.get(key)
-        return math.nan if value is None else float(value)
-
-    n = int(figures.get("n") or 0)
-    measured = Measurements(
-        n=n, metrics={}, intervals={}, latency_p50_ms=figure("p50"), latency_p95_ms=figure("p95"),
-        latency_p99_ms=figure("p99"), error_rate=(figures.get("errors") or 0) / n if n else math.nan,
-        tokens_per_request=figure("tokens"), tokens_per_request_p95=figure("tokens_p95"),
-        cost_per_request=figure("cost") if n else math.nan, tokens_cached_per_request=figure("tokens_cached"))
-    return judge(contract.model_copy(update={"eval": {}}), measured)
-
-
-@app.function
 def live_verdict(project, store_file, span):
-    """(verdict rows, where they came from): framework.slo's report when that module is present and
-    answers, else a verdict judged here on the store's figures. One row per clause: clause, target,
-    measured, verdict (PASS / FAIL / NO DATA), burn (error-budget burn rate, when slo gives one), note."""
-    note = ""
-    try:
-        from framework import slo as slo_module
-    except ImportError:
-        slo_module = None
-    if slo_module is not None:
-        try:
-            # The dashboard only reads: launch() has ingested already, and a refresh must not write.
-            quiet = {"ingest": False} if "ingest" in inspect.signature(slo_module.slo).parameters else {}
-            report = slo_module.slo(project, span, **quiet)
-            return [clause_row(c) for c in report.clauses], f"framework.slo, over {report.n:,} requests"
-        except Exception as exc:  # noqa: BLE001 - any failure there falls back to the figures here
-            note = f"framework.slo failed ({type(exc).__name__}: {exc}); "
+    """(verdict rows, what they are over): the contract's live clauses from `framework.slo`, the same
+    judgement `slipway slo` prints, on the store as it is (launch() ingested; a refresh never writes).
+    One row per clause: clause, target, measured, verdict (PASS / FAIL), burn, note."""
+    from framework.slo import slo
+
     with Store(store_file, read_only=True) as store:
-        figures = store.slo_figures(since=utc_now() - span)
-    verdict = verdict_from_figures(project.spec.contract, figures)
-    rows = [clause_row(c) for c in verdict.clauses] if verdict.n else []
-    return rows, note + f"judged on the store's figures, over {verdict.n:,} requests"
+        report = slo(project, span, store=store)
+    return [clause_row(c) for c in report.clauses], f"framework.slo, over {report.n:,} requests"
 
 
 @app.function

@@ -4,7 +4,6 @@ The page itself, served by marimo and opened in Chromium, is tests/e2e/test_dash
 
 from __future__ import annotations
 
-import math
 import random
 import subprocess
 import sys
@@ -16,7 +15,8 @@ import pytest
 from framework import dashboard
 from framework.dashboard_launch import Dashboard, command
 from framework.evaluate import store_path
-from framework.spec import ContractSpec, TracingSpec, load_project
+from framework.slo import slo
+from framework.spec import TracingSpec, load_project
 from framework.store import Store
 from framework.traces import Tracer, feedback_id, ingest, is_negative, iso, utc_now
 from tests.test_traces import FakeCall
@@ -97,28 +97,13 @@ def test_feedback_by_version_counts_thumbs(traffic):
 
 
 # -- the verdict --------------------------------------------------------------------------------------------
-def test_the_verdict_judges_the_slo_clauses_on_the_figures():
-    contract = ContractSpec(latency_p95_ms=1000, error_rate_max=0.01, cost_per_request_max=0.001)
-    figures = {"n": 100, "errors": 2, "p50": 300.0, "p95": 900.0, "p99": 1500.0, "tokens": 40.0, "tokens_p95": 60.0,
-               "tokens_cached": 600.0, "cost": 0.0001}
-    rows = [dashboard.clause_row(c) for c in dashboard.verdict_from_figures(contract, figures).clauses]
-    assert [(r["clause"], r["verdict"]) for r in rows] == [
-        ("latency_p95_ms", "PASS"), ("error_rate_max", "FAIL"), ("cost_per_request_max", "PASS")]
-    assert rows[1]["measured"] == "2.0%"
-
-
-def test_no_traffic_is_no_data_not_a_pass():
-    verdict = dashboard.verdict_from_figures(ContractSpec(latency_p95_ms=1000, error_rate_max=0.01), {"n": 0})
-    assert all(math.isnan(c.measured) for c in verdict.clauses)
-    assert {dashboard.clause_row(c)["verdict"] for c in verdict.clauses} == {"NO DATA"}
-
-
-def test_without_framework_slo_the_verdict_comes_from_the_store(traffic, monkeypatch):
-    monkeypatch.setitem(sys.modules, "framework.slo", None)   # import raises ImportError
+def test_the_live_verdict_is_slipway_slos(traffic):
     rows, source = dashboard.live_verdict(traffic, store_path(traffic), timedelta(days=1))
-    assert "store's figures" in source and "194 requests" in source
+    assert "194 requests" in source
     verdicts = {r["clause"]: r["verdict"] for r in rows}
     assert verdicts["error_rate_max"] == "FAIL" and verdicts["latency_p95_ms"] == "PASS"
+    live = slo(traffic, timedelta(days=1), ingest=False)
+    assert [r["clause"] for r in rows] == [c.clause.name for c in live.clauses]
 
 
 def test_the_verdict_table_escapes_what_it_shows():
