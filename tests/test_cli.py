@@ -264,3 +264,11 @@ def test_slo_with_no_traffic_says_so_and_a_bad_window_is_a_usage_error(toml_path
     assert quiet.exit_code == 0 and "nothing to judge" in quiet.stdout
     bad = runner.invoke(app, ["slo", str(toml_path), "--window", "soon"])
     assert bad.exit_code == 2 and "not a duration" in bad.output
+
+
+def test_drift_with_little_traffic_says_so_and_exits_0(toml_path):
+    _traced(toml_path)
+    result = runner.invoke(app, ["drift", str(toml_path), "--window", "1h", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["verdict"] == "not-enough-traffic" and report["n_served"] == 2   # the 503 is not an input sample
