@@ -4,8 +4,10 @@ The public API, in the order data flows through it:
 project.toml → `load_project` → `load_program` (from the notebook) →
 `language_model` (llama.cpp) → `run_eval` → `judge` / `check` → report →
 `build` (a BentoML bento, refused unless the check passed) → `review` (against the baseline) →
-`approve` → `deploy` / `rollback` (channels) → `slipway serve`. Approvals, deploys and rollbacks are
-signed with the person's SSH key (`key=`, a path; see framework/signing.py and docs/trust.md).
+`approve` → `deploy` / `rollback` (channels) → `slipway serve` → traces (`ingest_traces`) → the live
+contract (`slo`), feedback back into the eval set (`harvest`, `accept_harvest`) and `drift`.
+Approvals, deploys and rollbacks are signed with the person's SSH key (`key=`, a path; see
+framework/signing.py and docs/trust.md).
 Heavy libraries (dspy, llama_cpp, duckdb) are imported only when used.
 """
 
@@ -13,11 +15,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-# `check`, `build` and `review` share their names with their modules: import them eagerly so that a
-# later `import framework.check` cannot replace the function with the module on this package.
+# `check`, `build`, `review`, `slo`, `harvest` and `drift` share their names with their modules: import
+# them eagerly so that a later `import framework.check` cannot replace the function with the module.
 # These modules import dspy, llama_cpp and bentoml only inside their functions.
 from framework.build import build
 from framework.check import check
+from framework.drift import drift
 from framework.errors import (
     AuditBroken,
     BentoTampered,
@@ -32,8 +35,10 @@ from framework.errors import (
     SpecError,
     StoreError,
 )
+from framework.harvest import harvest
 from framework.release import approve, deploy, rollback
 from framework.review import review
+from framework.slo import slo
 from framework.spec import Project, ProjectSpec, load_project, parse_spec
 
 if TYPE_CHECKING:
@@ -55,11 +60,15 @@ __all__ = [
     "SlipwayError",
     "SpecError",
     "StoreError",
+    "accept_harvest",
     "adapter",
     "approve",
     "build",
     "check",
     "deploy",
+    "drift",
+    "harvest",
+    "ingest_traces",
     "judge",
     "language_model",
     "load_program",
@@ -70,6 +79,7 @@ __all__ = [
     "review",
     "rollback",
     "run_eval",
+    "slo",
 ]
 
 
@@ -120,4 +130,19 @@ def optimize(project: Project, **kwargs):
     from framework.optimize import optimize as _optimize
 
     return _optimize(project, **kwargs)
+
+
+
+def ingest_traces(project: Project):
+    """Copy served workers' new trace and feedback lines into the store (idempotent); see framework/traces.py."""
+    from framework.traces import ingest
+
+    return ingest(project)
+
+
+def accept_harvest(project: Project, **kwargs):
+    """Add reviewed candidates to the eval set with provenance, signed (`key=`; needs the curate role)."""
+    from framework.harvest import accept
+
+    return accept(project, **kwargs)
 

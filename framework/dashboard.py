@@ -238,10 +238,10 @@ def _(data):
 @app.cell
 def _(project, refresh, window):
     refresh.value  # noqa: B018 - re-run on every refresh tick
-    from framework import drift as _drift
+    from framework.drift import drift as drift_report
 
     try:
-        _result = _drift.drift(project, WINDOWS[window.value][0], ingest=False)
+        _result = drift_report(project, WINDOWS[window.value][0], ingest=False)
         _rows = [{"test": t.name, "method": t.method, "served": t.n_served, "eval": t.n_eval,
                   "p-value": "" if t.p_value is None else f"{t.p_value:.2g}",
                   "verdict": {True: "DRIFT", False: "STABLE", None: "NO DATA"}[t.drifted],

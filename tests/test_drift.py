@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from framework import drift
 from framework.dataset import load_examples
+from framework.drift import compare, drift, merge_rare
 from framework.spec import TracingSpec, load_project
 from framework.traces import Tracer, utc_now
 
@@ -51,7 +51,7 @@ def test_traffic_drawn_from_the_eval_set_does_not_drift(project):
     examples = load_examples(project.split_path("eval"))
     for i, example in enumerate(random.Random(7).sample(examples, 80)):
         serve(tracer, f"r{i}", example.inputs["ticket"], example.expected["category"])
-    report = drift.drift(project, timedelta(hours=24))
+    report = drift(project, timedelta(hours=24))
     assert report.verdict == "stable" and not report.drifted, report.lines()
     assert report.summary == "the eval set still represents traffic"
     assert (report.n_served, report.n_eval) == (80, 200)
@@ -67,7 +67,7 @@ def test_long_german_tickets_drift_on_every_test(project):
         ticket = "".join(rng.sample(GERMAN, 4)) + f"Kundennummer {1000 + i}. Vielen Dank!"
         serve(tracer, f"de{i}", ticket, "outage")
     serve(tracer, "failed", "x" * 50, "outage", status=500)   # errors are not traffic the eval set must cover
-    report = drift.drift(project, timedelta(hours=1))
+    report = drift(project, timedelta(hours=1))
     assert report.verdict == "drifted" and report.drifted and report.n_served == 60
     assert report.summary.startswith("the eval set no longer represents traffic")
     length, language, label = report.tests
@@ -85,7 +85,7 @@ def test_too_little_traffic_says_so_instead_of_a_p_value(project):
     tracer = Tracer(TracingSpec(), project.trace_dir, IDENTITY, project.model())
     for i in range(5):
         serve(tracer, f"r{i}", "Wo ist meine Rechnung?", "billing")
-    report = drift.drift(project, timedelta(hours=24))
+    report = drift(project, timedelta(hours=24))
     assert report.verdict == "not-enough-traffic" and "5 served requests" in report.summary
     assert all(t.p_value is None and t.drifted is None and "not enough traffic" in t.explanation
                for t in report.tests)
@@ -95,14 +95,14 @@ def test_only_requests_inside_the_window_count(project):
     tracer = Tracer(TracingSpec(), project.trace_dir, IDENTITY, project.model())
     for i in range(40):
         serve(tracer, f"r{i}", "Das Dashboard lädt nicht. " * 20, "outage")
-    later = drift.drift(project, timedelta(minutes=5), until=utc_now() + timedelta(hours=2))
+    later = drift(project, timedelta(minutes=5), until=utc_now() + timedelta(hours=2))
     assert later.n_served == 0 and later.verdict == "not-enough-traffic"
 
 
 def test_rare_categories_are_pooled_until_expected_counts_reach_five():
     served = Counter({"en": 60, "de": 20, "fr": 2})
     reference = Counter({"en": 150, "es": 60, "it": 2, "nl": 1})
-    table = drift.merge_rare(served, reference)
+    table = merge_rare(served, reference)
     # nl, fr, it pooled first; "other" (5) is still too small, so the next smallest, de, joins it
     assert table == {"en": [60, 150], "es": [0, 60], "other": [22, 3]}
     n_served, n = sum(served.values()), sum(served.values()) + sum(reference.values())
@@ -111,7 +111,7 @@ def test_rare_categories_are_pooled_until_expected_counts_reach_five():
 
 def test_one_language_everywhere_is_not_drift():
     texts = ["The invoice for March is wrong, please check it again."] * 40
-    report = drift.compare(texts, ["billing"] * 40, texts, ["billing"] * 40)
+    report = compare(texts, ["billing"] * 40, texts, ["billing"] * 40)
     assert report.verdict == "stable"
     assert report.tests[1].p_value == 1.0 and report.tests[2].drifted is False
 
@@ -124,7 +124,7 @@ TEXT = st.text(st.characters(codec="utf-8"), max_size=120)
        threshold=st.floats(min_value=1e-6, max_value=0.5))
 @settings(max_examples=60, deadline=None)
 def test_the_report_never_crashes_on_arbitrary_text(served, reference, labels, threshold):
-    report = drift.compare(served, labels, reference, [r[:3] for r in reference], threshold=threshold,
+    report = compare(served, labels, reference, [r[:3] for r in reference], threshold=threshold,
                            min_served=10)
     assert report.verdict in ("drifted", "stable", "not-enough-traffic")
     for test in report.tests:

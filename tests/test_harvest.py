@@ -12,11 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from framework import audit, harvest, signing
+from framework import audit, signing
 from framework.content import file_hash
 from framework.dataset import load_examples
 from framework.errors import DatasetError, ReleaseRefused
 from framework.evaluate import store_path
+from framework.harvest import Candidate, accept, harvest, label_problems, read_candidates, review_path
 from framework.spec import TracingSpec, load_project
 from framework.store import Store
 from framework.traces import Tracer, feedback_id, is_negative, iso, utc_now
@@ -58,13 +59,13 @@ def feedback(tracer: Tracer, trace: dict, score: float, comment: str | None = No
 
 
 def edit_review(project, change) -> None:
-    path = harvest.review_path(project)
+    path = review_path(project)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     path.write_text("".join(json.dumps(change(row)) + "\n" for row in rows))
 
 
-def candidates(project) -> dict[str, harvest.Candidate]:
-    return {c.id: c for c in harvest.read_candidates(harvest.review_path(project))}
+def candidates(project) -> dict[str, Candidate]:
+    return {c.id: c for c in read_candidates(review_path(project))}
 
 
 FIXED = {"category": "outage", "priority": "urgent", "needs_human": True}
@@ -88,7 +89,7 @@ def traffic(tracer):
 # -- harvest ----------------------------------------------------------------------------------------------
 def test_harvest_writes_one_candidate_per_request_with_negative_or_corrected_feedback(project, tracer):
     corrected, *_ = traffic(tracer)
-    result = harvest.harvest(project)
+    result = harvest(project)
     assert result.path == project.dir / "harvest" / "candidates.jsonl" and result.path.exists()
     assert sorted(result.added) == ["served-r-down", "served-r-fixed", "served-r-twice"]
     found = candidates(project)
@@ -112,7 +113,7 @@ def test_harvest_writes_one_candidate_per_request_with_negative_or_corrected_fee
 def test_a_partial_correction_still_needs_labels(project, tracer):
     trace = served(tracer, "r-part", "The export button does nothing in Firefox")
     feedback(tracer, trace, -1, None, {"category": "bug"})
-    harvest.harvest(project)
+    harvest(project)
     candidate = candidates(project)["served-r-part"]
     assert candidate.expected["category"] == "bug" and candidate.expected["priority"] == "low"
     assert candidate.needs_labels is True
@@ -122,35 +123,35 @@ def test_the_latest_feedback_wins(project, tracer):
     trace = served(tracer, "r-flip", "How do I export my data?")
     feedback(tracer, trace, -1, "bad")
     feedback(tracer, trace, 1, "actually fine")
-    assert harvest.harvest(project).added == []
+    assert harvest(project).added == []
 
 
 def test_rerunning_harvest_keeps_reviewer_edits_and_adds_new_feedback(project, tracer):
     _, down, *_ = traffic(tracer)
-    harvest.harvest(project)
+    harvest(project)
     edit_review(project, lambda row: {**row, "accept": True, "expected": FIXED, "needs_labels": False,
                                       "tags": ["served", "sso"]} if row["id"] == "served-r-down" else row)
     feedback(tracer, down, -1, "please look again")
     new = served(tracer, "r-new", "Le tableau de bord ne charge plus")
     feedback(tracer, new, -1)
-    result = harvest.harvest(project)
+    result = harvest(project)
     assert result.added == ["served-r-new"] and result.updated == ["served-r-down"]
     kept = candidates(project)["served-r-down"]
     assert kept.accept is True and kept.expected == FIXED and kept.tags == ["served", "sso"]
     assert [f["comment"] for f in kept.feedback] == ["wrong category", "please look again"]
     assert len(kept.provenance["feedback_ids"]) == 2
-    assert harvest.harvest(project).added == [] and len(candidates(project)) == 4
+    assert harvest(project).added == [] and len(candidates(project)) == 4
 
 
 def test_a_corrupt_review_file_names_file_and_line(project, tracer):
     traffic(tracer)
-    harvest.harvest(project)
-    path = harvest.review_path(project)
+    harvest(project)
+    path = review_path(project)
     lines = path.read_text().splitlines()
     lines[1] = lines[1][:40]   # cut short by hand
     lines[2] = lines[2].replace('"accept": false', '"acept": true')
     path.write_text("\n".join(lines) + "\n")
-    for action in (harvest.harvest, harvest.accept):
+    for action in (harvest, accept):
         with pytest.raises(DatasetError) as info:
             action(project)
         message = str(info.value)
@@ -160,12 +161,12 @@ def test_a_corrupt_review_file_names_file_and_line(project, tracer):
 # -- accept -----------------------------------------------------------------------------------------------
 def accept_as(project, monkeypatch, keys, name: str, **kwargs):
     act_as(monkeypatch, keys, name)
-    return harvest.accept(project, **kwargs)
+    return accept(project, **kwargs)
 
 
 def test_round_trip_feedback_to_signed_eval_rows(project, tracer, monkeypatch, keys):
     corrected, down, _, twice = traffic(tracer)
-    harvest.harvest(project)
+    harvest(project)
     eval_path = project.split_path("eval")
     before_hash, before_rows = file_hash(eval_path), len(load_examples(eval_path))
     mode = eval_path.stat().st_mode & 0o777
@@ -212,7 +213,7 @@ def test_round_trip_feedback_to_signed_eval_rows(project, tracer, monkeypatch, k
     assert not result.ok and sorted(candidates(project)) == ["served-r-down"]
 
     # a second harvest does not bring accepted requests back
-    assert harvest.harvest(project).added == [] and sorted(candidates(project)) == ["served-r-down"]
+    assert harvest(project).added == [] and sorted(candidates(project)) == ["served-r-down"]
 
 
 def file_hash_of(data: bytes) -> str:
@@ -223,7 +224,7 @@ def file_hash_of(data: bytes) -> str:
 
 def test_an_unlisted_key_or_one_without_the_role_is_refused(project, tracer, monkeypatch, keys):
     traffic(tracer)
-    harvest.harvest(project)
+    harvest(project)
     edit_review(project, lambda row: {**row, "accept": True})
     eval_path = project.split_path("eval")
     before = eval_path.read_bytes()
@@ -243,12 +244,12 @@ def _audit_actions(project) -> list[str]:
 
 def test_a_repeated_accept_adds_nothing_twice(project, tracer, monkeypatch, keys):
     traffic(tracer)
-    harvest.harvest(project)
+    harvest(project)
     edit_review(project, lambda row: {**row, "accept": True} if row["id"] == "served-r-fixed" else row)
-    saved = harvest.review_path(project).read_text()
+    saved = review_path(project).read_text()
     assert len(accept_as(project, monkeypatch, keys, "carol").added) == 1
     after = project.split_path("eval").read_bytes()
-    harvest.review_path(project).write_text(saved)   # as if the first run died before rewriting the review file
+    review_path(project).write_text(saved)   # as if the first run died before rewriting the review file
     again = accept_as(project, monkeypatch, keys, "carol")
     assert again.added == [] and again.already == ["served-r-fixed"]
     assert project.split_path("eval").read_bytes() == after
@@ -267,7 +268,7 @@ def test_text_already_in_train_or_dev_is_refused(project, tracer, monkeypatch, k
     feedback(tracer, c, -1, None, FIXED)
     d = served(tracer, "r-d", "totally new  ticket about EXPORTS")   # the same text twice in one batch
     feedback(tracer, d, -1, None, FIXED)
-    harvest.harvest(project)
+    harvest(project)
     edit_review(project, lambda row: {**row, "accept": True})
     result = accept_as(project, monkeypatch, keys, "carol")
     reasons = {r.id: r.reason for r in result.refused}
@@ -280,7 +281,7 @@ def test_text_already_in_train_or_dev_is_refused(project, tracer, monkeypatch, k
 def test_labels_must_fit_the_eval_set_and_the_programs_output_types(project, tracer, monkeypatch, keys):
     trace = served(tracer, "r-bad", "App crashes on start")
     feedback(tracer, trace, -1)
-    harvest.harvest(project)
+    harvest(project)
     edit_review(project, lambda row: {**row, "accept": True, "needs_labels": False,
                                       "expected": {"category": "crash", "priority": "low", "needs_human": "no",
                                                    "team": "mobile"}})
@@ -300,7 +301,7 @@ def test_label_problems_accepts_exactly_complete_well_typed_labels(expected):
 
     keys = ("category", "priority", "needs_human")
     types = {"category": Literal["billing", "bug"], "priority": Literal["low", "urgent"], "needs_human": bool}
-    problems = harvest.label_problems(expected, keys, types)
+    problems = label_problems(expected, keys, types)
     valid = (set(expected) == set(keys) and expected["category"] in ("billing", "bug")
              and expected["priority"] in ("low", "urgent") and isinstance(expected["needs_human"], bool))
     assert (problems == []) == valid
@@ -312,6 +313,6 @@ def test_any_hand_edited_line_is_read_or_reported_with_its_line(tmp_path_factory
     path = tmp_path_factory.mktemp("review") / "candidates.jsonl"
     path.write_text("\n".join(line.replace("\n", " ").replace("\r", " ") for line in lines) + "\n")
     try:
-        harvest.read_candidates(path)
+        read_candidates(path)
     except DatasetError as exc:
         assert str(path) in str(exc) and ":" in exc.render()
