@@ -34,8 +34,10 @@ def _missing(message: str) -> None:
 
 
 def _sync_api():
-    try:
-        from playwright import sync_api
+    import importlib
+
+    try:   # import_module, not `from playwright import sync_api`: the latter finds an already imported module
+        sync_api = importlib.import_module("playwright.sync_api")   # even when it is hidden in sys.modules
     except ImportError:
         _missing("Playwright is not installed: `pip install -e '.[dev]'` (it drives Debian's chromium)")
     return sync_api
