@@ -35,8 +35,9 @@ from framework.store import Store
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUNTIME_REQUIREMENTS = ["dspy>=3.4.1", "llama-cpp-python>=0.3.36", "pydantic>=2.13", "duckdb>=2.0.0",
                         "marimo>=0.25.2", "prometheus-client>=0.20", "typer>=0.29", "rich>=15.0", "sshsig>=0.3.1",
-                        # [tracing] otlp_endpoint posts spans from inside the bento (framework/otlp.py)
-                        "opentelemetry-exporter-otlp-proto-http~=1.20"]
+                        # [tracing] otlp_endpoint posts spans from inside the bento (framework/otlp.py);
+                        # 1.37 is the first whose semantic conventions name gen_ai.provider.name
+                        "opentelemetry-exporter-otlp-proto-http>=1.37,<2", "orjson>=3.9"]
 
 
 @dataclass

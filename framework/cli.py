@@ -675,7 +675,7 @@ def traces_list(project: ProjectArg, since: SinceOpt = None,
     for problem in ingested.skipped:
         _echo(f"warning: skipped {problem}")
     since_at = traces.utc_now() - _duration(since, "--since") if since else None
-    with Store(store_path(loaded), read_only=True) as store:   # read-only: --where can only read
+    with Store(store_path(loaded), read_only=True, sandbox=True) as store:   # --where can only read the store
         rows = store.traces(since=since_at, version=version, where=where, limit=limit)
     if as_json:
         _print_json(rows)
@@ -863,9 +863,13 @@ def dashboard(project: ProjectArg,
 
     loaded = load_project(project)
     board = launch(loaded, port=port, headless=no_browser)
-    board.wait_ready()
-    console.print(line(("dashboard", "green"), f" for {loaded.name} on {board.url} (Ctrl-C stops it)"))
-    raise typer.Exit(board.serve(loaded, warn=_echo))
+    try:
+        board.wait_ready()
+        console.print(line(("dashboard", "green"), f" for {loaded.name} on {board.url} (Ctrl-C stops it)"))
+        code = board.serve(loaded, warn=_echo)
+    finally:
+        board.stop()   # never leave marimo holding the port
+    raise typer.Exit(code)
 
 
 def _key(value: str | None):

@@ -65,16 +65,17 @@ class Dashboard:
                     pass
                 try:
                     result = ingest(project)
-                except SlipwayError as exc:
+                except Exception as exc:  # noqa: BLE001 - the page stays up on what is already in the store
                     if warn:
-                        warn(f"ingest failed, trying again in {ingest_every_s:g} s: {exc}")
+                        warn(f"ingest failed, trying again in {ingest_every_s:g} s: {type(exc).__name__}: {exc}")
                     continue
                 if warn:
                     for skipped in result.skipped:
                         warn(f"skipped {skipped}")
         except KeyboardInterrupt:
-            self.stop()
             return self.process.returncode
+        finally:
+            self.stop()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Terminate the server (and wait for it); kill it if it does not stop in time."""

@@ -440,6 +440,12 @@ def accept(project: Project, *, ids: list[str] | None = None, key: Path | str | 
         replaced = False
         try:
             with Store(store_path(project)) as store, store.transaction():
+                # The store's lock serialises two curators; the file must still be the one signed over,
+                # or the other's rows would be overwritten and this statement's "before" would be false.
+                if dataset.read_bytes() != before:
+                    raise ReleaseRefused(f"{dataset} changed while these rows were being signed (another "
+                                         "`slipway harvest accept`, or an edit); nothing was added",
+                                         path=str(dataset), hint="run `slipway harvest accept` again")
                 audit.append(store, signed, name)
                 write_lines(dataset, after)
                 replaced = True

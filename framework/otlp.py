@@ -5,7 +5,7 @@ a SERVER root span for the request, a child per stage (validation, program, mode
 under each model_call_N stage, a `chat <model>` span carrying the GenAI semantic conventions (tokens,
 finish reasons, prompt and output messages as recorded, i.e. already redacted). The OTLP trace id *is*
 the trace's `trace_id` and span ids are derived from it, so a trace exported twice, or sent live and
-exported later, is the same trace in Jaeger, Phoenix or Langfuse, and `slipway traces show <id>` finds
+exported later, is the same trace in Jaeger, Phoenix or Langfuse, and `slipway trace <id>` finds
 what a trace viewer shows.
 
 `export_otlp` writes the OTLP/JSON file format the OpenTelemetry Collector's file exporter writes: one

@@ -20,8 +20,9 @@ from framework.errors import SpecError
 from framework.spec import TracingSpec
 
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-# 13-19 digits, optionally grouped by single spaces or dashes (how people type card numbers).
-CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+# A run of digit groups separated by spaces or dashes, 13 digits or more in all: a card number may sit
+# inside it, next to an expiry, a CVV or an order number ("4111 1111 1111 1111 123", "order 2024 4111…").
+DIGIT_RUN = re.compile(r"\d+(?:[ \t-]+\d+)*")
 # An optional +country code, then 9-15 digits grouped by spaces, dots, dashes or a bracketed area code.
 PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){2,4}(?![\w])")
 
@@ -37,14 +38,37 @@ def luhn_ok(digits: str) -> bool:
 
 
 def _cards(text: str, counts: dict[str, int]) -> str:
+    """Replace every Luhn-valid 13-19 digit window of a digit run that starts and ends on a group
+    boundary (so "4111 1111 1111 1111 123" loses the card and keeps the 123), longest first."""
     def sub(match: re.Match) -> str:
-        digits = re.sub(r"\D", "", match.group())
-        if not 13 <= len(digits) <= 19 or not luhn_ok(digits):
-            return match.group()
-        counts["card"] = counts.get("card", 0) + 1
-        return "[CARD]"
+        run = match.group()
+        groups = [(m.start(), m.end()) for m in re.finditer(r"\d+", run)]
+        if sum(end - start for start, end in groups) < 13:
+            return run
+        spans: list[tuple[int, int]] = []
+        i = 0
+        while i < len(groups):
+            found, digits, j = None, "", i
+            while j < len(groups) and len(digits) + groups[j][1] - groups[j][0] <= 19:   # at most 19 digits:
+                digits += run[groups[j][0]:groups[j][1]]                                 # linear in the run
+                if len(digits) >= 13 and luhn_ok(digits):
+                    found = j   # keep the longest window that passes
+                j += 1
+            if found is None:
+                i += 1
+                continue
+            spans.append((groups[i][0], groups[found][1]))
+            i = found + 1
+        if not spans:
+            return run
+        counts["card"] = counts.get("card", 0) + len(spans)
+        out, last = [], 0
+        for start, end in spans:
+            out += [run[last:start], "[CARD]"]
+            last = end
+        return "".join(out) + run[last:]
 
-    return CARD.sub(sub, text)
+    return DIGIT_RUN.sub(sub, text)
 
 
 def _phones(text: str, counts: dict[str, int]) -> str:

@@ -190,6 +190,25 @@ _errors = bentoml.metrics.Counter(name=alerts.ERRORS, documentation="Requests an
                                   labelnames=["bento_version", "status", "tenant"])
 
 
+_trace_errors = bentoml.metrics.Counter(name="slipway_trace_errors", documentation="Traces that could not be written",
+                                        labelnames=["bento_version"])
+
+
+def _trace(**fields: Any) -> dict | None:
+    """Write the request's trace; a trace that cannot be written is logged and counted
+    (`slipway_trace_errors_total`), and the caller still gets the answer. The trace folder is checked
+    writable before the worker reports ready, so this is for the disk filling up, not a bad setting."""
+    try:
+        trace = TRACER.record(**fields)
+    except Exception as exc:  # noqa: BLE001 - the answer must not be lost to its trace
+        _trace_errors.labels(VERSION["bento"]).inc()
+        logger.error("could not write the trace of request %s to %s: %s: %s", fields.get("request_id"),
+                     TRACE_DIR, type(exc).__name__, exc)
+        return None
+    REQUESTS.add(trace)
+    return trace
+
+
 def _observe(status: int, t0: float, trace: dict | None, calls) -> None:
     """One answered request into the metrics, priced as `slipway check` prices it."""
     version, tenant = VERSION["bento"], (trace or {}).get("tenant") or ""
@@ -232,6 +251,11 @@ class NotReadyAnswers:
         headers = dict(scope.get("headers") or [])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
         body = {"error": f"not ready: {reason}", "request_id": request_id, "version": VERSION, "ready": False}
+        if scope.get("path") == ENDPOINT:   # a request refused by a version that cannot answer is an error
+            t0 = time.perf_counter()
+            trace = _trace(request_id=request_id, started_at=utc_now(), t0=t0, t_valid=None, t_end=t0, status=503,
+                           error_code="not-ready", error=body["error"])
+            _observe(503, t0, trace, ())
         payload = json.dumps(body).encode()
         await send({"type": "http.response.start", "status": 503,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
@@ -258,9 +282,10 @@ class ValidationErrorsAs422:
                 message = {**message, "status": 422,
                            "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]}
                 if scope.get("path") == ENDPOINT:
-                    TRACER.record(request_id=request_id, started_at=started_at, t0=t0, t_valid=None,
-                                  t_end=time.perf_counter(), status=422, error_code="invalid-request",
-                                  error="the request does not match the endpoint's schema")
+                    trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=None,
+                                   t_end=time.perf_counter(), status=422, error_code="invalid-request",
+                                   error="the request does not match the endpoint's schema")
+                    _observe(422, t0, trace, ())
             await send(message)
 
         await self.app(scope, receive, send_422)
@@ -290,6 +315,11 @@ class SlipwayService:
         self.adapter = json_adapter() if SPEC.pipeline.adapter == "json" else None
         try:
             self._warm_up()
+            if SPEC.tracing.enabled:
+                TRACE_DIR.mkdir(parents=True, exist_ok=True)
+                if not os.access(TRACE_DIR, os.W_OK):
+                    raise PermissionError(f"cannot write traces to {TRACE_DIR}: set SLIPWAY_TRACE_DIR to a "
+                                          "writable folder (slipway serve sets it), or [tracing] enabled = false")
         except Exception as exc:  # noqa: BLE001 - stay up and say why: a crash-looping worker hides the reason
             from framework.lm import root_cause
 
@@ -344,22 +374,22 @@ class SlipwayService:
         except Exception as exc:  # a request never kills the worker; the caller gets its id to report
             cause = root_cause(exc)
             message = cause.render() if isinstance(cause, SlipwayError) else \
-                f"model error: {type(exc).__name__}: {str(exc)[:300]}"
+                f"model error: {type(exc).__name__}: {str(exc)[:1000]}"
             code = cause.code if isinstance(cause, SlipwayError) else "model-error"
             return self._error(ctx, 503, code, request_id, message, t0, started_at, inputs=inputs,
                                t_valid=t_valid, calls=calls)
         outputs = json.loads(json.dumps(outputs, default=str))
-        trace = TRACER.record(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
-                              t_end=time.perf_counter(), status=200, inputs=inputs, outputs=outputs, calls=calls)
+        trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
+                       t_end=time.perf_counter(), status=200, inputs=inputs, outputs=outputs, calls=calls)
         _observe(200, t0, trace, calls)
         return {**outputs, "request_id": request_id, "version": VERSION}
 
     def _error(self, ctx, status: int, code: str, request_id: str, message: str, t0: float, started_at,
                *, inputs: dict | None, t_valid: float | None = None, calls=()) -> dict:
         ctx.response.status_code = status
-        trace = TRACER.record(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
-                              t_end=time.perf_counter(), status=status, inputs=inputs, calls=calls, error_code=code,
-                              error=message)
+        trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
+                       t_end=time.perf_counter(), status=status, inputs=inputs, calls=calls, error_code=code,
+                       error=message)
         _observe(status, t0, trace, calls)
         return ErrorBody(error=message, request_id=request_id, version=VERSION).model_dump()
 
@@ -386,8 +416,9 @@ class SlipwayService:
                 "bento": found["bento"], "version": found["version"], "score": body["score"],
                 "negative": is_negative(body["score"]),
                 "comment": TRACER.redactor.text(body["comment"], redactions) if body.get("comment") else None,
-                "correct_labels": body.get("correct_labels"), "received_at": iso(utc_now())})
-            REQUESTS.feedback.add(fid)
+                "correct_labels": TRACER.redactor.value(body.get("correct_labels"), redactions),
+                "received_at": iso(utc_now())})
+            REQUESTS.feedback[fid] = None
         return {"feedback_id": fid, "request_id": request_id, "bento": found["bento"], "duplicate": duplicate}
 
 

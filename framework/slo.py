@@ -64,11 +64,23 @@ class SloReport:
         return [c.clause.name for c in self.clauses if not c.clause.passed]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"project": self.project, "window_s": self.window.total_seconds(), "since": self.since.isoformat(),
+        """JSON-safe: a figure that could not be measured (NaN) or an infinite burn is null."""
+        return _finite({"project": self.project, "window_s": self.window.total_seconds(),
+                "since": self.since.isoformat(),
                 "until": self.until.isoformat(), "channel": self.channel, "version": self.version,
                 "n": self.n, "passed": self.passed, "breached": self.breached,
                 "figures": {k: v.isoformat() if isinstance(v, datetime) else v for k, v in self.figures.items()},
-                "clauses": [c.to_dict() for c in self.clauses], "offline_only": self.offline_only}
+                "clauses": [c.to_dict() for c in self.clauses], "offline_only": self.offline_only})
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _nan(value) -> float:

@@ -188,7 +188,7 @@ MIGRATIONS = [f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}"
 LOCK_WAIT_S = 30.0
 
 
-def _connect(path: Path, read_only: bool):
+def _connect(path: Path, read_only: bool, sandbox: bool = False):
     """DuckDB lets one process write a file, or several read it. Slipway's commands hold the file for
     milliseconds (a check opens it once per example), so wait a while for a short holder to let go."""
     import time
@@ -198,7 +198,9 @@ def _connect(path: Path, read_only: bool):
     deadline = time.monotonic() + LOCK_WAIT_S
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            # sandbox: no file but the store, no setting changed later (for SQL a user typed, e.g. --where)
+            config = {"enable_external_access": False, "lock_configuration": True} if sandbox else {}
+            return duckdb.connect(str(path), read_only=read_only, config=config)
         except duckdb.Error as exc:
             if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                 raise StoreError(f"cannot open the store: {exc}", path=str(path),
@@ -218,13 +220,13 @@ def new_id(prefix: str) -> str:
 class Store:
     """A connection to one project's store file; use as a context manager."""
 
-    def __init__(self, path: Path, *, read_only: bool = False):
+    def __init__(self, path: Path, *, read_only: bool = False, sandbox: bool = False):
         self.path = path
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
         elif not path.exists():
             raise StoreError("no store yet", path=str(path), hint="run `slipway eval` or `slipway check` first")
-        self.con = _connect(path, read_only)
+        self.con = _connect(path, read_only, sandbox)
         if not read_only:
             self.con.execute(SCHEMA)
             self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
@@ -433,7 +435,8 @@ class Store:
     def traces(self, *, since: datetime | None = None, version: str | None = None, channel: str | None = None,
                where: str | None = None, limit: int | None = 100) -> list[dict[str, Any]]:
         """Traces newest first. `where` is SQL over the traces table's columns, as `slipway traces --where`
-        takes it: run it on a read-only store (`Store(path, read_only=True)`), so it can only read."""
+        takes it: run it on `Store(path, read_only=True, sandbox=True)`, which can read the store and
+        nothing else (no file access, no settings); a second statement smuggled in is refused here."""
         clauses, params = ["TRUE"], []
         if since is not None:
             clauses.append("started_at >= ?")
@@ -450,6 +453,8 @@ class Store:
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         try:
+            if where and len(duckdb_statements(sql)) != 1:
+                raise ValueError("it holds more than one SQL statement")
             rows = self._rows(sql, params)
         except Exception as exc:  # noqa: BLE001 - duckdb raises many kinds; say which clause failed
             if not where:
@@ -558,6 +563,12 @@ class Store:
             "count(*) FILTER (WHERE NOT coalesce(negative, score < 0.5)) AS positive, "
             "count(*) FILTER (WHERE coalesce(negative, score < 0.5)) AS negative, avg(score) AS mean_score "
             "FROM feedback WHERE received_at >= ? GROUP BY ALL ORDER BY version", [since])
+
+
+def duckdb_statements(sql: str) -> list:
+    import duckdb
+
+    return duckdb.extract_statements(sql)
 
 
 def _decode_trace(row: dict[str, Any]) -> dict[str, Any]:

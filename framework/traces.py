@@ -65,35 +65,44 @@ def iso(moment: datetime) -> str:
 class SegmentWriter:
     """One worker's append-only segment of one kind (traces or feedback). Thread-safe.
 
-    The file is created on the first line, so a worker that answers nothing leaves nothing behind;
-    it is never reopened after the process ends (a restarted worker gets a new name), so a line
-    cut short by a kill stays the last line of a file nobody writes again."""
+    The file is created on the first line, so a worker that answers nothing leaves nothing behind.
+    A worker starts a new file each UTC day (so retention can delete old days while it runs, and no
+    file grows without bound), and at once if its file was deleted under it. A file is never reopened
+    once left (a restarted worker gets a new name), so a line cut short by a kill stays the last line
+    of a file nobody writes again."""
 
     def __init__(self, directory: Path, kind: str, *, fsync: str = "interval"):
         self.directory, self.kind, self.fsync = Path(directory), kind, fsync
         self.path: Path | None = None
         self._fd: int | None = None
+        self._day: str | None = None
         self._lock = threading.Lock()
         self._dirty = threading.Event()
         self._flusher: threading.Thread | None = None
 
-    def _open(self) -> int:
-        # Named at the first line, in the process that writes it (a forked worker gets its own pid).
+    def _rotate(self) -> None:
+        """Open today's file (named here, in the process that writes it: a forked worker has its own pid)."""
+        if self._fd is not None:
+            os.close(self._fd)
+        now = utc_now()
+        self._day = f"{now:%Y%m%d}"
         self.path = (self.directory / self.kind /
-                     f"{socket.gethostname()}-{os.getpid()}-{utc_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}.jsonl")
+                     f"{socket.gethostname()}-{os.getpid()}-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}.jsonl")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        if self.fsync == "interval":
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        if self.fsync == "interval" and self._flusher is None:
             self._flusher = threading.Thread(target=self._flush_every_second, name=f"slipway-{self.kind}-fsync",
                                              daemon=True)
             self._flusher.start()
-        return fd
 
     def append(self, record: dict[str, Any]) -> None:
-        line = orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)
+        try:
+            line = orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)
+        except TypeError:   # what orjson cannot write (an int over 64 bits): the slower, total encoder
+            line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
         with self._lock:
-            if self._fd is None:
-                self._fd = self._open()
+            if self._fd is None or self._day != f"{utc_now():%Y%m%d}" or os.fstat(self._fd).st_nlink == 0:
+                self._rotate()
             view = memoryview(line)
             while view:
                 view = view[os.write(self._fd, view):]
@@ -103,19 +112,21 @@ class SegmentWriter:
                 self._dirty.set()
 
     def _flush_every_second(self) -> None:
-        """fsync off the request path: a request pays for one write(), the disk flush happens here. It polls
-        (rather than being woken by each append) so that no request hands the GIL to this thread."""
+        """fsync off the request path: a request pays for one write(), the disk flush happens here, on a
+        duplicate of the file descriptor and outside the lock, so an append never waits for the disk. It
+        polls (rather than being woken by each append) so no request hands the GIL to this thread."""
         while True:
             time.sleep(1.0)
             if not self._dirty.is_set():
-                if self._fd is None:
-                    return
                 continue
             with self._lock:
                 self._dirty.clear()
-                if self._fd is None:
-                    return
-                os.fsync(self._fd)
+                fd = os.dup(self._fd) if self._fd is not None else None
+            if fd is not None:
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
     def close(self) -> None:
         with self._lock:
@@ -161,39 +172,56 @@ def _writer_gone(path: Path) -> bool:
     return False
 
 
-_TYPES = {"trace_id": str, "request_id": str, "feedback_id": str, "started_at": str, "received_at": str,
-          "status": int, "duration_ms": (int, float), "score": (int, float)}
+_PY_TYPES = {"VARCHAR": (str,), "INTEGER": (int,), "DOUBLE": (int, float), "BOOLEAN": (bool,),
+             "TIMESTAMP": (str,), "JSON": (object,)}
 
 
-def _problem(row: Any, required: tuple[str, ...]) -> str | None:
-    """Why a parsed line is not a record (None when it is one)."""
+def _problem(row: Any, kind: str) -> str | None:
+    """Why a parsed line is not a record (None when it is one). Every column is type-checked, so one bad
+    value is one skipped line, never a failed batch that would stop every later ingest."""
+    columns, required = KINDS[kind]
     if not isinstance(row, dict):
         return "not a JSON object"
     missing = [key for key in required if row.get(key) is None]
     if missing:
         return f"missing {', '.join(missing)}"
-    wrong = [key for key in required if key in _TYPES and (not isinstance(row[key], _TYPES[key])
-                                                           or isinstance(row[key], bool))]
-    if wrong:
-        return f"wrong type for {', '.join(wrong)}"
-    for key in ("started_at", "received_at"):
-        if key in required:
+    for key, sql_type in columns.items():
+        value = row.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, _PY_TYPES[sql_type]) or (isinstance(value, bool) and sql_type != "BOOLEAN"):
+            return f"wrong type for {key} ({type(value).__name__}, expected {sql_type})"
+        if sql_type == "INTEGER" and not -(2**31) <= value < 2**31:
+            return f"{key} out of range"
+        if sql_type == "TIMESTAMP":
             try:
-                datetime.fromisoformat(row[key])
+                moment = datetime.fromisoformat(value)
             except ValueError:
                 return f"{key} is not an ISO time"
+            if moment.tzinfo is not None:
+                return f"{key} has a time zone; traces are written in UTC without one"
     return None
 
 
-def read_chunk(path: Path, kind: str, start: int, *, name: str | None = None) -> Chunk:
-    """New complete lines of `path` from byte `start`. A last line without its newline is left for
-    later while its writer lives, and skipped (reported) once the writer is gone."""
-    _, required = KINDS[kind]
+MAX_CHUNK_BYTES = 64 << 20   # ingest reads a segment in blocks of at most this, each committed with its offset
+
+
+def read_chunk(path: Path, kind: str, start: int, *, name: str | None = None,
+               max_bytes: int = MAX_CHUNK_BYTES) -> Chunk:
+    """New complete lines of `path` from byte `start`, at most about `max_bytes` of them (call again
+    from `chunk.end` for more). A last line without its newline is left for later while its writer
+    lives, and skipped (reported) once the writer is gone."""
     label = name or str(path)
     with open(path, "rb") as fh:
         fh.seek(start)
-        data = fh.read()
+        data = fh.read(max_bytes)
+        more = bool(fh.read(1))
     cut = data.rfind(b"\n") + 1
+    if more and cut == 0:   # one line longer than a block: read on to its end
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            data = fh.read()
+        more, cut = False, data.rfind(b"\n") + 1
     chunk = Chunk(segment=label, start=start, end=start + cut)
     position = start
     for raw in data[:cut].splitlines(keepends=True):
@@ -203,16 +231,16 @@ def read_chunk(path: Path, kind: str, start: int, *, name: str | None = None) ->
         if not text:
             continue
         try:
-            row = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            row = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
             chunk.skipped.append(f"{where}: not JSON ({exc}); a write cut short?")
             continue
-        problem = _problem(row, required)
+        problem = _problem(row, kind)
         if problem:
             chunk.skipped.append(f"{where}: {problem}")
             continue
         chunk.rows.append(row)
-    if cut < len(data) and _writer_gone(path):
+    if not more and cut < len(data) and _writer_gone(path):
         chunk.skipped.append(f"{label}:byte {start + cut}: last line cut short ({len(data) - cut} bytes, "
                              "no newline) and its writer is gone")
         chunk.end = start + len(data)
@@ -241,15 +269,15 @@ def ingest(project, *, store=None) -> Ingested:
         for path in segments(root, kind):
             name = f"{kind}/{path.name}"
             start = store.segment_offset(name)
-            if path.stat().st_size <= start:
-                continue
-            chunk = read_chunk(path, kind, start, name=name)
-            if chunk.end == start:
-                continue
-            added = store.add_segment_rows(kind, chunk.segment, chunk.rows, start=chunk.start, end=chunk.end,
-                                           skipped=len(chunk.skipped))
-            setattr(result, kind, getattr(result, kind) + added)
-            result.skipped += chunk.skipped
+            while path.exists() and path.stat().st_size > start:
+                chunk = read_chunk(path, kind, start, name=name)
+                if chunk.end == start:
+                    break
+                added = store.add_segment_rows(kind, chunk.segment, chunk.rows, start=chunk.start, end=chunk.end,
+                                               skipped=len(chunk.skipped))
+                setattr(result, kind, getattr(result, kind) + added)
+                result.skipped += chunk.skipped
+                start = chunk.end
     days = project.spec.tracing.retention_days
     if days is not None:
         result.deleted = retain(project, store, utc_now() - timedelta(days=days))
@@ -258,7 +286,8 @@ def ingest(project, *, store=None) -> Ingested:
 
 def retain(project, store, cutoff: datetime) -> int:
     """Delete traces and feedback older than `cutoff` from the store, and segment files wholly ingested
-    whose last write is older than it."""
+    whose last write is older than it. A writer moves to a new file every day and whenever its file is
+    gone, so deleting an old day's file never loses a later line."""
     deleted = store.delete_traces_before(cutoff)
     for kind in KINDS:
         for path in segments(project.trace_dir, kind):
@@ -357,7 +386,11 @@ class Tracer:
                 "index": i, "start_ms": ms(begin), "latency_ms": round(call.latency_ms, 3),
                 "waited_ms": round(call.waited_ms, 3), "tokens_in_new": call.tokens_in_new,
                 "tokens_in_cached": call.tokens_in_cached, "tokens_out": call.tokens_out,
-                "finish_reason": call.finish_reason, "format_problems": call.format_problems,
+                "finish_reason": call.finish_reason, "format_valid": call.raw_valid,
+                # Schema problems quote the model's own values: redacted like any text, and not kept
+                # without keep_text.
+                "format_problems": self.redactor.value(call.format_problems, counts)
+                if keep and call.format_problems else None,
                 "messages": self.redactor.value(call.messages, counts) if keep and call.messages else None,
                 "output": self.redactor.text(call.raw_text, counts) if keep and call.raw_text else None})
         if cursor is not None and t_end - cursor > 0.0005 and status < 400:
@@ -383,42 +416,72 @@ class Tracer:
 
 
 class RequestIndex:
-    """request_id → its trace's (trace_id, bento, version), read incrementally from every worker's trace
-    segments (the service answers POST /feedback with it: an id no worker traced is a 404). Also the
-    set of feedback ids already recorded, so a repeated POST is not written twice."""
+    """request_id → its trace's (trace_id, bento, version, status), read incrementally from every
+    worker's trace segments (the service answers POST /feedback with it: an id no worker traced is a
+    404). Also the feedback ids already recorded, so a repeated POST is not written twice.
 
-    def __init__(self, directory: Path):
+    Bounded: the newest `limit` requests are kept (feedback on older ones answers 404: say so in the
+    client's docs), and a miss re-reads the segments at most once a second, so unknown ids cannot make
+    a worker re-scan the disk on every request."""
+
+    def __init__(self, directory: Path, *, limit: int = 200_000):
+        from collections import OrderedDict
+
         self.directory = Path(directory)
+        self.limit = limit
         self.offsets: dict[tuple[str, str], int] = {}
-        self.requests: dict[str, dict[str, Any]] = {}
-        self.feedback: set[str] = set()
+        self.requests: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.feedback: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
+        self._refreshed = 0.0
 
-    def refresh(self) -> None:
+    def add(self, trace: dict[str, Any] | None) -> None:
+        """A trace this worker just wrote: known at once, without reading it back."""
+        if trace is not None:
+            with self._lock:
+                self.requests[trace["request_id"]] = {k: trace.get(k) for k in ("trace_id", "bento", "version",
+                                                                               "status")}
+
+    def refresh(self, *, at_most_every_s: float = 0.0) -> None:
+        """Read what every segment gained; with `at_most_every_s`, first wait out that interval since the
+        last read (a miss is answered late rather than by a scan per request)."""
+        wait = at_most_every_s - (time.monotonic() - self._refreshed)
+        if wait > 0:
+            time.sleep(wait)
         with self._lock:
+            self._refreshed = time.monotonic()
             for kind in KINDS:
                 for path in segments(self.directory, kind):
                     key = (kind, path.name)
-                    start = self.offsets.get(key, 0)
-                    if path.stat().st_size <= start:
+                    try:
+                        size = path.stat().st_size
+                    except FileNotFoundError:   # retention deleted it meanwhile
                         continue
-                    chunk = read_chunk(path, kind, start)
-                    self.offsets[key] = chunk.end
-                    for row in chunk.rows:
-                        if kind == "traces":
-                            self.requests[row["request_id"]] = {k: row.get(k) for k in
-                                                                ("trace_id", "bento", "version", "status")}
-                        else:
-                            self.feedback.add(row["feedback_id"])
+                    while size > self.offsets.get(key, 0):
+                        start = self.offsets.get(key, 0)
+                        chunk = read_chunk(path, kind, start)
+                        if chunk.end == start:
+                            break
+                        self.offsets[key] = chunk.end
+                        for row in chunk.rows:
+                            if kind == "traces":
+                                self.requests[row["request_id"]] = {
+                                    k: row.get(k) for k in ("trace_id", "bento", "version", "status")}
+                                self.requests.move_to_end(row["request_id"])
+                            else:
+                                self.feedback[row["feedback_id"]] = None
+            for table in (self.requests, self.feedback):
+                while len(table) > self.limit:
+                    table.popitem(last=False)
 
     def lookup(self, request_id: str) -> dict[str, Any] | None:
         if request_id not in self.requests:
-            self.refresh()
+            self.refresh(at_most_every_s=1.0)
         return self.requests.get(request_id)
 
     def seen_feedback(self, feedback_id: str) -> bool:
         if feedback_id not in self.feedback:
-            self.refresh()
+            self.refresh(at_most_every_s=1.0)
         return feedback_id in self.feedback
 
 

@@ -243,11 +243,14 @@ def test_traces_lists_ingests_and_filters(toml_path):
 
 def test_traces_where_cannot_write_to_the_store(toml_path):
     _traced(toml_path)
-    for sql in ("1=1; DROP TABLE traces", "1=1) OR (DELETE FROM traces", "no_such_column = 1"):
+    outside = toml_path.parent / "leaked.csv"
+    for sql in ("1=1; DROP TABLE traces", "1=1) OR (DELETE FROM traces", "no_such_column = 1",
+                f"1=1) ; COPY (SELECT 42) TO '{outside}'; SELECT * FROM traces WHERE (1=1",
+                "length(getenv('HOME')) > 0", "1=1) ; ATTACH '/tmp/x.duckdb' AS x; SELECT * FROM traces WHERE (1=1"):
         result = runner.invoke(app, ["traces", str(toml_path), "--where", sql])
         assert result.exit_code != 0 and "--where" in result.output, result.output
     again = runner.invoke(app, ["traces", str(toml_path), "--json"])
-    assert len(json.loads(again.stdout)) == 3
+    assert len(json.loads(again.stdout)) == 3 and not outside.exists()
 
 
 def test_trace_shows_one_request_and_unknown_ids_are_an_error(toml_path, monkeypatch):

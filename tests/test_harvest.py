@@ -316,3 +316,24 @@ def test_any_hand_edited_line_is_read_or_reported_with_its_line(tmp_path_factory
         read_candidates(path)
     except DatasetError as exc:
         assert str(path) in str(exc) and ":" in exc.render()
+
+
+def test_an_eval_file_changed_while_signing_is_not_overwritten(project, tracer, monkeypatch, keys):
+    """Two curators at once: the second must not replace the file the first just extended."""
+    traffic(tracer)
+    harvest(project)
+    edit_review(project, lambda row: {**row, "accept": True} if row["id"] == "served-r-fixed" else row)
+    dataset = project.split_path("eval")
+    real_sign = signing.sign
+
+    def sign_while_someone_else_writes(statement, key_path=None):
+        signed = real_sign(statement, key_path)
+        with open(dataset, "a") as fh:   # the other curator's row lands between our read and our commit
+            fh.write(json.dumps({"id": "other-curator", "inputs": {"ticket": "x"}, "expected": {}}) + "\n")
+        return signed
+
+    monkeypatch.setattr(signing, "sign", sign_while_someone_else_writes)
+    with pytest.raises(ReleaseRefused, match="changed while these rows were being signed"):
+        accept_as(project, monkeypatch, keys, "carol")
+    assert dataset.read_text().splitlines()[-1].startswith('{"id": "other-curator"')
+    assert _audit_actions(project).count("harvest-accept") == 0

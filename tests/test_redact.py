@@ -86,3 +86,17 @@ def test_a_hook_runs_last_and_a_missing_one_names_the_field():
 def test_a_bad_pattern_is_a_spec_error():
     with pytest.raises(ValueError, match="not a valid regular expression"):
         RedactPattern(name="x", regex="(")
+
+
+@settings(max_examples=300)
+@given(card=cards, sep=st.sampled_from([" ", "-", "  "]), before=st.from_regex(r"[0-9]{1,4}", fullmatch=True),
+       after=st.from_regex(r"[0-9]{1,4}", fullmatch=True), where=st.sampled_from(["before", "after", "both"]))
+def test_a_card_next_to_an_expiry_cvv_or_order_number_is_still_redacted(card, sep, before, after, where):
+    """Digit groups beside the card ("4111 1111 1111 1111 123", "order 2024 4111…") must not hide it."""
+    text = grouped(card, sep)
+    if where in ("before", "both"):
+        text = f"{before} {text}"
+    if where in ("after", "both"):
+        text = f"{text} {after}"
+    out = DEFAULT.text(f"paid with {text} yesterday", {})
+    assert card not in "".join(ch for ch in out if ch.isdigit())

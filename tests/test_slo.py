@@ -111,3 +111,14 @@ def test_no_traffic_is_not_a_breach(project):
     report = slo(project, timedelta(hours=1))
     assert report.n == 0 and report.passed and report.clauses == []
     assert set(report.offline_only) == set(project.spec.contract.eval)
+
+
+def test_json_has_no_nan_even_when_nothing_was_answered(project):
+    """Only 5xx in the window: latency is not measured; --json must stay valid JSON (null, not NaN)."""
+    import json
+
+    now = utc_now()
+    write(project, [synthetic(now - timedelta(minutes=1), 100, 503) for _ in range(3)])
+    data = slo(project, timedelta(hours=1), now=now).to_dict()
+    text = json.dumps(data, allow_nan=False)
+    assert json.loads(text)["clauses"][0]["measured"] is None

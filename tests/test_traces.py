@@ -37,6 +37,7 @@ class FakeCall:
     messages: list | None = None
     started: float | None = None
     waited_ms: float = 5.0
+    raw_valid: bool | None = True
 
 
 @pytest.fixture
