@@ -270,7 +270,7 @@ def ingest(project, *, store=None) -> Ingested:
             name = f"{kind}/{path.name}"
             start = store.segment_offset(name)
             while path.exists() and path.stat().st_size > start:
-                chunk = read_chunk(path, kind, start, name=name)
+                chunk = read_chunk(path, kind, start, name=name, max_bytes=MAX_CHUNK_BYTES)
                 if chunk.end == start:
                     break
                 added = store.add_segment_rows(kind, chunk.segment, chunk.rows, start=chunk.start, end=chunk.end,

@@ -197,3 +197,61 @@ def test_parse_since(text, seconds):
 def test_parse_since_refuses_what_it_cannot_read(text):
     with pytest.raises(ValueError, match="not a duration"):
         parse_since(text)
+
+
+def test_a_segment_deleted_under_its_writer_is_replaced_and_nothing_after_is_lost(project):
+    """Retention may delete an old day's file while its worker lives: the next line goes to a new file."""
+    tracer = Tracer(TracingSpec(), project.trace_dir, IDENTITY, project.model())
+    answer(tracer, "before")
+    first = tracer.writer.path
+    assert ingest(project).traces == 1
+    first.unlink()
+    answer(tracer, "after")
+    assert tracer.writer.path != first and tracer.writer.path.exists()
+    assert ingest(project).traces == 1
+    assert RequestIndex(project.trace_dir).lookup("after") is not None
+
+
+def test_a_new_day_starts_a_new_segment(project, monkeypatch):
+    import framework.traces as traces
+
+    tracer = Tracer(TracingSpec(), project.trace_dir, IDENTITY, project.model())
+    answer(tracer, "today")
+    first = tracer.writer.path
+    monkeypatch.setattr(traces, "utc_now", lambda: traces.datetime(2099, 1, 2, 0, 0, 1))
+    answer(tracer, "tomorrow")
+    assert tracer.writer.path != first and "20990102T000001" in tracer.writer.path.name
+
+
+def test_a_value_of_the_wrong_type_skips_its_line_and_never_blocks_ingest(project):
+    writer = SegmentWriter(project.trace_dir, "traces")
+    good = {"trace_id": "t1", "request_id": "r1", "started_at": "2026-11-26T10:00:00", "duration_ms": 5,
+            "status": 200}
+    writer.append({**good, "tokens_out": "abc"})
+    writer.append({**good, "trace_id": "t2", "status": 2**40})
+    writer.append({**good, "trace_id": "t3", "started_at": "2026-11-26T10:00:00+05:00"})
+    writer.append({**good, "trace_id": "t4", "inputs": {"ticket": "fine"}})
+    result = ingest(project)
+    assert result.traces == 1 and len(result.skipped) == 3
+    assert "tokens_out" in result.skipped[0] and "status" in result.skipped[1] and "time zone" in result.skipped[2]
+    writer.append({**good, "trace_id": "t5"})
+    assert ingest(project).traces == 1
+
+
+def test_ingest_reads_a_big_segment_in_blocks(project, monkeypatch):
+    import framework.traces as traces
+
+    tracer = Tracer(TracingSpec(), project.trace_dir, IDENTITY, project.model())
+    for i in range(50):
+        answer(tracer, f"req-{i}")
+    monkeypatch.setattr(traces, "MAX_CHUNK_BYTES", 4096)   # a few traces a block
+    calls = []
+    real = Store.add_segment_rows
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs["end"] - kwargs["start"])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "add_segment_rows", counting)
+    assert ingest(project).traces == 50
+    assert len(calls) > 5 and max(calls) <= 4096 + 4096

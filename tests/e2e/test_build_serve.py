@@ -297,6 +297,9 @@ def test_failed_warm_up_keeps_the_service_unready_and_serve_gives_up(tiny_projec
         assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200 and server.poll() is None
     finally:
         _stop(server)
+    # Plain `bentoml serve` on the repository's store traces into the project: the refusal is on record.
+    refused_traces = json.loads(ok(["traces", "ticket-triage", "--json"]).stdout)
+    assert [(t["request_id"], t["status"], t["error_code"]) for t in refused_traces] == [("r-9", 503, "not-ready")]
 
     slipway = str(Path(sys.executable).parent / "slipway")
     refused = subprocess.run([slipway, "serve", tag, "--port", str(_free_port())], env=broken_env,
