@@ -392,21 +392,26 @@ class Store:
         row = self.con.execute("SELECT bytes_ingested FROM segments WHERE segment = ?", [segment]).fetchone()
         return int(row[0]) if row else 0
 
-    def add_segment_rows(self, kind: str, segment: str, rows: list[dict[str, Any]], *, start: int, end: int,
-                         skipped: int) -> int:
+    def add_segment_rows(self, kind: str, segment: str, rows: list[dict[str, Any] | bytes], *, start: int,
+                         end: int, skipped: int) -> int:
         """Insert a segment's new rows and move its offset in one transaction; returns rows added.
-        Rows already present (same trace_id / feedback_id) are ignored, so this is idempotent."""
+        Rows already present (same trace_id / feedback_id) are ignored, so this is idempotent. A row may be
+        the segment's own JSON line (bytes, already validated by traces.read_chunk): it is copied as is,
+        and DuckDB reads only the table's columns from it."""
         import os
         import tempfile
+
+        import orjson
 
         from framework.traces import KINDS
 
         columns = KINDS[kind][0]
         table = kind
         added = 0
-        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as tmp:
+        with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as tmp:
             for row in rows:
-                tmp.write(json.dumps({k: row.get(k) for k in columns}, default=str) + "\n")
+                tmp.write(row.rstrip(b"\n") + b"\n" if isinstance(row, bytes) else
+                          orjson.dumps({k: row.get(k) for k in columns}, default=str) + b"\n")
         try:
             spec = "{" + ", ".join(f"'{name}': '{kind_}'" for name, kind_ in columns.items()) + "}"
             with self.transaction():

@@ -144,6 +144,7 @@ class Chunk:
     start: int
     end: int                          # byte offset after the last line consumed (valid, skipped or cut off)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    lines: list[bytes] = field(default_factory=list)   # the same rows as the segment holds them
     skipped: list[str] = field(default_factory=list)   # "file:byte: why", for each line not ingested
 
 
@@ -240,6 +241,7 @@ def read_chunk(path: Path, kind: str, start: int, *, name: str | None = None,
             chunk.skipped.append(f"{where}: {problem}")
             continue
         chunk.rows.append(row)
+        chunk.lines.append(text)
     if not more and cut < len(data) and _writer_gone(path):
         chunk.skipped.append(f"{label}:byte {start + cut}: last line cut short ({len(data) - cut} bytes, "
                              "no newline) and its writer is gone")
@@ -273,7 +275,7 @@ def ingest(project, *, store=None) -> Ingested:
                 chunk = read_chunk(path, kind, start, name=name, max_bytes=MAX_CHUNK_BYTES)
                 if chunk.end == start:
                     break
-                added = store.add_segment_rows(kind, chunk.segment, chunk.rows, start=chunk.start, end=chunk.end,
+                added = store.add_segment_rows(kind, chunk.segment, chunk.lines, start=chunk.start, end=chunk.end,
                                                skipped=len(chunk.skipped))
                 setattr(result, kind, getattr(result, kind) + added)
                 result.skipped += chunk.skipped
