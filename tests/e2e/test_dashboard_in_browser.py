@@ -2,7 +2,7 @@
 `marimo run` on 127.0.0.1 and opened in Debian's headless Chromium with the network cut off.
 
 Needs Playwright and chromium, like tests/e2e/test_report_in_browser.py (skipped on a developer machine
-without them, failed under CI). The page's screenshot is kept under pytest's tmp dir; with
+without them, failed under CI). The page's screenshot is kept as tests/artifacts/dashboard.png; with
 SLIPWAY_UPDATE_SCREENSHOTS=1 it also replaces docs/img/dashboard.png, the one the README shows.
 """
 
@@ -85,6 +85,9 @@ def test_the_dashboard_shows_charts_feedback_and_the_live_contract(project, tmp_
             browser.close()
         assert not outside, f"the page fetched from outside: {outside}"
         assert not errors, errors
+        artefacts = REPO / "tests" / "artifacts"   # git-ignored; CI keeps it with the run
+        artefacts.mkdir(exist_ok=True)
+        shutil.copyfile(shot, artefacts / "dashboard.png")
         if UPDATE_SCREENSHOTS:
             (REPO / "docs" / "img").mkdir(exist_ok=True)
             shutil.copyfile(shot, REPO / "docs" / "img" / "dashboard.png")
