@@ -44,16 +44,18 @@ class Example:
         return dspy.Example(**self.inputs, **self.expected).with_inputs(*self.inputs)
 
 
-def parse_rows(text: str, path: str, *, input_fields: tuple[str, ...] = ()) -> list[Example]:
-    """Parse JSONL text; raise `DatasetError` listing every bad row as file:line."""
-    examples: list[Example] = []
-    problems: list[str] = []
+def jsonl_models(text: str, path: str, model: type[BaseModel],
+                 problems: list[str]) -> list[tuple[int, BaseModel]]:
+    """(line number, validated object) for each line of JSONL `text`; every line that is not JSON, does
+    not validate, or repeats an earlier `id` is reported in `problems` as file:line: why (blank lines skipped).
+    Shared by the splits and the harvest review file, so both name bad lines the same way."""
+    out: list[tuple[int, BaseModel]] = []
     seen: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = _Row.model_validate(json.loads(line))
+            row = model.model_validate(json.loads(line))
         except json.JSONDecodeError as exc:
             problems.append(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
             continue
@@ -61,14 +63,23 @@ def parse_rows(text: str, path: str, *, input_fields: tuple[str, ...] = ()) -> l
             detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors())
             problems.append(f"{path}:{number}: {detail}")
             continue
-        missing = [name for name in input_fields if name not in row.inputs]
-        if missing:
-            problems.append(f"{path}:{number}: inputs lacks {', '.join(missing)} (the program's input fields)")
-            continue
         if row.id in seen:
             problems.append(f"{path}:{number}: duplicate id {row.id!r} (first on line {seen[row.id]})")
             continue
         seen[row.id] = number
+        out.append((number, row))
+    return out
+
+
+def parse_rows(text: str, path: str, *, input_fields: tuple[str, ...] = ()) -> list[Example]:
+    """Parse JSONL text; raise `DatasetError` listing every bad row as file:line."""
+    examples: list[Example] = []
+    problems: list[str] = []
+    for number, row in jsonl_models(text, path, _Row, problems):
+        missing = [name for name in input_fields if name not in row.inputs]
+        if missing:
+            problems.append(f"{path}:{number}: inputs lacks {', '.join(missing)} (the program's input fields)")
+            continue
         examples.append(Example(id=row.id, inputs=row.inputs, expected=row.expected, tags=tuple(row.tags),
                                 line=number, provenance=row.provenance))
     if problems:

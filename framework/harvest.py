@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from framework.dataset import jsonl_models
 from framework.errors import DatasetError, ReleaseRefused, SpecError
 from framework.spec import Project
 
@@ -69,26 +70,8 @@ def read_candidates(path: Path) -> list[Candidate]:
     """The review file's candidates (none when it does not exist); every bad line is reported as file:line."""
     if not path.exists():
         return []
-    out: list[Candidate] = []
     problems: list[str] = []
-    seen: dict[str, int] = {}
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            candidate = Candidate.model_validate(json.loads(text))
-        except json.JSONDecodeError as exc:
-            problems.append(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        except ValidationError as exc:
-            detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors())
-            problems.append(f"{path}:{number}: {detail}")
-            continue
-        if candidate.id in seen:
-            problems.append(f"{path}:{number}: duplicate id {candidate.id!r} (first on line {seen[candidate.id]})")
-            continue
-        seen[candidate.id] = number
-        out.append(candidate)
+    out = [c for _, c in jsonl_models(path.read_text(encoding="utf-8"), str(path), Candidate, problems)]
     if problems:
         raise DatasetError(f"{len(problems)} bad line(s) in the review file:\n  " + "\n  ".join(problems[:20]),
                            path=str(path), hint="fix those lines by hand (one JSON object a line), or delete the "

@@ -442,16 +442,7 @@ class Store:
         """Traces newest first. `where` is SQL over the traces table's columns, as `slipway traces --where`
         takes it: run it on `Store(path, read_only=True, sandbox=True)`, which can read the store and
         nothing else (no file access, no settings); a second statement smuggled in is refused here."""
-        clauses, params = ["TRUE"], []
-        if since is not None:
-            clauses.append("started_at >= ?")
-            params.append(since)
-        if version:
-            clauses.append("(version = ? OR bento = ?)")
-            params += [version, version]
-        if channel:
-            clauses.append("channel = ?")
-            params.append(channel)
+        clauses, params = _trace_filter(since=since, version=version, channel=channel)
         if where:
             clauses.append(f"({where})")
         sql = f"SELECT * FROM traces WHERE {' AND '.join(clauses)} ORDER BY started_at DESC"
@@ -474,13 +465,7 @@ class Store:
         """Write the traces table (every column, JSON columns as JSON text) to a Parquet file at `path`,
         oldest first; returns the rows written. `since` and `version` filter as `traces()` does. DuckDB
         writes the file itself (COPY … TO), so an export never holds the rows in Python."""
-        clauses, params = ["TRUE"], []
-        if since is not None:
-            clauses.append("started_at >= ?")
-            params.append(since)
-        if version:
-            clauses.append("(version = ? OR bento = ?)")
-            params += [version, version]
+        clauses, params = _trace_filter(since=since, version=version)
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -512,13 +497,7 @@ class Store:
         Client errors (4xx: a bad or oversized request) are the caller's, not the service's: they are
         left out of every figure. Latency percentiles are over answered requests (2xx); the error rate
         is 5xx over all the rest; `slow.<clause>` counts answered requests slower than each target."""
-        clauses, params = ["started_at >= ?", "NOT (status >= 400 AND status < 500)"], [since]
-        if channel:
-            clauses.append("channel = ?")
-            params.append(channel)
-        if version:
-            clauses.append("(version = ? OR bento = ?)")
-            params += [version, version]
+        clauses, params = _trace_filter(since=since, version=version, channel=channel, served=True)
         slow = "".join(f", count(*) FILTER (WHERE status < 400 AND duration_ms > {float(limit)!r}) "
                        f"AS \"slow.{name}\"" for name, limit in (latency_targets or {}).items())
         sql = ("SELECT count(*) AS n, count(*) FILTER (WHERE status >= 500) AS errors, "
@@ -544,10 +523,8 @@ class Store:
         is 5xx over the rest), so a chart and the contract table agree. `bucket` is the bucket width;
         its start (`bucket`, UTC) is aligned to multiples of the width. A trace without a version counts
         under its bento, else under "unknown"."""
-        clauses, params = ["started_at >= ?", "NOT (status >= 400 AND status < 500)"], [bucket, since]
-        if channel:
-            clauses.append("channel = ?")
-            params.append(channel)
+        clauses, params = _trace_filter(since=since, channel=channel, served=True)
+        params = [bucket, *params]   # time_bucket(?) comes first in the SELECT
         sql = ("SELECT time_bucket(?, started_at) AS bucket, coalesce(version, bento, 'unknown') AS version, "
                "count(*) AS n, count(*) FILTER (WHERE status >= 500) AS errors, "
                "count(*) FILTER (WHERE status >= 500) / count(*) AS error_rate, "
@@ -568,6 +545,26 @@ class Store:
             "count(*) FILTER (WHERE NOT coalesce(negative, score < 0.5)) AS positive, "
             "count(*) FILTER (WHERE coalesce(negative, score < 0.5)) AS negative, avg(score) AS mean_score "
             "FROM feedback WHERE received_at >= ? GROUP BY ALL ORDER BY version", [since])
+
+
+def _trace_filter(*, since: datetime | None = None, version: str | None = None, channel: str | None = None,
+                  served: bool = False) -> tuple[list[str], list[Any]]:
+    """WHERE clauses and parameters every trace query shares. `served`: leave client errors (4xx) out,
+    as every SLO figure does (docs/traces.md)."""
+    clauses: list[str] = ["TRUE"]
+    params: list[Any] = []
+    if since is not None:
+        clauses.append("started_at >= ?")
+        params.append(since)
+    if served:
+        clauses.append("NOT (status >= 400 AND status < 500)")
+    if version:
+        clauses.append("(version = ? OR bento = ?)")
+        params += [version, version]
+    if channel:
+        clauses.append("channel = ?")
+        params.append(channel)
+    return clauses, params
 
 
 def duckdb_statements(sql: str) -> list:

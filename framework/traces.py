@@ -24,7 +24,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -299,12 +298,6 @@ def retain(project, store, cutoff: datetime) -> int:
                 path.unlink()
                 store.forget_segment(name)
     return deleted
-
-
-def iter_lines(trace_dir: Path, kind: str = "traces") -> Iterator[dict[str, Any]]:
-    """Every complete, valid line of every segment (no store): for workers looking up a request id."""
-    for path in segments(trace_dir, kind):
-        yield from read_chunk(path, kind, 0).rows
 
 
 def parse_since(text: str) -> timedelta:
