@@ -866,6 +866,7 @@ def dashboard(project: ProjectArg,
     try:
         board.wait_ready()
         console.print(line(("dashboard", "green"), f" for {loaded.name} on {board.url} (Ctrl-C stops it)"))
+        console.file.flush()   # the address must reach a log or pipe now, not when the command ends
         code = board.serve(loaded, warn=_echo)
     finally:
         board.stop()   # never leave marimo holding the port

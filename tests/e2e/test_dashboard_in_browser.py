@@ -103,6 +103,7 @@ def test_slipway_dashboard_serves_until_interrupted(project):
     import socket
     import subprocess
     import sys
+    import threading
     import time
 
     import httpx
@@ -111,23 +112,27 @@ def test_slipway_dashboard_serves_until_interrupted(project):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([str(Path(sys.executable).parent / "slipway"), "dashboard", str(project.dir),
                                 "--port", str(port), "--no-browser"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+                               stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    url = f"http://127.0.0.1:{port}/"
     try:
+        # Ctrl-C only once the command said it is ready (it prints the address after marimo answers).
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the dashboard never answered")
+        while not any(url in line for line in lines):
+            assert process.poll() is None, "".join(lines)
+            if time.monotonic() > deadline:
+                pytest.fail("the dashboard never said it was ready: " + "".join(lines))
+            time.sleep(0.2)
+        assert httpx.get(url, timeout=5).status_code == 200
         process.send_signal(signal.SIGINT)
-        out, _ = process.communicate(timeout=30)
-        assert f"http://127.0.0.1:{port}/" in out
+        process.wait(timeout=30)
+        reader.join(timeout=5)
+        assert any(url in line and "dashboard" in line for line in lines), "".join(lines)
     finally:
         if process.poll() is None:
             process.kill()
