@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,17 +145,30 @@ def run_eval(project: Project, *, split: str = "eval", limit: int | None = None,
                              **{k: v for k, v in hashes.items() if k in RUN_HASH_COLUMNS}})
     records: list[dict[str, Any]] = []
     status = "interrupted"
-    try:
+    lock = threading.Lock()
+
+    def one(position: int, example: Example) -> None:
         with dspy.context(lm=lm, adapter=adapter(project)):
-            for position, example in enumerate(examples):
-                records.append(_run_one(program, example, position, outputs, metric_items, custom, model))
-                if record:
-                    with Store(path) as store:
-                        store.add_result(run_id, records[-1])
-                if progress:
-                    progress(position + 1, len(examples))
+            result = _run_one(program, example, position, outputs, metric_items, custom, model)
+        with lock:  # each result is recorded as soon as it is known: an interrupted run keeps what it did
+            records.append(result)
+            if record:
+                with Store(path) as store:
+                    store.add_result(run_id, result)
+            if progress:
+                progress(len(records), len(examples))
+
+    # Examples are submitted together up to the model's `parallel`: the batched engine decodes them
+    # in one llama.cpp batch (framework/batch.py). parallel = 1 keeps the old one-at-a-time order.
+    pool = ThreadPoolExecutor(max_workers=max(1, model.parallel), thread_name_prefix="slipway-eval")
+    try:
+        futures = [pool.submit(one, position, example) for position, example in enumerate(examples)]
+        for future in as_completed(futures):
+            future.result()
         status = "complete"
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        records.sort(key=lambda r: r["position"])
         measurements = measure(records, metric_items, bootstrap_samples=project.spec.eval.bootstrap_samples)
         if record:
             with Store(path) as store:

@@ -146,15 +146,23 @@ class LlamaCppEngine:
 
     def __init__(self, model_path: str | Path, *, context_size: int = 4096, threads: int | None = None,
                  gpu_layers: int = 0, seed: int = 0, name: str = "local", verbose: bool = False,
-                 skeleton: bool = True):
+                 skeleton: bool = True, parallel: int = 1, batch_size: int = 512):
         self.model_path = str(model_path)
         self.name = name
-        self.settings = {"context_size": context_size, "threads": threads, "gpu_layers": gpu_layers, "seed": seed}
+        self.settings = {"context_size": context_size, "threads": threads, "gpu_layers": gpu_layers, "seed": seed,
+                         "parallel": parallel, "batch_size": batch_size}
         self._lock = threading.Lock()
         self._grammars: dict[str, Any] = {}
         self.skeleton = skeleton  # see framework/structured.py; False = llama.cpp's full-schema grammar
         self._llama = self._load(verbose)
         self._formatter = self._chat_formatter()
+        # parallel > 1: requests decode together (framework/batch.py); 1: the sequential engine, one at a time
+        self.batcher = None
+        if parallel > 1:
+            from framework.batch import Batcher
+
+            self.batcher = Batcher(self._llama, parallel=parallel, context_size=context_size,
+                                   batch_size=batch_size, threads=threads)
 
     def _load(self, verbose: bool):
         if not Path(self.model_path).exists():
@@ -165,7 +173,8 @@ class LlamaCppEngine:
         try:
             return llama_cpp.Llama(
                 model_path=self.model_path,
-                n_ctx=self.settings["context_size"],
+                # the batched engine makes its own context; this one then only serves the tokenizer
+                n_ctx=self.settings["context_size"] if self.settings["parallel"] <= 1 else 256,
                 n_threads=self.settings["threads"],
                 n_gpu_layers=self.settings["gpu_layers"],
                 seed=self.settings["seed"],
@@ -218,16 +227,33 @@ class LlamaCppEngine:
     def prompt_tokens(self, messages: list[dict]) -> list[int]:
         """The chat prompt as token ids: the template's own text may hold control tokens, message
         content never does (see `chat_tokens`)."""
+        return self.prompt_split(messages)[0]
+
+    def prompt_split(self, messages: list[dict]) -> tuple[list[int], int]:
+        """The prompt's token ids and how many of them precede the last message's content: the part
+        requests of one program share (instructions, demos), which the batched engine evaluates once."""
         if self._formatter is None:
             raise ModelError(f"{self.model_path} has no chat template in its GGUF metadata",
                              hint="use a chat (instruct) model; Slipway formats prompts with the model's template")
-        return chat_tokens(lambda msgs: self._formatter(messages=msgs).prompt, messages, self._llama.tokenize,
-                           bos=self._llama.token_bos(), add_bos=self._llama._model.add_bos_token())
+        shared: list[int] = []
+        tokens = chat_tokens(lambda msgs: self._formatter(messages=msgs).prompt, messages, self._llama.tokenize,
+                             bos=self._llama.token_bos(), add_bos=self._llama._model.add_bos_token(), shared=shared)
+        return tokens, shared[0] if shared else 0
 
     def chat(self, messages: list[dict], *, grammar=None, temperature: float = 0.0, max_tokens: int | None = None,
              stop: list[str] | None = None, top_p: float | None = None,
              seed: int | None = None) -> tuple[str, dict, str, CallStats]:
         """One chat completion under the lock; returns text, usage, finish reason and stats."""
+        if self.batcher is not None:
+            from framework.batch import Free, Part
+
+            grammar_text = getattr(grammar, "_grammar", grammar)
+            tokens, shared = self.prompt_split(messages)
+            outcome = self._submit(tokens, shared, [Part("", Free(grammar_text), "text")], max_tokens=max_tokens
+                                   or self.settings["context_size"], temperature=temperature, top_p=top_p,
+                                   seed=self.settings["seed"] if seed is None else seed, stop=stop)
+            stats = _outcome_stats(outcome)
+            return outcome.parts[0].text if outcome.parts else "", _usage(stats), outcome.finish, stats
         tokens = self.prompt_tokens(messages)
         with _holding(self._lock):
             start = time.perf_counter()
@@ -246,6 +272,8 @@ class LlamaCppEngine:
     def fill(self, messages: list[dict], steps: list, *, temperature: float,
              max_tokens: int | None) -> tuple[str, dict, str, CallStats]:
         """Structured answer with the JSON skeleton forced (framework/structured.py), under the lock."""
+        if self.batcher is not None:
+            return self._fill_batched(messages, steps, temperature=temperature, max_tokens=max_tokens)
         tokens = self.prompt_tokens(messages)
         with _holding(self._lock):
             start = time.perf_counter()
@@ -258,6 +286,58 @@ class LlamaCppEngine:
                           tokens_in_cached=result.prompt_cached, tokens_out=result.generated,
                           finish_reason=result.finish)
         return result.text, _usage(stats), result.finish, stats
+
+    # -- the saved prefix state (framework/batch.py) ---------------------------------
+    def prefix_settings(self) -> dict:
+        """What a saved prefix KV state depends on besides the model file: llama.cpp's state format,
+        attention layout and where the layers ran."""
+        import llama_cpp
+
+        return {"llama_cpp_python": llama_cpp.__version__, "flash_attn": False, "kv_type": "f16",
+                "gpu_layers": self.settings["gpu_layers"]}
+
+    def save_prefix(self, path: Path, model_sha256: str) -> dict:
+        """Save the shared prefix the last answer evaluated (its KV state + `<path>.json` saying what it is
+        valid for). Only the batched engine keeps a prefix sequence."""
+        from framework.batch import prefix_meta
+
+        if self.batcher is None or not self.batcher.prefix:
+            raise ModelError("no shared prefix to save: answer once on the batched engine (parallel > 1) first")
+        size = self.batcher.save_prefix(path)
+        meta = {**prefix_meta(model_sha256, self.prefix_settings(), len(self.batcher.prefix)), "bytes": size}
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return meta
+
+    def load_prefix(self, path: Path, model_sha256: str) -> int:
+        """Load a saved prefix, refusing one made for another model file or settings (ModelError)."""
+        from framework.batch import check_prefix_meta
+
+        if self.batcher is None:
+            raise ModelError(f"{path}: a saved prefix needs the batched engine (parallel > 1)")
+        check_prefix_meta(path, model_sha256, self.prefix_settings())
+        return self.batcher.load_prefix(path)
+
+    def _fill_batched(self, messages: list[dict], steps: list, *, temperature: float,
+                      max_tokens: int | None) -> tuple[str, dict, str, CallStats]:
+        """`fill` on the batched engine: enums and booleans picked from their closed sets."""
+        from framework.batch import Choice, Free, Part
+
+        tokens, shared = self.prompt_split(messages)
+        parts = [Part(step.prefix, Choice(list(step.options)) if step.options else Free(step.grammar), step.kind)
+                 for step in steps]
+        outcome = self._submit(tokens, shared, parts, max_tokens=max_tokens or (1 << 20), temperature=temperature,
+                               seed=self.settings["seed"])
+        answer = ""
+        for step, part in zip(steps, outcome.parts, strict=False):
+            answer += step.prefix + (structured._close(part.text, step.kind) if part.finish == "length" else part.text)
+        if outcome.finish == "length" and len(outcome.parts) < len(steps):
+            answer += steps[len(outcome.parts)].prefix + "null"
+        stats = _outcome_stats(outcome)
+        return answer + "}", _usage(stats), outcome.finish, stats
+
+    def _submit(self, tokens: list[int], shared: int, parts: list, **kwargs):
+        assert self.batcher is not None
+        return self.batcher.submit(tokens, parts, shared=shared, stop_at=_deadline.get(), **kwargs)
 
     def _grammar_for(self, response_format: dict | None):
         """A compiled llama.cpp grammar for DSPy's response_format, cached per schema."""
@@ -274,6 +354,12 @@ class LlamaCppEngine:
             else:
                 self._grammars[key] = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
         return self._grammars[key]
+
+
+def _outcome_stats(outcome) -> CallStats:
+    return CallStats(latency_ms=outcome.latency_ms, tokens_in_new=outcome.prompt_new,
+                     tokens_in_cached=outcome.prompt_cached, tokens_out=outcome.generated,
+                     finish_reason=outcome.finish)
 
 
 def _chat_messages(request) -> list[dict]:
@@ -311,7 +397,7 @@ def respond(model: str, text: str, stats: CallStats, schema: dict | None):
 
 
 def chat_tokens(render: Callable[[list[dict]], str], messages: list[dict], tokenize, *, bos: int,
-                add_bos: bool) -> list[int]:
+                add_bos: bool, shared: list[int] | None = None) -> list[int]:
     """Token ids of a chat prompt in which no message content can become a control token.
 
     `render` applies the chat template to messages. It runs once with each message's content
@@ -320,19 +406,27 @@ def chat_tokens(render: Callable[[list[dict]], str], messages: list[dict], token
     token), each message's content as plain text (`<|im_start|>` typed into a ticket stays the
     characters it is). `tokenize(bytes, add_bos, special)` is `Llama.tokenize`. The prompt starts
     with exactly one BOS when the model adds one (`add_bos`), whether or not the template already
-    renders `bos_token`.
+    renders `bos_token`. `shared`, if given, receives the number of tokens before the last
+    message's content (the prefix that requests of one program have in common).
     """
     nonce = secrets.token_hex(8)
     marks = {f"SLIPWAY{nonce}M{index}E": message.get("content") or "" for index, message in enumerate(messages)}
     rendered = render([{**message, "content": mark} for mark, message in zip(marks, messages, strict=True)])
     tokens: list[int] = []
+    last = list(marks)[-1] if marks else None
+    before_last = 0
     for piece in re.split(f"(SLIPWAY{nonce}M\\d+E)", rendered):
+        if piece == last:
+            before_last = len(tokens)
         if piece in marks:
             tokens += tokenize(marks[piece].encode(), add_bos=False, special=False)
         elif piece:
             tokens += tokenize(piece.encode(), add_bos=False, special=True)
     if add_bos and bos != -1 and tokens[:1] != [bos]:
         tokens.insert(0, bos)
+        before_last += 1
+    if shared is not None:
+        shared.append(before_last)
     return tokens
 
 
@@ -394,11 +488,12 @@ def _close_engines() -> None:
 def load_engine(spec: ModelSpec, path: Path, *, gpu_layers: int | None = None) -> LlamaCppEngine:
     """One engine per (file, settings) per process: loading a GGUF takes seconds and memory."""
     layers = spec.gpu_layers if gpu_layers is None else gpu_layers
-    key = (str(path), spec.context_size, spec.threads, layers, spec.seed)
+    key = (str(path), spec.context_size, spec.threads, layers, spec.seed, spec.parallel, spec.batch_size)
     with _ENGINES_LOCK:
         if key not in _ENGINES:
             _ENGINES[key] = LlamaCppEngine(path, context_size=spec.context_size, threads=spec.threads,
-                                           gpu_layers=layers, seed=spec.seed, name=spec.name)
+                                           gpu_layers=layers, seed=spec.seed, name=spec.name,
+                                           parallel=spec.parallel, batch_size=spec.batch_size)
         return _ENGINES[key]
 
 

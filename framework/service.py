@@ -314,7 +314,12 @@ class SlipwayService:
         self.program = _program()
         self.adapter = json_adapter() if SPEC.pipeline.adapter == "json" else None
         try:
-            self._warm_up()
+            prefix = BENTO_DIR / "prefix.kv"
+            if self.engine.batcher is not None and prefix.exists():
+                # computed at build time on this exact model file (framework/build.py); refused otherwise
+                self.engine.load_prefix(prefix, MODEL.sha256)
+            else:
+                self._warm_up()
             if SPEC.tracing.enabled:
                 TRACE_DIR.mkdir(parents=True, exist_ok=True)
                 if not os.access(TRACE_DIR, os.W_OK):
@@ -340,11 +345,9 @@ class SlipwayService:
         import dspy
 
         from framework.lm import deadline
-        from framework.notebook import input_fields
+        from framework.notebook import warm_up_inputs
 
-        fields = self.program.predictors()[0].signature.input_fields
-        inputs = {name: "Hello, how do I export my data?" if fields[name].annotation is str
-                  else fields[name].annotation() for name in input_fields(self.program)}
+        inputs = warm_up_inputs(self.program)
         with deadline(SPEC.serve.startup_timeout_s), dspy.context(lm=self.lm, adapter=self.adapter):
             self.program(**inputs)
 

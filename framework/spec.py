@@ -76,6 +76,11 @@ class ModelSpec(_Strict):
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
     max_tokens: Annotated[int, Field(ge=1, le=8192)] = 256
     seed: int = 0
+    parallel: Annotated[int, Field(ge=1, le=64)] = Field(
+        4, description="sequences decoded together in one llama.cpp context (framework/batch.py); 1 = the "
+                       "sequential engine. 4 measured best on 2 cores (BENCHMARKS.md, issue 13)")
+    batch_size: Annotated[int, Field(ge=16, le=8192)] = Field(
+        512, description="most tokens per llama.cpp decode step (prompt chunks and decoding sequences together)")
     price_per_1k_input: Annotated[float, Field(ge=0)] = Field(
         0.0, description="per 1k prompt tokens the model evaluated (new, not reused from its KV cache)")
     price_per_1k_cached_input: Annotated[float, Field(ge=0)] = Field(
@@ -88,7 +93,7 @@ class ModelSpec(_Strict):
         another order and greedy decoding flips close choices (BENCHMARKS.md, "GPU")."""
         return {"sha256": self.sha256, "context_size": self.context_size, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, "seed": self.seed, "threads": self.threads,
-                "gpu_layers": self.gpu_layers}
+                "gpu_layers": self.gpu_layers, "parallel": self.parallel, "batch_size": self.batch_size}
 
 
 METRIC_KINDS = ("exact_match", "macro_f1", "format_validity", "notebook")

@@ -34,6 +34,7 @@ class Step:
     prefix: str
     grammar: str
     kind: str  # enum | boolean | integer | string
+    options: tuple[str, ...] = ()  # enum and boolean: every allowed value text (the batched engine picks one)
 
 
 def _gbnf_literal(text: str) -> str:
@@ -54,9 +55,12 @@ def plan(schema: dict) -> list[Step] | None:
         prefix = ("{" if index == 0 else ",") + json.dumps(name) + ":"
         if "enum" in prop and all(isinstance(v, str) for v in prop["enum"]):
             options = " | ".join(_gbnf_literal(json.dumps(v)) for v in prop["enum"])
-            steps.append(Step(name, prefix, f'root ::= " "? ({options})', "enum"))
+            texts = tuple(json.dumps(v) for v in prop["enum"])
+            steps.append(Step(name, prefix, f'root ::= " "? ({options})', "enum",
+                              tuple(" " + t for t in texts) + texts))
         elif prop.get("type") == "boolean":
-            steps.append(Step(name, prefix, 'root ::= " "? ("true" | "false")', "boolean"))
+            steps.append(Step(name, prefix, 'root ::= " "? ("true" | "false")', "boolean",
+                              (" true", " false", "true", "false")))
         elif prop.get("type") == "integer":
             steps.append(Step(name, prefix, 'root ::= " "? "-"? ("0" | [1-9] [0-9]{0,15})', "integer"))
         elif prop.get("type") == "string" and not (set(prop) - {"type", "title", "description", "maxLength",
