@@ -61,7 +61,8 @@ def judge_run(project: Project, run: EvalRun, *, key: Path | None = None) -> Che
     verdict.meta.update({"project": project.name, "run_id": run.run_id, "model": run.model_key,
                          "model_name": project.model(run.model_key).name, "split": run.split,
                          "reused_run": run.reused, "content_hash": run.content_hash,
-                         "contract_hash": contract, **run.hashes})
+                         "contract_hash": contract, "engine": engine_note(project.model(run.model_key)),
+                         **run.hashes})
     check_id = new_id("check")
     report_json, report_html = write_reports(project, check_id, run, verdict)
     report_sha256 = file_hash(Path(report_json))
@@ -80,6 +81,16 @@ def judge_run(project: Project, run: EvalRun, *, key: Path | None = None) -> Che
         audit.append(store, signed, name.name if name else signed.fingerprint)
     return CheckResult(check_id=check_id, run=run, verdict=verdict, report_json=str(report_json),
                        report_html=str(report_html), signed=signed)
+
+
+def engine_note(model) -> dict:
+    """How the run was decoded, for the report: latency clauses mean latency at this concurrency."""
+    batched = model.parallel > 1
+    return {"engine": "batched" if batched else "sequential", "parallel": model.parallel,
+            "batch_size": model.batch_size,
+            "latency": (f"measured with up to {model.parallel} requests in flight, decoded together (as a served "
+                        f"version under {model.parallel} concurrent clients)") if batched else
+                       "measured one request at a time"}
 
 
 def verified_check(project: Project, row: dict) -> signing.Signed | None:

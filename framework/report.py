@@ -72,6 +72,9 @@ def print_check(console: Console, err: Console, result, project_name: str) -> No
         err.print(text(f"reused run {result.run.run_id} (identical program, notebook, model, eval set)"))
     title = f"Contract verdict: {project_name} on {result.run.n} eval examples, model {result.run.model_key}"
     console.print(verdict_table(verdict, title))
+    engine = verdict.meta.get("engine")
+    if engine:
+        err.print(text(f"{engine['engine']} engine: latency {engine['latency']}"))
     status = line(("PASS", "bold green")) if verdict.passed else line(("FAIL", "bold red"),
                                                                       f": {', '.join(verdict.failed)}")
     console.print(status + text(f"\nreport: {result.report_html}"))
@@ -421,6 +424,7 @@ def render_html(project_name: str, check_id: str, data: dict) -> str:
     return _template("check_report.html.j2").render(
         project=project_name, check_id=check_id, status="PASS" if verdict["passed"] else "FAIL",
         run=run, model_name=str(verdict.get("meta", {}).get("model_name", run["model"])),
+        engine=verdict.get("meta", {}).get("engine"),
         content_hash=str(run["hashes"].get("content_hash", ""))[:12], clauses=verdict["clauses"],
         metrics=metrics, errors=data["errors"][:100], n_errors=len(data["errors"]), misses=misses,
         n_misses=len(data["misses"]))
