@@ -200,6 +200,9 @@ class Batcher:
         self._closed = False
         self.steps = 0                        # llama_decode calls made (for benchmarks)
         self.step_log: deque[tuple[int, int, float]] = deque(maxlen=100_000)  # (tokens, logits read, seconds)
+        # (submitted, admitted) time.perf_counter() of each request, in admission order: queue waits for
+        # benchmarks, and what a test checks FIFO admission against
+        self.admissions: deque[tuple[float, float]] = deque(maxlen=100_000)
         self._thread = threading.Thread(target=self._loop, name="slipway-batcher", daemon=True)
         self._thread.start()
 
@@ -329,6 +332,7 @@ class Batcher:
     def _start(self, job: _Job) -> None:
         job.slot = self._free.pop(0)
         job.admitted = time.perf_counter()
+        self.admissions.append((job.submitted, job.admitted))
         job.rng = np.random.default_rng(job.seed)
         self._active.append(job)
         evaluated = self._hold_prefix(job.prompt[: job.shared])

@@ -97,6 +97,13 @@ def serve_env(project: Project, workers: int | None, channel: str | None = None)
     service_name = project.name.replace("-", "_")
     if workers:
         env["BENTOML_CONFIG_OPTIONS"] = f"services.{service_name}.workers={workers}"
+    # llama.cpp's CPU backend waits for its threads with OpenMP, spinning by default. When the workers'
+    # threads outnumber the cores, a spinning thread holds the core another worker needs, and decode
+    # steps slowed 10-100x on 2 cores (bench/engine.py's notes). Passive waits then, unless set already.
+    model = project.model(project.spec.pipeline.model)
+    threads = model.threads or os.cpu_count() or 1
+    if (workers or project.spec.serve.workers) * threads > (os.cpu_count() or 1):
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 
