@@ -342,7 +342,8 @@ class SlipwayService:
         (a version that cannot answer must never take traffic), pages the weights in and fills llama.cpp's
         prompt cache with the instructions (measured: 3 s vs 0.6 s for the tiny model), so that cost does
         not land on the first real request after a start, a deploy or a rollback. With the bento's saved
-        prefix state loaded first, the instructions are already there and this answer is short. Raises what the program raised."""
+        prefix state loaded first, the instructions are already there and this answer is short.
+        Raises what the program raised."""
         import dspy
 
         from framework.lm import deadline
