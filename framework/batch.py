@@ -626,6 +626,18 @@ def check_prefix_meta(path: Path, model_sha256: str, settings: dict) -> dict:
         raise ModelError(f"{path}: the saved prefix state was computed with model sha256 "
                          f"{str(meta.get('model_sha256'))[:12]}…, not this model ({model_sha256[:12]}…); refused",
                          hint="rebuild the bento so its prefix state matches its model")
+    if "sha256" in meta:  # llama.cpp's state format has no checksum: flipped bytes would load silently
+        import hashlib
+
+        try:
+            actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot read the saved prefix state ({exc})",
+                             hint="rebuild the bento (`slipway build`)") from None
+        if actual != meta["sha256"]:
+            raise ModelError(f"{path}: the saved prefix state is not the file that was saved (sha256 {actual[:12]}… "
+                             f"vs {str(meta['sha256'])[:12]}… in {meta_path.name}); refused",
+                             hint="rebuild the bento (`slipway build`)")
     differ = {k: (meta.get("settings", {}).get(k), v) for k, v in settings.items()
               if meta.get("settings", {}).get(k) != v}
     if differ:

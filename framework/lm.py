@@ -303,8 +303,11 @@ class LlamaCppEngine:
 
         if self.batcher is None or not self.batcher.prefix:
             raise ModelError("no shared prefix to save: answer once on the batched engine (parallel > 1) first")
+        import hashlib
+
         size = self.batcher.save_prefix(path)
-        meta = {**prefix_meta(model_sha256, self.prefix_settings(), len(self.batcher.prefix)), "bytes": size}
+        meta = {**prefix_meta(model_sha256, self.prefix_settings(), len(self.batcher.prefix)), "bytes": size,
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         return meta
 
