@@ -341,6 +341,13 @@ def test_a_saved_prefix_loads_into_a_fresh_engine_and_is_refused_for_another_mod
         meta_path.write_text(json.dumps(meta))
 
         data = path.read_bytes()
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0xFF  # inside the KV data: llama.cpp would load it without noticing
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(ModelError, match=rf"{re.escape(str(path))}.*not the file that was saved.*refused"):
+            fresh.load_prefix(path, sha)
+        unchecked = {k: v for k, v in meta.items() if k != "sha256"}  # an older prefix.json: llama.cpp's own checks
+        meta_path.write_text(json.dumps(unchecked))
         for corrupt in (data[: len(data) // 2], data[:64] + b"\xff" * (len(data) - 64), b"not a state file"):
             path.write_bytes(corrupt)
             with pytest.raises(ModelError, match=f"could not read the saved prefix state {re.escape(str(path))}"):
