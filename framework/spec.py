@@ -78,8 +78,7 @@ class ModelSpec(_Strict):
     seed: int = 0
     parallel: Annotated[int, Field(ge=1, le=64)] = Field(
         4, description="sequences decoded together in one llama.cpp context (framework/batch.py); 1 = the "
-                       "sequential engine. On 2 cores, 32 dev tickets: 70 s at 4, 60 s at 8 (2026-11-26); "
-                       "latency clauses are judged at this concurrency (docs/engine.md)")
+                       "sequential engine; latency clauses are judged at this concurrency (docs/engine.md)")
     batch_size: Annotated[int, Field(ge=16, le=8192)] = Field(
         512, description="most tokens per llama.cpp decode step (prompt chunks and decoding sequences together)")
     price_per_1k_input: Annotated[float, Field(ge=0)] = Field(
