@@ -219,8 +219,9 @@ def write_prefix_state(project: Project, program, out: Path) -> dict | None:
     A served version then loads it and is ready at once, instead of spending its first answer (~10 s
     for the 1.5B model on 2 cores) evaluating the same instructions. The state is only valid for the
     exact model file and llama.cpp settings it was made with: `prefix.json` beside it says which, and
-    the service refuses it otherwise. The answer computed here also proves, before anything ships,
-    that the program answers on this model. Sequential engines (parallel = 1) keep no prefix sequence.
+    the service refuses it otherwise. Whether the answer itself succeeds is the served warm-up's question
+    (a build past a failing check with --override may hold a program that cannot answer); the prefix is
+    evaluated before any token is decoded. Sequential engines (parallel = 1) keep no prefix sequence.
     """
     import dspy
 
@@ -232,8 +233,13 @@ def write_prefix_state(project: Project, program, out: Path) -> dict | None:
     lm = language_model(project, key)
     if lm.engine.batcher is None:
         return None
-    with deadline(project.spec.serve.startup_timeout_s), dspy.context(lm=lm, adapter=adapter(project)):
-        program(**warm_up_inputs(program))
+    try:
+        with deadline(project.spec.serve.startup_timeout_s), dspy.context(lm=lm, adapter=adapter(project)):
+            program(**warm_up_inputs(program))
+    except Exception:  # noqa: BLE001 - the prefix is evaluated before any answer; the served warm-up judges it
+        pass
+    if not lm.engine.batcher.prefix:
+        return None
     return lm.engine.save_prefix(out / PREFIX_FILE, project.model(key).sha256)
 
 

@@ -146,6 +146,8 @@ def test_real_model_raw_output_validity_and_token_split(tiny_model_present):
     from framework.notebook import load_program
 
     program = load_program(project, saved=False)
+    # the sequential engine: its cache reuses everything the previous call shares with this one
+    project.spec.models[TINY] = project.model(TINY).model_copy(update={"parallel": 1})
     lm = language_model(project, TINY)
     model = project.model(TINY)
     example = Example(id="e1", inputs={"ticket": "I was charged twice for invoice INV-2231"},
