@@ -217,7 +217,7 @@ class Batcher:
         job = _Job(prompt=list(prompt), shared=max(0, min(shared, len(prompt) - 1)), parts=parts,
                    max_tokens=max(1, max_tokens), temperature=temperature,
                    top_p=0.95 if top_p is None else top_p, seed=seed, stop=stop, stop_at=stop_at)
-        forced = sum(len(self.tokenize(p.forced)) for p in parts)
+        forced = sum(len(self._forced_tokens(p.forced)) for p in parts)  # cached: the same skeleton each time
         longest = sum(max((len(self.tokenize(o)) for o in p.value.options), default=0)
                       for p in parts if isinstance(p.value, Choice))
         if len(prompt) + forced >= self.context_size:
