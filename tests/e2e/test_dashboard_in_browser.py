@@ -113,9 +113,12 @@ def test_slipway_dashboard_serves_until_interrupted(project):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # As a terminal starts it: SIGINT at its default. A suite launched with `&` from a script (CI) runs with
+    # SIGINT ignored, which children inherit, and Python then leaves Ctrl-C ignored.
     process = subprocess.Popen([str(Path(sys.executable).parent / "slipway"), "dashboard", str(project.dir),
                                 "--port", str(port), "--no-browser"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=env)
+                               stderr=subprocess.STDOUT, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
     reader.start()
