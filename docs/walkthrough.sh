@@ -33,10 +33,17 @@ echo; echo "== 0. Who may do what: each person's SSH public key in projects/tick
 # Everyone already holds a key (~/.ssh/id_ed25519, as for signing git commits); here we make three.
 mkdir -p keys
 for who in alice bob carol mallory; do ssh-keygen -q -t ed25519 -N "" -C "$who@example.com" -f "keys/$who"; done
-# alice is the data scientist (checks and builds), bob reviews, carol ships. One command per person:
-step keys add ticket-triage alice --public-key keys/alice.pub
-step keys add ticket-triage bob --public-key keys/bob.pub --roles approve
-step keys add ticket-triage carol --public-key keys/carol.pub --roles deploy:prod,rollback:prod,audit
+# alice is the data scientist (checks and builds), bob reviews, carol ships and runs the service (so she also
+# hands out the API keys its callers present: the `keys` role). One command per person:
+step signers add ticket-triage alice --public-key keys/alice.pub
+step signers add ticket-triage bob --public-key keys/bob.pub --roles approve
+step signers add ticket-triage carol --public-key keys/carol.pub --roles deploy:prod,rollback:prod,audit,keys
+step signers list ticket-triage
+# An API key for the demo's customer, tenant acme in project.toml (shown once; only its sha256 is kept).
+printf '\n$ slipway keys create ticket-triage --tenant acme --key keys/carol --json\n'
+ACME_KEY=$("$SLIPWAY" keys create ticket-triage --tenant acme --key keys/carol --json \
+           | python3 -c 'import json,sys; d = json.load(sys.stdin); print(d["key"])')
+echo "(the key, sk-slipway-…, is kept in \$ACME_KEY for the requests below)"
 step keys list ticket-triage
 export SLIPWAY_SIGNING_KEY="$WALK/keys/alice"   # alice's terminal: what she runs, she signs
 
@@ -79,11 +86,14 @@ SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 TICKET='{"ticket": "Since the update our whole team cannot log in, SSO loops forever."}'
 ask() { "$REPO/.venv/bin/python" -c 'import sys, urllib.request as u
-r = u.Request(sys.argv[1], data=sys.argv[2].encode(), headers={"content-type": "application/json"})
-print(u.urlopen(r, timeout=60).read().decode())' "http://127.0.0.1:$PORT/triage" "$TICKET" 2>/dev/null || true; }
+r = u.Request(sys.argv[1], data=sys.argv[2].encode(), headers={"content-type": "application/json",
+                                                                "authorization": "Bearer " + sys.argv[3]})
+print(u.urlopen(r, timeout=60).read().decode())' "http://127.0.0.1:$PORT/triage" "$TICKET" "$ACME_KEY" 2>/dev/null \
+      || true; }
 until "$REPO/.venv/bin/python" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/readyz', timeout=2)" \
       2>/dev/null; do sleep 1; done
-printf '\n$ curl -s -X POST 127.0.0.1:%s/triage -H "content-type: application/json" -d %s\n%s\n' "$PORT" "'$TICKET'" "$(ask)"
+printf '\n$ curl -s -X POST 127.0.0.1:%s/triage -H "content-type: application/json" -H "Authorization: Bearer $ACME_KEY" -d %s\n%s\n' \
+       "$PORT" "'$TICKET'" "$(ask)"
 
 echo; echo "== 5. Roll prod back while it serves; the server follows without refusing a request"
 step rollback ticket-triage --channel prod --key keys/carol
@@ -93,7 +103,8 @@ until grep -q "$V1 is live" "$WALK/serve.log"; do sleep 0.2; done
 ms=$(( ($(date +%s%N) - start) / 1000000 ))
 echo "$V1 took over $((ms / 1000)).$(( (ms % 1000) / 100 )) s after the rollback; the old version answered until then"
 grep -E "moved from|is live" "$WALK/serve.log" | tail -2
-printf '\n$ curl -s -X POST 127.0.0.1:%s/triage -H "content-type: application/json" -d %s\n%s\n' "$PORT" "'$TICKET'" "$(ask)"
+printf '\n$ curl -s -X POST 127.0.0.1:%s/triage -H "content-type: application/json" -H "Authorization: Bearer $ACME_KEY" -d %s\n%s\n' \
+       "$PORT" "'$TICKET'" "$(ask)"
 step status ticket-triage
 
 echo; echo "== 6. The audit log: every step signed, anchored in git, and an edit is named"

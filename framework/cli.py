@@ -93,8 +93,12 @@ app.add_typer(runs_app, name="runs")
 audit_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Verify, anchor, prune and export the signed audit log.")
 app.add_typer(audit_app, name="audit")
+signers_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="Signing keys: yours, and who may act on a project (signers.toml).")
+app.add_typer(signers_app, name="signers")
 keys_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                       help="Signing keys: yours, and who may act on a project (signers.toml).")
+                       help="API keys: what callers of the served bento present, each for one tenant "
+                            "([tenants.*] in project.toml).")
 app.add_typer(keys_app, name="keys")
 
 
@@ -580,10 +584,10 @@ def audit_export(project: ProjectArg, out: Annotated[str, typer.Option("--out", 
     err.print(text(f"wrote {count} row(s) and a signed head to {out}"))
 
 
-@keys_app.command("init")
-def keys_init() -> None:
+@signers_app.command("init")
+def signers_init() -> None:
     """Your signing key: the one you already have (--key, SLIPWAY_SIGNING_KEY, ~/.ssh/id_ed25519), else a new
-    Ed25519 key. Prints its public line. Example: slipway keys init
+    Ed25519 key. Prints its public line. Example: slipway signers init
     """
     from framework import signing
 
@@ -593,25 +597,25 @@ def keys_init() -> None:
     console.print(text(public), soft_wrap=True)
 
 
-@keys_app.command("show")
-def keys_show(key: KeyOpt = None) -> None:
+@signers_app.command("show")
+def signers_show(key: KeyOpt = None) -> None:
     """Print the public key line you sign with (what a project's signers.toml lists).
 
-    Example: slipway keys show
+    Example: slipway signers show
     """
     from framework import signing
 
     console.print(text(signing.public_key(signing.find_key(_key(key)))), soft_wrap=True)
 
 
-@keys_app.command("add")
-def keys_add(project: ProjectArg, name: Annotated[str, typer.Argument(help="the person's name")],
-             public: Annotated[str, typer.Option("--public-key", help="their .pub file, or the key line itself")],
-             roles: Annotated[str, typer.Option(help="comma-separated: approve, deploy:prod, rollback:prod, "
-                                                     "override, audit, curate")] = "") -> None:
+@signers_app.command("add")
+def signers_add(project: ProjectArg, name: Annotated[str, typer.Argument(help="the person's name")],
+                public: Annotated[str, typer.Option("--public-key", help="their .pub file, or the key line itself")],
+                roles: Annotated[str, typer.Option(help="comma-separated: approve, deploy:prod, rollback:prod, "
+                                                        "override, audit, curate, keys")] = "") -> None:
     """Add a person to projects/<name>/signers.toml; commit it (who may act is a reviewed change).
 
-    Example: slipway keys add ticket-triage bob --public-key ~/bob.pub --roles approve
+    Example: slipway signers add ticket-triage bob --public-key ~/bob.pub --roles approve
     """
     from pathlib import Path
 
@@ -625,9 +629,9 @@ def keys_add(project: ProjectArg, name: Annotated[str, typer.Argument(help="the 
     console.print(text(f"added {name} to {path}; commit it"))
 
 
-@keys_app.command("list")
-def keys_list(project: ProjectArg, as_json: JsonOpt = False) -> None:
-    """Who may act on the project, by key and role. Example: slipway keys list ticket-triage"""
+@signers_app.command("list")
+def signers_list(project: ProjectArg, as_json: JsonOpt = False) -> None:
+    """Who may act on the project, by key and role. Example: slipway signers list ticket-triage"""
     from framework import signing
     from framework.spec import load_project
 
@@ -639,6 +643,90 @@ def keys_list(project: ProjectArg, as_json: JsonOpt = False) -> None:
         _print_json(rows)
     else:
         console.print(report.signers_table(rows))
+
+
+def _moved(command, old: str, new: str):
+    """`slipway keys init|show|add`, the signing-key commands' old names: still work, with a note."""
+    import functools
+
+    @functools.wraps(command)
+    def alias(*args, **kwargs):
+        err.print(text(f"note: `slipway keys {old}` is now `slipway {new}`; the old name will go"))
+        return command(*args, **kwargs)
+
+    return alias
+
+
+for _old in ("init", "show", "add"):
+    keys_app.command(_old, hidden=True)(_moved(globals()[f"signers_{_old}"], _old, f"signers {_old}"))
+
+EndpointOpt = Annotated[list[str] | None, typer.Option(
+    "--endpoint", help="only this route (repeatable; default: every route the tenant may call)")]
+ChannelOpt = Annotated[list[str] | None, typer.Option(
+    "--channel", help="only this channel (repeatable; default: every channel the tenant may call)")]
+
+
+@keys_app.command("create")
+def keys_create(project: ProjectArg,
+                tenant: Annotated[str, typer.Option("--tenant", help="a [tenants.<name>] table of project.toml")],
+                endpoints: EndpointOpt = None, channels: ChannelOpt = None, key: KeyOpt = None,
+                as_json: JsonOpt = False) -> None:
+    """Make an API key for a tenant and print it, once: only its sha256 is kept. Signed with your SSH key,
+    which needs the `keys` role in signers.toml.
+
+    Callers send it as `Authorization: Bearer <key>`.
+    Example: slipway keys create ticket-triage --tenant acme
+    """
+    from framework.apikeys import create_key
+    from framework.spec import load_project
+
+    secret, entry = create_key(load_project(project), tenant, endpoints=endpoints, channels=channels, key=_key(key))
+    if as_json:
+        _print_json({"key": secret, "tenant": entry.tenant, "key_id": entry.key_id})
+        return
+    console.print(text(secret), soft_wrap=True)
+    tenants = "the tenant's"   # a key without its own scope reaches what its tenant may call
+    scope = ", ".join(f"{name}: {', '.join(values) if values else tenants}"
+                      for name, values in (("endpoints", entry.endpoints), ("channels", entry.channels)))
+    err.print(text(f"created {entry.key_id} for tenant {entry.tenant!r} ({scope}), signed by {entry.created_by}. "
+                   "This is the only time the key is shown: store it now (a secret manager, not git)."))
+
+
+@keys_app.command("list")
+def keys_list(project: ProjectArg, as_json: JsonOpt = False) -> None:
+    """API keys by id: tenant, scopes, who created them and when, revoked or not; never the key itself. Rows of
+    the keys file that do not count (bad signature, signer without the `keys` role) are listed with why.
+
+    Example: slipway keys list ticket-triage
+    """
+    from framework.apikeys import list_keys
+    from framework.spec import load_project
+
+    rows = list_keys(load_project(project))
+    if as_json:
+        _print_json(rows)
+    else:
+        console.print(report.api_keys_table(rows))
+
+
+@keys_app.command("revoke")
+def keys_revoke(project: ProjectArg, key_id: Annotated[str, typer.Argument(help="the key's id (`keys list`)")],
+                reason: Annotated[str, typer.Option("--reason", help="why, for the record")] = "",
+                key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Revoke an API key (signed; needs the `keys` role). A served bento refuses it from its next request.
+
+    Example: slipway keys revoke ticket-triage key-3f2a9c0d1e4b --reason "leaked in a CI log"
+    """
+    from framework.apikeys import revoke_key
+    from framework.spec import load_project
+
+    entry, changed = revoke_key(load_project(project), key_id, reason=reason, key=_key(key))
+    if as_json:
+        _print_json({**entry.to_dict(), "changed": changed})
+    elif changed:
+        console.print(text(f"revoked {entry.key_id} (tenant {entry.tenant!r}) as {entry.revoked_by}"))
+    else:
+        console.print(text(f"{entry.key_id} was already revoked on {entry.revoked_at} by {entry.revoked_by}"))
 
 
 SinceOpt = Annotated[str | None, typer.Option("--since", help="only the last N s/m/h/d/w, e.g. 1h, 7d")]

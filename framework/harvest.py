@@ -345,8 +345,8 @@ def _identity(project: Project, key: Path | str | None) -> tuple[Path, str, str]
     if why := signing.key_refusal(public, ROLE, signer, signers.revocation(public)):
         raise ReleaseRefused(f"refusing to add served rows to the eval set of {project.name}: {why}",
                              path=str(signing.signers_path(project.dir)),
-                             hint=f"a person whose key has the {ROLE!r} role runs it; `slipway keys show` prints "
-                                  "your key, `slipway keys add` proposes the entry (a reviewed change)")
+                             hint=f"a person whose key has the {ROLE!r} role runs it; `slipway signers show` prints "
+                                  "your key, `slipway signers add` proposes the entry (a reviewed change)")
     assert signer is not None
     return path, public, signer.name
 

@@ -144,8 +144,8 @@ def _sign_as(project: Project, statement: dict, role: str | None, key: Path | No
     if why:
         raise ReleaseRefused(f"refusing to {statement['action']} {statement['target']}: {why}",
                              path=str(signing.signers_path(project.dir)),
-                             hint=f"a person whose key has the {role!r} role runs it; `slipway keys show` prints "
-                                  "your key, `slipway keys add` proposes the entry (a reviewed change)")
+                             hint=f"a person whose key has the {role!r} role runs it; `slipway signers show` prints "
+                                  "your key, `slipway signers add` proposes the entry (a reviewed change)")
     assert verified is not None
     return signed, verified.name
 

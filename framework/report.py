@@ -160,10 +160,26 @@ def status_table(channels: dict[str, dict | None]) -> Table:
 
 
 def signers_table(rows: list[dict]) -> Table:
-    """`slipway keys list`: who may act on a project."""
+    """`slipway signers list`: who may act on a project."""
     table = _table(("name", "key", "roles", "revoked"))
     for r in rows:
         _row(table, r["name"], r["fingerprint"], ", ".join(r["roles"]), r["revoked"] or "")
+    return table
+
+
+def api_keys_table(rows: list[dict]) -> Table:
+    """`slipway keys list`: API keys by id (never the key), and rows of the keys file that do not count."""
+    table = _table(("id", "tenant", "endpoints", "channels", "created", "created by", "status"))
+    for r in rows:
+        status = r["status"]
+        if r.get("revoked"):
+            status = f"revoked {str(r['revoked_at'])[:19]} by {r['revoked_by']}" + (
+                f": {r['revoke_reason']}" if r.get("revoke_reason") else "")
+        scope = "the tenant's" if r["tenant"] else ""   # None: whatever the tenant may call
+        _row(table, r["key_id"] or "?", r["tenant"] or "", ", ".join(r["endpoints"] or []) or scope,
+             ", ".join(r["channels"] or []) or scope,
+             str(r["created_at"] or "")[:19], r["created_by"] or "",
+             text(status, "bold red") if status.startswith("ignored") else status)
     return table
 
 

@@ -14,7 +14,8 @@ or deploy is itself a reviewed change:
 
 Roles: `approve`, `deploy:<channel>`, `rollback:<channel>` (`*` for every channel), `override`,
 `audit` (anchor and prune the audit log), `curate` (add served requests to the eval set,
-framework/harvest.py). Anyone may sign a check or a build (the result names their key), but a deploy
+framework/harvest.py), `keys` (create and revoke the API keys callers of the served bento present,
+framework/apikeys.py). Anyone may sign a check or a build (the result names their key), but a deploy
 counts only checks, builds and approvals signed by keys listed here and not revoked. A signed
 *statement* is canonical JSON of what the action acts on (project, action, target, content hash,
 channel, reason, time); the gates re-verify statements, never plain rows.
@@ -38,7 +39,7 @@ from framework.errors import IdentityError, SpecError
 
 NAMESPACE = "slipway"
 SIGNERS_FILE = "signers.toml"
-ROLE_PATTERN = r"^(approve|override|audit|curate|(deploy|rollback):([a-z][a-z0-9_-]*|\*))$"
+ROLE_PATTERN = r"^(approve|override|audit|curate|keys|(deploy|rollback):([a-z][a-z0-9_-]*|\*))$"
 KEY_TYPES = ("ssh-ed25519", "ssh-rsa")  # what sshsig verifies; ed25519 is what `ssh-keygen -t ed25519` makes
 
 
@@ -115,7 +116,11 @@ def signers_path(project_dir: Path) -> Path:
 
 def load_signers(project_dir: Path) -> SignersSpec:
     """The project's signers file; a project without one has no signers (every gated action is refused)."""
-    path = signers_path(project_dir)
+    return load_signers_file(signers_path(project_dir))
+
+
+def load_signers_file(path: Path) -> SignersSpec:
+    """A signers file at any path (a served bento carries a copy of the project's); missing: no signers."""
     if not path.exists():
         return SignersSpec()
     try:
@@ -130,7 +135,7 @@ def load_signers(project_dir: Path) -> SignersSpec:
 
 # -- keys ----------------------------------------------------------------------
 def default_key_path() -> Path:
-    """The key `slipway keys init` creates when the person has no SSH key yet."""
+    """The key `slipway signers init` creates when the person has no SSH key yet."""
     config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     return config / "slipway" / "id_ed25519"
 
@@ -138,7 +143,7 @@ def default_key_path() -> Path:
 def find_key(explicit: str | Path | None = None, *, create: bool = False) -> Path:
     """The private key (or, with ssh-agent, its .pub) to sign with: `--key`, else SLIPWAY_SIGNING_KEY,
     else git's `user.signingkey` (when it is a file), else ~/.ssh/id_ed25519, else the key
-    `slipway keys init` made. The choice only says which key signs; who acts is whoever holds it.
+    `slipway signers init` made. The choice only says which key signs; who acts is whoever holds it.
 
     With `create` (checks and builds, which anyone may sign), a person without any key gets one made
     at `default_key_path()`, so `make demo` works on a fresh machine; gated actions never create one.
@@ -165,11 +170,11 @@ def find_key(explicit: str | Path | None = None, *, create: bool = False) -> Pat
         path = init_key()
         import sys
 
-        print(f"created your signing key {path} ({fingerprint(public_key(path))}); `slipway keys show` prints "
+        print(f"created your signing key {path} ({fingerprint(public_key(path))}); `slipway signers show` prints "
               "the line a project's signers.toml needs", file=sys.stderr)
         return path
     raise IdentityError("no SSH signing key found", field="--key",
-                        hint="create one with `slipway keys init` (or `ssh-keygen -t ed25519`), or pass "
+                        hint="create one with `slipway signers init` (or `ssh-keygen -t ed25519`), or pass "
                              "--key / set SLIPWAY_SIGNING_KEY")
 
 
@@ -304,7 +309,7 @@ def key_refusal(key: str, role: str | None, signer: Signer | None, revoked: Revo
 
 
 def signer_line(name: str, key: str, roles: list[str]) -> str:
-    """A `[[signers]]` entry, as `slipway keys add` appends it."""
+    """A `[[signers]]` entry, as `slipway signers add` appends it."""
     Signer(name=name, key=key, roles=roles)  # validate before writing
     return f'\n[[signers]]\nname = "{name}"\nkey = "{normal_key(key)}"\nroles = {json.dumps(roles)}\n'
 
@@ -327,5 +332,5 @@ def add_signer(project_dir: Path, name: str, key: str, roles: list[str]) -> Path
 _HEADER = """\
 # Who may act on this project, by SSH public key (docs/trust.md). This file lives in git beside
 # project.toml: adding a reviewer or a deployer is a change that is itself reviewed.
-# Roles: approve, deploy:<channel>, rollback:<channel> (or :*), override, audit, curate.
+# Roles: approve, deploy:<channel>, rollback:<channel> (or :*), override, audit, curate, keys.
 """

@@ -300,6 +300,56 @@ class TracingSpec(_Strict):
                                                         "e.g. http://127.0.0.1:4318/v1/traces")
 
 
+TENANT_NAME = r"^[a-z0-9][a-z0-9_-]*$"
+CHANNEL_NAME = r"^[a-z][a-z0-9_-]*$"
+# Routes of a served bento that take an API key besides `[serve] endpoint` (framework/service.py).
+KEYED_ENDPOINTS = ("feedback",)
+
+
+class TenantSpec(_Strict):
+    """One caller organisation of the served bento (`[tenants.<name>]`): its budgets and what it may call.
+
+    Callers present an API key (`slipway keys create`, framework/apikeys.py) that belongs to one tenant;
+    the limits below hold for all of a tenant's keys together, across every worker (framework/budgets.py).
+    A limit left out is not enforced.
+    """
+
+    requests_per_minute: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="requests admitted in any 60 s (a sliding window); more get 429 with Retry-After")
+    daily_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="tokens per UTC day, counted as tokens_per_request_max counts them (new prompt tokens + "
+                          "generated); a request holds its prompt tokens + max_tokens until it is settled")
+    daily_cost: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="cost per UTC day in the models' price currency, priced as in framework/metrics.py")
+    endpoints: list[Annotated[str, Field(pattern=r"^/?[a-z][a-z0-9_/-]*$")]] | None = Field(
+        None, description="routes its keys may call (e.g. [\"triage\", \"feedback\"]); absent: all")
+    channels: list[Annotated[str, Field(pattern=CHANNEL_NAME)]] | None = Field(
+        None, description="channels its keys may call (e.g. [\"prod\"]); absent: all, including a version "
+                          "served without a channel")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _bare_routes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("an empty list allows nothing; leave `endpoints` out to allow every route")
+        return sorted({route.strip("/") for route in value})
+
+    @field_validator("channels")
+    @classmethod
+    def _some_channels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("an empty list allows nothing; leave `channels` out to allow every channel")
+        return None if value is None else sorted(set(value))
+
+    def allows(self, endpoint: str, channel: str | None) -> bool:
+        """May this tenant's keys call `endpoint` (with or without a leading /) on `channel` (None: a
+        version served without a channel, allowed only when the tenant lists no channels)?"""
+        return ((self.endpoints is None or endpoint.strip("/") in self.endpoints)
+                and (self.channels is None or channel in self.channels))
+
+
 class ProjectSpec(_Strict):
     project: ProjectMeta
     pipeline: PipelineSpec
@@ -310,12 +360,24 @@ class ProjectSpec(_Strict):
     serve: ServeSpec = Field(default_factory=ServeSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
     tracing: TracingSpec = Field(default_factory=TracingSpec)
+    tenants: dict[Annotated[str, Field(pattern=TENANT_NAME)], TenantSpec] = Field(
+        default_factory=dict, description="callers of the served bento, by name: `[tenants.<name>]`")
 
     @model_validator(mode="after")
     def _pipeline_model_exists(self) -> ProjectSpec:
         if self.pipeline.model not in self.models:
             raise ValueError(f"pipeline.model {self.pipeline.model!r} is not one of the [models.*] tables: "
                              f"{', '.join(sorted(self.models))}")
+        return self
+
+    @model_validator(mode="after")
+    def _tenant_routes_exist(self) -> ProjectSpec:
+        served = {self.serve.endpoint.strip("/"), *KEYED_ENDPOINTS}
+        for name, tenant in self.tenants.items():
+            unknown = sorted(set(tenant.endpoints or ()) - served)
+            if unknown:
+                raise ValueError(f"tenants.{name}.endpoints: {', '.join(map(repr, unknown))} is not a route the "
+                                 f"bento serves; expected some of {', '.join(sorted(served))}")
         return self
 
 

@@ -99,7 +99,7 @@ def test_missing_key_says_how_to_make_one(monkeypatch, tmp_path):
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))
     with pytest.raises(IdentityError, match="no SSH signing key") as info:
         signing.find_key()
-    assert "slipway keys init" in info.value.hint
+    assert "slipway signers init" in info.value.hint
     made = signing.find_key(create=True)  # checks and builds make one rather than fail on a fresh machine
     assert made == signing.default_key_path() and made.exists()
     assert signing.find_key() == made
