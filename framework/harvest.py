@@ -38,8 +38,8 @@ ID_PREFIX = "served-"
 ROLE = "curate"
 ACTION = "harvest-accept"
 TAG = "served"
-REDACTION_NOTE = ("inputs are the served request after redaction: [EMAIL], [PHONE], [CARD] and the project's "
-                  "[tracing] patterns stand for text that was removed before the trace was written")
+REDACTION_NOTE = ("inputs are the served request after redaction: [EMAIL], [PHONE], [CARD], [IBAN], [NATIONAL_ID] "
+                  "and the project's [tracing] patterns stand for text that was removed before the trace was written")
 
 
 class Candidate(BaseModel):

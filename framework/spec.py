@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -263,6 +263,10 @@ class AuditSpec(_Strict):
     retention_days: Annotated[int, Field(ge=1)] | None = None
 
 
+# The kinds of personal data framework/redact.py detects (its PII_KINDS; a test keeps the two equal).
+PiiKind = Literal["email", "phone", "card", "iban", "national_id"]
+
+
 class RedactPattern(_Strict):
     """A project's own redaction rule: text matching `regex` is replaced by `[<NAME>]` in stored traces."""
 
@@ -285,9 +289,10 @@ class TracingSpec(_Strict):
     enabled: bool = True
     keep_text: bool = Field(True, description="store rendered prompts, inputs and outputs (after redaction); "
                                               "false keeps only figures, versions and errors")
-    redact: list[Literal["email", "phone", "card"]] = Field(
-        default_factory=lambda: ["email", "phone", "card"],
-        description="built-in redactions applied before anything is written; [] turns them off")
+    redact: list[PiiKind] = Field(
+        default_factory=lambda: list(get_args(PiiKind)),
+        description="built-in redactions (framework/redact.py, the detector guardrails use) applied before "
+                    "anything is written; [] turns them off")
     redact_patterns: list[RedactPattern] = Field(default_factory=list)
     redact_hook: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = Field(
         None, description="`module:function` taking and returning a string, run after the patterns")
