@@ -248,6 +248,9 @@ def copy_project(root: Path, *, model_key: str | None = None, parallel: int | No
                            ("error_rate_max", 1), ("tokens_per_request_max", 10**6), ("cost_per_request_max", 1),
                            ("monthly_budget", 10**9)):
             text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        # served here without API keys: the comparison is the engine's; a key check costs ~41 us
+        # (docs/guardrails.md) and the bare llama_cpp.server checks none either
+        text = text.replace("[serve]\n", '[serve]\nauth = "none"\n', 1)
     toml.write_text(text)
     if parallel is not None:
         set_parallel_in_toml(toml, model_key or "qwen15", parallel)

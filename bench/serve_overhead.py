@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--project", default="ticket-triage")
     parser.add_argument("--model", default=None, help="model key; must match the build's model")
     parser.add_argument("-n", type=int, default=20)
+    parser.add_argument("--key", default=os.environ.get("SLIPWAY_API_KEY"),
+                        help="an API key of the project (`slipway keys create`), unless [serve] auth = \"none\"")
     args = parser.parse_args()
     project = load_project(args.project)
     key = args.model or project.spec.pipeline.model
@@ -98,7 +100,8 @@ def main() -> None:
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", server)
         route = f"http://127.0.0.1:{port}/{project.spec.serve.endpoint.strip('/')}"
-        with httpx.Client(timeout=120) as client:
+        auth = {"Authorization": f"Bearer {args.key}"} if args.key else {}
+        with httpx.Client(timeout=120, headers=auth) as client:
             client.post(route, json={"ticket": "warm-up"})
             results["served"] = timed(lambda t: client.post(route, json={"ticket": t}).raise_for_status(), tickets)
     finally:

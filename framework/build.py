@@ -251,6 +251,9 @@ def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels
     program = load_program(project)
     shutil.copyfile(project.notebook_path, out / "notebook.py")
     shutil.copyfile(project.toml_path, out / "project.toml")
+    signers = signing.signers_path(project.dir)
+    if signers.exists():   # who may sign API keys for this version (framework/apikeys.py), pinned with it
+        shutil.copyfile(signers, out / "signers.toml")
     shutil.copyfile(project.split_path("eval"), out / "eval.jsonl")
     program.save(str(out / "program.json"))
     (out / "program_state.json").write_text(json.dumps(program_state(program), indent=2, default=str))

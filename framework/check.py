@@ -57,11 +57,13 @@ def check(project: Project, *, model_key: str | None = None, limit: int | None =
 
 def judge_run(project: Project, run: EvalRun, *, key: Path | None = None) -> CheckResult:
     contract = contract_hash(project)
+    detectors = with_detectors(project, run)
     verdict = judge(project.spec.contract, run.measurements)
     verdict.meta.update({"project": project.name, "run_id": run.run_id, "model": run.model_key,
                          "model_name": project.model(run.model_key).name, "split": run.split,
                          "reused_run": run.reused, "content_hash": run.content_hash,
                          "contract_hash": contract, "engine": engine_note(project.model(run.model_key)),
+                         "detectors": detectors,
                          **run.hashes})
     check_id = new_id("check")
     report_json, report_html = write_reports(project, check_id, run, verdict)
@@ -81,6 +83,23 @@ def judge_run(project: Project, run: EvalRun, *, key: Path | None = None) -> Che
         audit.append(store, signed, name.name if name else signed.fingerprint)
     return CheckResult(check_id=check_id, run=run, verdict=verdict, report_json=str(report_json),
                        report_html=str(report_html), signed=signed)
+
+
+def with_detectors(project: Project, run: EvalRun) -> list[dict]:
+    """Score the guardrail detectors on their labelled sets (no model: milliseconds) and add precision and
+    recall to the run's metrics, so `[contract.eval]` can hold them to thresholds like any quality metric.
+    Returns the counts behind each figure and the sha256 of each set, for the report and the statement."""
+    from framework.guardrails import score_detectors
+
+    rows = []
+    for score in score_detectors(project.spec.guardrails, project.dir):
+        for name, (value, interval) in score.figures().items():
+            run.measurements.metrics[name] = value
+            run.measurements.intervals[name] = interval
+        rows.append({"detector": score.detector, "path": str(Path(score.path).relative_to(project.dir))
+                     if Path(score.path).is_relative_to(project.dir) else score.path, "sha256": score.sha256,
+                     "n": score.n, "tp": score.tp, "fp": score.fp, "fn": score.fn})
+    return rows
 
 
 def engine_note(model) -> dict:

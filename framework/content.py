@@ -12,6 +12,7 @@ only then (a needless change costs a re-check; a missed one lets a stale verdict
 | `dataset_hash`    | the split's bytes (inputs and labels)                                    |
 | `settings_hash`   | model sha256 (weights, tokenizer, chat template) and load/decode settings|
 | `code_hash`       | Slipway's modules on the answer and scoring path (ANSWER_PATH_MODULES)   |
+| `guardrails_hash` | the `[guardrails]` table: checks, actions, rules (they change answers)    |
 | `versions`        | slipway, dspy and llama-cpp-python releases (adapter code, llama.cpp)     |
 | split, limit, metrics, adapter, prices | which examples, metric declarations, adapter; prices of a recorded cost |
 
@@ -30,8 +31,8 @@ from typing import Any
 from framework.spec import ModelSpec, Project
 
 # Modules whose code decides what the model is sent, how its output is decoded, or how it is scored.
-ANSWER_PATH_MODULES = ("content.py", "dataset.py", "evaluate.py", "lm.py", "metrics.py", "notebook.py",
-                       "structured.py")
+ANSWER_PATH_MODULES = ("content.py", "dataset.py", "evaluate.py", "guardrails.py", "injection.py", "lm.py",
+                       "metrics.py", "notebook.py", "redact.py", "structured.py")
 LIBRARIES = ("slipway", "dspy", "llama_cpp_python")
 PROBE = "Slipway probe input ({field}): the rendered prompt around this text is part of the content hash."
 
@@ -107,6 +108,7 @@ def content_hashes(project: Project, program, split: str, model_key: str, limit:
     model = project.model(model_key)
     prices = {"input": model.price_per_1k_input, "cached_input": model.price_per_1k_cached_input,
               "output": model.price_per_1k_output}  # a run's recorded cost was priced with these
+    parts["guardrails_hash"] = json_hash(project.spec.guardrails.model_dump(mode="json"))
     key = {**parts, "split": split, "limit": limit, "metrics": project.spec.eval.metrics,
            "adapter": project.spec.pipeline.adapter, "prices": prices}
     parts["content_hash"] = json_hash(key)

@@ -63,7 +63,7 @@ class Verdict:
 
 def _fmt(value: float, unit: str) -> str:
     if unit == "ms":
-        return f"{value:,.0f} ms"
+        return f"{value:,.0f} ms" if value >= 100 else f"{value:.2f} ms"
     if unit == "$":
         return f"${value:.6f}" if value < 1 else f"${value:,.2f}"
     if unit == "tokens":
@@ -91,6 +91,8 @@ def judge(contract: ContractSpec, m: Measurements) -> Verdict:
         _upper("tokens_per_request_max", contract.tokens_per_request_max, m.tokens_per_request, "tokens",
                f"mean; p95 {m.tokens_per_request_p95:,.0f}"),
     ]
+    clauses.append(_upper("guardrail_latency_p99_ms", contract.guardrail_latency_p99_ms, m.guardrail_p99_ms,
+                          "ms", "all guardrail checks on one example"))
     if contract.monthly_budget is not None and contract.expected_requests_per_day is not None:
         projected = m.projected_monthly_cost(contract.expected_requests_per_day)
         clauses.append(_upper("monthly_budget", contract.monthly_budget, projected, "$",

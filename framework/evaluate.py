@@ -20,6 +20,7 @@ from typing import Any
 from framework import weights
 from framework.content import content_hashes
 from framework.dataset import Example, load_examples
+from framework.guardrails import decision_rows
 from framework.lm import make_lm, metering
 from framework.metrics import Measurements, exact_match, measure, metric_name, request_cost
 from framework.notebook import input_fields, load_program, notebook_function, output_fields
@@ -64,6 +65,18 @@ def language_model(project: Project, model_key: str | None = None, *, gpu_layers
     spec = project.model(key)
     path = weights.ensure(spec, project.dir, toml=str(project.toml_path), field=f"models.{key}")
     return make_lm(spec, path, gpu_layers=gpu_layers)
+
+
+def project_guard(project: Project, program, model_key: str | None = None):
+    """The project's guardrails for `program`, counting input tokens with the model's tokenizer (the
+    engine `language_model` loaded: call that first)."""
+    from framework.guardrails import guard_for
+    from framework.lm import load_engine
+
+    key = model_key or project.spec.pipeline.model
+    spec = project.model(key)
+    engine = load_engine(spec, weights.model_path(spec, project.dir))
+    return guard_for(project.spec.guardrails, program, engine=engine, adapter=adapter(project), model=spec)
 
 
 def adapter(project: Project):
@@ -134,6 +147,7 @@ def run_eval(project: Project, *, split: str = "eval", limit: int | None = None,
     outputs = output_fields(program)
     metric_items = project.spec.eval.metrics
     custom = _custom_metrics(project)
+    guard = project_guard(project, program, model_key)
     hashes = content_hashes(project, program, split, model_key, limit)
     run_id = new_id("run")
     path = store_path(project)
@@ -149,7 +163,7 @@ def run_eval(project: Project, *, split: str = "eval", limit: int | None = None,
 
     def one(position: int, example: Example) -> None:
         with dspy.context(lm=lm, adapter=adapter(project)):
-            result = _run_one(program, example, position, outputs, metric_items, custom, model)
+            result = _run_one(program, example, position, outputs, metric_items, custom, model, guard)
         with lock:  # each result is recorded as soon as it is known: an interrupted run keeps what it did
             records.append(result)
             if record:
@@ -178,15 +192,30 @@ def run_eval(project: Project, *, split: str = "eval", limit: int | None = None,
 
 
 def _run_one(program, example: Example, position: int, outputs: tuple[str, ...], metric_items: list[str],
-             custom: dict[str, Callable], model) -> dict[str, Any]:
+             custom: dict[str, Callable], model, guard) -> dict[str, Any]:
+    """One example through the guarded pipeline, as the served bento answers a request: input guardrails,
+    the program, output guardrails. A blocked example has no answer (it scores 0, like a wrong one) and
+    is not an error: the service answers it with a 4xx, which the error rate does not count either."""
     error = None
     output = None
     prediction = None
+    decisions: list = []
+    blocked = None
     with metering() as calls:
         start = time.perf_counter()
         try:
-            prediction = program(**example.inputs)
-            output = {name: prediction.get(name) for name in outputs}
+            checked = guard.check_input(example.inputs)
+            decisions += checked.decisions
+            blocked = checked.blocked
+            if blocked is None:
+                prediction = program(**checked.values)
+                answer = guard.check_output({name: prediction.get(name) for name in outputs}, decisions)
+                decisions += answer.decisions
+                blocked = answer.blocked
+                output = answer.values if blocked is None else None
+                if output is not None:   # notebook metrics score the guarded answer too (human_field set)
+                    for name, value in output.items():
+                        prediction[name] = value
         except Exception as exc:  # a failing example is a measurement, not a crash
             error = f"{type(exc).__name__}: {str(exc)[:500]}"
         latency_ms = (time.perf_counter() - start) * 1000
@@ -199,6 +228,7 @@ def _run_one(program, example: Example, position: int, outputs: tuple[str, ...],
         "scores": score_example(example, output, error, metric_items, custom, prediction, calls),
         "latency_ms": latency_ms, "tokens_in": new + cached, "tokens_cached": cached, "tokens_out": generated,
         "cost": request_cost(model, new, cached, generated), "error": error,
+        "guardrails": decision_rows(decisions), "blocked": blocked.check if blocked else None,
     }
 
 

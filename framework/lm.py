@@ -229,6 +229,10 @@ class LlamaCppEngine:
         content never does (see `chat_tokens`)."""
         return self.prompt_split(messages)[0]
 
+    def count_tokens(self, text: str) -> int:
+        """How many tokens `text` is as message content (control-token text counts as plain text)."""
+        return len(self._llama.tokenize(text.encode("utf-8", "replace"), add_bos=False, special=False))
+
     def prompt_split(self, messages: list[dict]) -> tuple[list[int], int]:
         """The prompt's token ids and how many of them precede the last message's content: the part
         requests of one program share (instructions, demos), which the batched engine evaluates once."""

@@ -181,6 +181,8 @@ class Measurements:
     tokens_per_request_p95: float
     cost_per_request: float
     tokens_cached_per_request: float = 0.0  # mean prompt tokens reused from the KV cache (not in the above)
+    guardrail_p99_ms: float = math.nan      # p99 of the time all guardrail checks took on one example
+    blocked_rate: float = 0.0               # examples refused by a guardrail (answered 4xx when served)
 
     def projected_monthly_cost(self, requests_per_day: float) -> float:
         return self.cost_per_request * requests_per_day * 30
@@ -229,4 +231,7 @@ def measure(records: Sequence[dict], metric_items: Sequence[str], *, bootstrap_s
         tokens_per_request_p95=percentile(tokens, 95),
         cost_per_request=sum(r["cost"] for r in records) / n if n else math.nan,
         tokens_cached_per_request=sum(cached) / n if n else math.nan,
+        guardrail_p99_ms=percentile([sum(d.get("ms", 0.0) for d in r.get("guardrails") or ()) for r in records],
+                                    99) if any(r.get("guardrails") for r in records) else math.nan,
+        blocked_rate=sum(1 for r in records if r.get("blocked")) / n if n else math.nan,
     )

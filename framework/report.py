@@ -361,7 +361,22 @@ def report_data(run: EvalRun, verdict: Verdict) -> dict:
         "errors": [{"example_id": r["example_id"], "error": r["error"]} for r in errors],
         "misses": [{"example_id": r["example_id"], "inputs": r["inputs"], "expected": r["expected"],
                     "output": r["output"], "scores": r["scores"]} for r in misses],
+        "guardrails": guardrail_summary(run, verdict),
     }
+
+
+def guardrail_summary(run: EvalRun, verdict: Verdict) -> dict:
+    """How often each guardrail fired on the eval split, which examples were refused, and the detectors'
+    counts on their labelled sets: what a reviewer needs to judge the guarded pipeline."""
+    fired: dict[str, dict[str, int]] = {}
+    for record in run.records:
+        for decision in record.get("guardrails") or ():
+            if decision.get("action", "pass") != "pass":
+                actions = fired.setdefault(decision["check"], {})
+                actions[decision["action"]] = actions.get(decision["action"], 0) + 1
+    return {"fired": fired, "blocked": [{"example_id": r["example_id"], "check": r["blocked"]}
+                                        for r in run.records if r.get("blocked")],
+            "p99_ms": run.measurements.guardrail_p99_ms, "detectors": verdict.meta.get("detectors", [])}
 
 
 def write_reports(project: Project, check_id: str, run: EvalRun, verdict: Verdict) -> tuple[Path, Path]:
@@ -443,7 +458,7 @@ def render_html(project_name: str, check_id: str, data: dict) -> str:
         engine=verdict.get("meta", {}).get("engine"),
         content_hash=str(run["hashes"].get("content_hash", ""))[:12], clauses=verdict["clauses"],
         metrics=metrics, errors=data["errors"][:100], n_errors=len(data["errors"]), misses=misses,
-        n_misses=len(data["misses"]))
+        n_misses=len(data["misses"]), guardrails=data.get("guardrails") or {})
 
 
 # -- review page ----------------------------------------------------------------------------------------------

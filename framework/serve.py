@@ -90,7 +90,9 @@ def serve_env(project: Project, workers: int | None, channel: str | None = None)
     # Bytecode goes to a private folder: a .pyc planted beside the bento's verified sources is never read.
     prefix = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slipway" / "pycache"
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "PYTHONPYCACHEPREFIX": str(prefix),
-           "SLIPWAY_TRACE_DIR": str(project.trace_dir.resolve())}
+           "SLIPWAY_TRACE_DIR": str(project.trace_dir.resolve()),
+           # API keys (read live, so a revocation holds at once) and tenants' budgets across workers
+           "SLIPWAY_STATE_DIR": str(project.state_dir.resolve())}
     env.pop("SLIPWAY_CHANNEL", None)
     if channel:
         env["SLIPWAY_CHANNEL"] = channel

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +23,8 @@ import bentoml
 from pydantic import BaseModel, Field, create_model, field_validator
 
 from framework import alerts
+from framework.apikeys import KEYS_FILE, KeyFiles, KeyRefusal, bearer, verify_key
+from framework.budgets import Budgets, Reservation, budgets_path
 from framework.errors import NotebookError, SlipwayError
 from framework.lm import load_engine
 from framework.metrics import request_cost
@@ -132,7 +135,9 @@ def _schemas():
     request.model_config["extra"] = "forbid"  # a misspelt field is an error, not silently ignored
     request.model_rebuild(force=True)
     version = create_model("Version", bento=(str, ...), model_sha256=(str, ...), program_hash=(str, ...))
-    response = create_model("Response", **outputs, request_id=(str, ...), version=(version, ...))
+    response = create_model("Response", **outputs, guardrails=(dict[str, str], Field(
+        default_factory=dict, description="each guardrail that fired and its action; empty when none did")),
+        request_id=(str, ...), version=(version, ...))
     return request, response, limit
 
 
@@ -143,7 +148,7 @@ def _desc(field) -> str:
 Request, Response, MAX_INPUT_CHARS = _schemas()
 ENDPOINT = "/" + SPEC.serve.endpoint.strip("/")
 OUTPUT_TYPES = {name: field.annotation for name, field in Response.model_fields.items()
-                if name not in ("request_id", "version")}
+                if name not in ("request_id", "version", "guardrails")}
 
 
 class FeedbackBody(bentoml.IODescriptor):
@@ -169,6 +174,21 @@ TRACE_IDENTITY = {"project": CONFIG["project"], "channel": os.environ.get("SLIPW
 TRACE_DIR = trace_dir_for_bento(CONFIG["project"])
 TRACER = Tracer(SPEC.tracing, TRACE_DIR, TRACE_IDENTITY, MODEL)
 REQUESTS = RequestIndex(TRACE_DIR)
+# Callers: the project's live keys file (a revocation holds on the next request), checked against the
+# signers.toml and project.toml this version was built with; budgets shared by every worker.
+STATE_DIR = Path(os.environ.get("SLIPWAY_STATE_DIR") or TRACE_DIR.parent)
+KEY_FILES = KeyFiles(STATE_DIR / KEYS_FILE, BENTO_DIR / "signers.toml", BENTO_DIR / "project.toml")
+CHANNEL = os.environ.get("SLIPWAY_CHANNEL") or None
+_BUDGETS: list[Budgets] = []
+_BUDGETS_LOCK = threading.Lock()
+
+
+def budgets() -> Budgets:
+    """The tenants' budgets file, opened on first use (never at import: `slipway build` imports this)."""
+    with _BUDGETS_LOCK:
+        if not _BUDGETS:
+            _BUDGETS.append(Budgets(budgets_path(STATE_DIR), SPEC.tenants))
+        return _BUDGETS[0]
 logger = logging.getLogger("slipway.service")
 
 # What /metrics carries: what the bento's slipway/alerts.yml queries (names and buckets: framework/alerts.py).
@@ -234,6 +254,7 @@ class ErrorBody(BaseModel):
     error: str
     request_id: str
     version: dict[str, str]
+    guardrails: dict[str, str] | None = None
 
 
 class NotReadyAnswers:
@@ -263,6 +284,43 @@ class NotReadyAnswers:
         await send({"type": "http.response.body", "body": payload})
 
 
+def caller_of(headers, path: str):
+    """The verified caller of `path` (`apikeys.Caller`), a `KeyRefusal`, or None when keys are off."""
+    if SPEC.serve.auth != "api_key":
+        return None
+    return verify_key(KEY_FILES, bearer(headers.get("authorization")), path, CHANNEL)
+
+
+class ApiKeys:
+    """Every call to the endpoint and /feedback presents a tenant's API key (`Authorization: Bearer …`),
+    checked before the body is read: no key or a bad one is 401, a key outside its scope 403, and
+    nothing about the request is processed. /readyz, /livez and /metrics stay open (for probes)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") not in (ENDPOINT, "/feedback"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        found = caller_of(headers, scope["path"])
+        if not isinstance(found, KeyRefusal):
+            return await self.app(scope, receive, send)
+        t0, started_at = time.perf_counter(), utc_now()
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        if scope["path"] == ENDPOINT:
+            trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=None,
+                           t_end=time.perf_counter(), status=found.status, error_code=found.code,
+                           error=found.message, caller=found.key_id)
+            _observe(found.status, t0, trace, ())
+        payload = json.dumps({"error": found.message, "request_id": request_id, "version": VERSION}).encode()
+        extra = [(b"www-authenticate", b'Bearer realm="slipway"')] if found.status == 401 else []
+        await send({"type": "http.response.start", "status": found.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                                (b"x-request-id", request_id.encode("latin-1")), *extra]})
+        await send({"type": "http.response.body", "body": payload})
+
+
 class ValidationErrorsAs422:
     """BentoML answers schema errors with 400; HTTP APIs (and FastAPI users) expect 422. Body unchanged.
     A refused request to the endpoint is traced too (error_code invalid-request, no inputs kept)."""
@@ -278,7 +336,8 @@ class ValidationErrorsAs422:
         request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
 
         async def send_422(message):
-            if message["type"] == "http.response.start" and message["status"] == 400:
+            if message["type"] == "http.response.start" and message["status"] == 400 and not any(
+                    name.lower() == b"x-slipway-guardrail" for name, _ in message.get("headers", [])):
                 message = {**message, "status": 422,
                            "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]}
                 if scope.get("path") == ENDPOINT:
@@ -313,6 +372,13 @@ class SlipwayService:
         self.engine = load_engine(MODEL, path)
         self.program = _program()
         self.adapter = json_adapter() if SPEC.pipeline.adapter == "json" else None
+        import dspy
+
+        from framework.guardrails import guard_for
+
+        # the same checks, in the same order, as `slipway check` ran on the eval split
+        self.guard = guard_for(SPEC.guardrails, self.program, engine=self.engine,
+                               adapter=self.adapter or dspy.ChatAdapter(), model=MODEL)
         try:
             prefix = BENTO_DIR / "prefix.kv"
             if self.engine.batcher is not None and prefix.exists():
@@ -365,49 +431,104 @@ class SlipwayService:
         t0, started_at = time.perf_counter(), utc_now()
         request_id = ctx.request.headers.get("x-request-id") or uuid.uuid4().hex
         ctx.response.headers["X-Request-ID"] = request_id
+        caller = caller_of(ctx.request.headers, ENDPOINT)   # the middleware refused bad keys; this names who
+        who = {"caller": caller.key_id, "tenant": caller.tenant} if caller is not None else {}
         size = sum(len(str(v)) for v in inputs.values())
         if size > MAX_INPUT_CHARS:
             return self._error(ctx, 413, "input-too-large", request_id, f"input is {size} characters; the contract "
-                               f"allows {MAX_INPUT_CHARS} (contract.max_input_chars)", t0, started_at, inputs=None)
+                               f"allows {MAX_INPUT_CHARS} (contract.max_input_chars)", t0, started_at, inputs=None,
+                               who=who)
+        from framework.guardrails import decision_rows, fired
+
+        checked = self.guard.check_input(inputs)
+        decisions = list(checked.decisions)
+        # what the model sees, and what the trace keeps: PII already redacted when a guardrail says so
+        inputs = checked.values
+        if checked.blocked is not None:
+            blocked = checked.blocked
+            ctx.response.headers["X-Slipway-Guardrail"] = blocked.check   # a declared refusal, not a bad body
+            return self._error(ctx, blocked.status, blocked.code, request_id, blocked.message, t0, started_at,
+                               inputs=inputs, decisions=decisions, who=who)
+        held = None
+        if caller is not None:
+            held = budgets().reserve(caller.tenant, *self._worst_case(decisions))
+            if not isinstance(held, Reservation):
+                ctx.response.headers["Retry-After"] = str(held.retry_after)
+                return self._error(ctx, 429, held.to_dict()["error"], request_id, held.message, t0, started_at,
+                                   inputs=inputs, decisions=decisions, who=who)
         t_valid = time.perf_counter()
         calls: list = []
         try:
             with metering() as calls, deadline(SPEC.serve.timeout_s), dspy.context(lm=self.lm, adapter=self.adapter):
                 prediction = self.program(**inputs)
-            outputs = {name: prediction.get(name) for name in Response.model_fields
-                       if name not in ("request_id", "version")}
+            outputs = {name: prediction.get(name) for name in OUTPUT_TYPES}
         except Exception as exc:  # a request never kills the worker; the caller gets its id to report
+            self._settle(held, calls)
             cause = root_cause(exc)
             message = cause.render() if isinstance(cause, SlipwayError) else \
                 f"model error: {type(exc).__name__}: {str(exc)[:1000]}"
             code = cause.code if isinstance(cause, SlipwayError) else "model-error"
             return self._error(ctx, 503, code, request_id, message, t0, started_at, inputs=inputs,
-                               t_valid=t_valid, calls=calls)
-        outputs = json.loads(json.dumps(outputs, default=str))
+                               t_valid=t_valid, calls=calls, decisions=decisions, who=who)
+        self._settle(held, calls)
+        answer = self.guard.check_output(json.loads(json.dumps(outputs, default=str)), decisions)
+        decisions += answer.decisions
+        if answer.blocked is not None:
+            blocked = answer.blocked
+            ctx.response.headers["X-Slipway-Guardrail"] = blocked.check
+            return self._error(ctx, blocked.status, blocked.code, request_id, blocked.message, t0, started_at,
+                               inputs=inputs, t_valid=t_valid, calls=calls, decisions=decisions, who=who)
+        outputs = answer.values
         trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
-                       t_end=time.perf_counter(), status=200, inputs=inputs, outputs=outputs, calls=calls)
+                       t_end=time.perf_counter(), status=200, inputs=inputs, outputs=outputs, calls=calls,
+                       decisions=decision_rows(decisions), **who)
         _observe(200, t0, trace, calls)
-        return {**outputs, "request_id": request_id, "version": VERSION}
+        return {**outputs, "guardrails": fired(decisions), "request_id": request_id, "version": VERSION}
+
+    def _worst_case(self, decisions) -> tuple[int, float]:
+        """What a request may spend at most, held against its tenant's budget before the model runs: every
+        model call evaluating the whole prompt anew (no cache) and generating max_tokens."""
+        size = next((d.detail.get("tokens", 0) for d in decisions if d.check == "input_size"), 0)
+        calls = max(1, len(self.program.predictors()))
+        prompt = calls * (self.guard.prompt_tokens + size)
+        generated = calls * MODEL.max_tokens
+        return prompt + generated, request_cost(MODEL, prompt, 0, generated)
+
+    @staticmethod
+    def _settle(held, calls) -> None:
+        """Charge what the request used (as tokens_per_request and cost count it) and free the rest."""
+        if held is None:
+            return
+        new = sum(c.tokens_in_new for c in calls)
+        cached = sum(c.tokens_in_cached for c in calls)
+        generated = sum(c.tokens_out for c in calls)
+        budgets().settle(held, new + generated, request_cost(MODEL, new, cached, generated) if calls else 0.0)
 
     def _error(self, ctx, status: int, code: str, request_id: str, message: str, t0: float, started_at,
-               *, inputs: dict | None, t_valid: float | None = None, calls=()) -> dict:
+               *, inputs: dict | None, t_valid: float | None = None, calls=(), decisions=None, who=None) -> dict:
+        from framework.guardrails import decision_rows, fired
+
         ctx.response.status_code = status
         trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
                        t_end=time.perf_counter(), status=status, inputs=inputs, calls=calls, error_code=code,
-                       error=message)
+                       error=message, decisions=decision_rows(decisions or ()), **(who or {}))
         _observe(status, t0, trace, calls)
-        return ErrorBody(error=message, request_id=request_id, version=VERSION).model_dump()
+        return ErrorBody(error=message, request_id=request_id, version=VERSION,
+                         guardrails=fired(decisions or ()) if decisions is not None else None).model_dump()
 
     @bentoml.api(route="/feedback", input_spec=FeedbackBody)
     def feedback(self, ctx: bentoml.Context, **body: Any) -> dict:
         """Feedback on an answered request, attributed to the version that answered it (its trace).
         Unknown request_id: 404; the same body twice: recorded once; bad labels: 422."""
         request_id = body["request_id"]
+        caller = caller_of(ctx.request.headers, "/feedback")
         problems = label_problems(body.get("correct_labels"))
         if problems:
             ctx.response.status_code = 422
             return {"error": "correct_labels: " + "; ".join(problems), "request_id": request_id}
         found = REQUESTS.lookup(request_id)
+        if found is not None and caller is not None and found.get("tenant") != caller.tenant:
+            found = None   # another tenant's request: answered as unknown, so its existence is not disclosed
         if found is None:
             ctx.response.status_code = 404
             return {"error": f"no trace of request {request_id!r}: feedback must name the X-Request-ID (or "
@@ -445,3 +566,4 @@ def label_problems(labels: dict | None) -> list[str]:
 
 SlipwayService.add_asgi_middleware(ValidationErrorsAs422)
 SlipwayService.add_asgi_middleware(NotReadyAnswers)
+SlipwayService.add_asgi_middleware(ApiKeys)

@@ -201,6 +201,8 @@ class ContractSpec(_Strict):
     monthly_budget: Annotated[float, Field(ge=0)] | None = None
     expected_requests_per_day: Annotated[float, Field(ge=0)] | None = None
     max_input_chars: Annotated[int, Field(gt=0)] = 8000
+    guardrail_latency_p99_ms: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="p99 of the time all guardrail checks take on one request")
     eval: dict[str, Threshold] = Field(default_factory=dict)
     approvals_required: Annotated[int, Field(ge=0)] = Field(0, description="approvals a version needs to deploy")
     allow_self_approval: bool = Field(False, description="may a build's author approve it (when approvals >= 1)")
@@ -240,6 +242,9 @@ class ServeSpec(_Strict):
         15, description="`serve --channel` proxy: an idle keep-alive connection is closed after this many seconds")
     max_connections: Annotated[int, Field(ge=1, le=100000)] = Field(
         256, description="`serve --channel` proxy: connections and requests at once; more are answered 503")
+    auth: Literal["api_key", "none"] = Field(
+        "api_key", description="api_key: every call to the endpoint and /feedback needs a tenant's key "
+                               "(`slipway keys create`); none: anyone who reaches the port may call")
 
 
 class ProjectMeta(_Strict):
@@ -353,6 +358,89 @@ class TenantSpec(_Strict):
         version served without a channel, allowed only when the tenant lists no channels)?"""
         return ((self.endpoints is None or endpoint.strip("/") in self.endpoints)
                 and (self.channels is None or channel in self.channels))
+GuardAction = Literal["block", "flag", "human"]
+
+
+class _Guard(_Strict):
+    """One declared check: what it does when it fires (`action`) and what a blocked caller is told."""
+
+    action: GuardAction = "flag"
+    message: str = Field("", max_length=500, description="said to the caller when the check blocks")
+
+
+class InputSizeGuard(_Strict):
+    """Inputs measured in the model's tokens: one that cannot fit the context is refused with 413."""
+
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="input tokens allowed per request; default: what fits the context beside the "
+                          "program's prompt and its answer (context_size - prompt - max_tokens)")
+    message: str = Field("the input is too long for this model", max_length=500)
+
+
+class EmptyGuard(_Guard):
+    """Empty or content-free input (whitespace, punctuation, emoji only): no answer is invented for it."""
+
+    action: Literal["block", "flag", "human"] = "block"
+    message: str = Field("the input is empty: there is nothing to answer", max_length=500)
+    min_chars: Annotated[int, Field(ge=1, le=1000)] = Field(
+        2, description="letters or digits an input needs to count as content")
+
+
+class InjectionGuard(_Guard):
+    """Text that tries to instruct the model (framework/injection.py); `dataset` measures it."""
+
+    dataset: str | None = Field(None, description="labelled JSONL (text, injection) the check measures the "
+                                                  "detector on, relative to the project folder")
+
+
+class PiiGuard(_Strict):
+    """Personal data in the input: redacted before the model sees it, or the request blocked/flagged."""
+
+    kinds: list[Literal["email", "phone", "card", "iban", "national_id"]] = Field(
+        default_factory=lambda: ["email", "phone", "card", "iban", "national_id"])
+    action: Literal["redact", "block", "flag"] = "redact"
+    message: str = Field("the input carries personal data this service does not accept", max_length=500)
+    dataset: str | None = Field(None, description="labelled JSONL (text, pii: [{kind, text}]) the check "
+                                                  "measures the detector on, relative to the project folder")
+
+
+class TopicsGuard(_Guard):
+    """Topic scope by keyword lists: `deny` topics fire when any of their phrases appears; with `allow`
+    set, an input that mentions none of the allowed topics' phrases fires too."""
+
+    deny: dict[str, list[str]] = Field(default_factory=dict, description="topic -> phrases (any language)")
+    allow: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class RuleGuard(_Guard):
+    """A business rule over the answer's fields: when `when` holds, `require` must hold too."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+    when: str = Field("True", description='expression over output fields, e.g. category == "abuse"')
+    require: str = Field(description="expression that must hold for the answer to pass, e.g. needs_human")
+
+
+class BlocklistGuard(_Guard):
+    """Words or phrases an answer must never contain (case-insensitive, whole words)."""
+
+    words: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+
+
+class GuardrailsSpec(_Strict):
+    """Declared checks on every request, run the same way by `slipway check` and the served bento
+    (framework/guardrails.py, docs/guardrails.md)."""
+
+    enabled: bool = True
+    human_field: str | None = Field(
+        None, description="boolean output field that the `human` action sets true (the answer is routed to a "
+                          "person); without it `human` answers as `flag` does")
+    input_size: InputSizeGuard = Field(default_factory=InputSizeGuard)
+    empty: EmptyGuard | None = Field(default_factory=EmptyGuard)
+    injection: InjectionGuard | None = None
+    pii: PiiGuard | None = None
+    topics: TopicsGuard | None = None
+    blocklist: BlocklistGuard | None = None
+    rules: list[RuleGuard] = Field(default_factory=list)
 
 
 class ProjectSpec(_Strict):
@@ -367,6 +455,7 @@ class ProjectSpec(_Strict):
     tracing: TracingSpec = Field(default_factory=TracingSpec)
     tenants: dict[Annotated[str, Field(pattern=TENANT_NAME)], TenantSpec] = Field(
         default_factory=dict, description="callers of the served bento, by name: `[tenants.<name>]`")
+    guardrails: GuardrailsSpec = Field(default_factory=GuardrailsSpec)
 
     @model_validator(mode="after")
     def _pipeline_model_exists(self) -> ProjectSpec:

@@ -410,6 +410,10 @@ class Tracer:
         return trace
 
 
+# What the index keeps per request: enough to attribute feedback, and the tenant allowed to give it.
+INDEXED = ("trace_id", "bento", "version", "status", "tenant")
+
+
 class RequestIndex:
     """request_id → its trace's (trace_id, bento, version, status), read incrementally from every
     worker's trace segments (the service answers POST /feedback with it: an id no worker traced is a
@@ -434,8 +438,7 @@ class RequestIndex:
         """A trace this worker just wrote: known at once, without reading it back."""
         if trace is not None:
             with self._lock:
-                self.requests[trace["request_id"]] = {k: trace.get(k) for k in ("trace_id", "bento", "version",
-                                                                               "status")}
+                self.requests[trace["request_id"]] = {k: trace.get(k) for k in INDEXED}
 
     def refresh(self, *, at_most_every_s: float = 0.0) -> None:
         """Read what every segment gained; with `at_most_every_s`, first wait out that interval since the
@@ -460,8 +463,7 @@ class RequestIndex:
                         self.offsets[key] = chunk.end
                         for row in chunk.rows:
                             if kind == "traces":
-                                self.requests[row["request_id"]] = {
-                                    k: row.get(k) for k in ("trace_id", "bento", "version", "status")}
+                                self.requests[row["request_id"]] = {k: row.get(k) for k in INDEXED}
                                 self.requests.move_to_end(row["request_id"])
                             else:
                                 self.feedback[row["feedback_id"]] = None

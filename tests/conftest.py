@@ -128,6 +128,8 @@ def tiny_project(project_root, monkeypatch, keys):
         text = toml.read_text()
         start = text.index(f"{key} = ")
         toml.write_text(text[:start] + f"{key} = {value}" + text[text.index("\n", start):])
+    # The serving tests call without API keys; tests/e2e/test_tenants_served.py turns keys back on.
+    edit_toml(toml, "[serve]\n", '[serve]\nauth = "none"\n')
     eval_path = toml.parent / "data" / "eval.jsonl"
     eval_path.write_text("\n".join(eval_path.read_text().splitlines()[:12]) + "\n")
     monkeypatch.setenv("BENTOML_HOME", str(project_root / "bentos"))

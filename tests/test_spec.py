@@ -184,6 +184,7 @@ def test_every_spec_key_is_documented():
 
     doc = (REPO / "docs" / "project-toml.md").read_text()
     for model in (s.ProjectMeta, s.PipelineSpec, s.ModelSpec, s.ModelSource, s.EvalSpec, s.OptimizeSpec,
-                  s.ContractSpec, s.ServeSpec, s.TenantSpec):
+                  s.ContractSpec, s.ServeSpec, s.TenantSpec, s.GuardrailsSpec, s.InputSizeGuard,
+                  s.EmptyGuard, s.InjectionGuard, s.PiiGuard, s.TopicsGuard, s.RuleGuard, s.BlocklistGuard):
         for key in model.model_fields:
             assert f"`{key}`" in doc or f"source.{key}" in doc, f"{model.__name__}.{key} missing from docs"
