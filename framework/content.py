@@ -31,7 +31,8 @@ from typing import Any
 from framework.spec import ModelSpec, Project
 
 # Modules whose code decides what the model is sent, how its output is decoded, or how it is scored.
-ANSWER_PATH_MODULES = ("content.py", "dataset.py", "evaluate.py", "guardrails.py", "injection.py", "lm.py",
+# A name without .py is a sub-package: every .py file in it counts.
+ANSWER_PATH_MODULES = ("content.py", "dataset.py", "evaluate.py", "guardrails.py", "injection", "lm.py",
                        "metrics.py", "notebook.py", "redact.py", "structured.py")
 LIBRARIES = ("slipway", "dspy", "llama_cpp_python")
 PROBE = "Slipway probe input ({field}): the rendered prompt around this text is part of the content hash."
@@ -79,7 +80,14 @@ def settings_hash(spec: ModelSpec) -> str:
 
 def code_hash() -> str:
     folder = Path(__file__).resolve().parent
-    return json_hash({name: file_hash(folder / name) for name in ANSWER_PATH_MODULES})
+
+    def files(name: str) -> dict[str, str]:
+        path = folder / name
+        if path.is_dir():
+            return {f"{name}/{p.relative_to(path)}": file_hash(p) for p in sorted(path.rglob("*.py"))}
+        return {name: file_hash(path)}
+
+    return json_hash({key: value for name in ANSWER_PATH_MODULES for key, value in files(name).items()})
 
 
 def versions() -> dict[str, str]:

@@ -192,10 +192,16 @@ def run_eval(project: Project, *, split: str = "eval", limit: int | None = None,
 
 
 def _run_one(program, example: Example, position: int, outputs: tuple[str, ...], metric_items: list[str],
-             custom: dict[str, Callable], model, guard) -> dict[str, Any]:
+             custom: dict[str, Callable], model, guard=None) -> dict[str, Any]:
     """One example through the guarded pipeline, as the served bento answers a request: input guardrails,
     the program, output guardrails. A blocked example has no answer (it scores 0, like a wrong one) and
-    is not an error: the service answers it with a 4xx, which the error rate does not count either."""
+    is not an error: the service answers it with a 4xx, which the error rate does not count either.
+    Without a `guard` the program runs on the example as written."""
+    if guard is None:
+        from framework.guardrails import Guard
+        from framework.spec import GuardrailsSpec
+
+        guard = Guard(GuardrailsSpec(enabled=False), text_fields=(), output_types={})
     error = None
     output = None
     prediction = None
