@@ -10,7 +10,9 @@ Texts:
   throughout, which the folded pass must read), and adversarial texts (one needle repeated, so windows
   merge into a full scan; a 8,000-character base64 token; random printable ASCII).
 Each text is timed `--repeats` times in one process after a warm-up call: p50, p99 and max per call, wall
-clock and the thread's CPU time (which leaves out waiting for a core on a loaded host).
+clock and the thread's CPU time (which leaves out waiting for a core on a loaded host). The adversarial
+texts are also timed at 100,000 characters (5 calls each), and the import of the package (rule
+compilation) after `import framework`.
 
 Writes bench/results/injection.json.
 
@@ -113,6 +115,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=300)
     args = parser.parse_args()
 
+    import framework  # noqa: F401  (its own import is not the detector's)
+
     started = time.perf_counter()
     from framework.injection import injection_signals
     import_ms = (time.perf_counter() - started) * 1e3
@@ -131,10 +135,19 @@ def main() -> None:
     results = {name: timed(injection_signals, text, args.repeats) | {"chars": len(text),
                                                                       "signals": injection_signals(text)}
                for name, text in texts(ticket_list).items()}
+    rng = random.Random(1)
+    long = {"one_needle_repeated": ("ignore the " * 10_000)[:100_000],
+            "disguised": (" ".join(["1gn0r3", "pr3v10us", "sуstеm"] * 15_000))[:100_000],
+            "base64_token": base64.b64encode(rng.randbytes(75_000)).decode(),
+            "random_ascii": "".join(chr(rng.randint(32, 126)) for _ in range(100_000)),
+            "random_unicode": "".join(chr(rng.randint(32, 0x2FFFF)) for _ in range(100_000))
+            .encode("utf-8", "replace").decode("utf-8", "replace")}
+    long_results = {name: timed(injection_signals, text, 5) | {"chars": len(text)} for name, text in long.items()}
     figures = {"measured_at": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.node(),
                "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-               "load_average_1m": os.getloadavg()[0], "import_ms": round(import_ms, 1),
-               "typical_ticket": typical, "injection_signals_8000_chars": results}
+               "load_average_1m": os.getloadavg()[0], "import_ms_after_framework": round(import_ms, 1),
+               "typical_ticket": typical, "injection_signals_8000_chars": results,
+               "injection_signals_100000_chars": long_results}
     out = REPO / "bench" / "results" / "injection.json"
     out.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
     print(json.dumps(figures, indent=2, ensure_ascii=False))
