@@ -159,15 +159,30 @@ def _mentioned(m: re.Match[str], text: str) -> bool:
     return close_at - open_at - (m.end() - m.start()) <= 24 and _MENTION_CUE.search(before) is not None
 
 
+def _inside_word(text: str, at: int) -> bool:
+    """No match starts inside a word: "note to the AI" is not in "marianote to the AI", and the gate, which
+    looks needles up among the starts of words, agrees. Chinese and Japanese have no word breaks."""
+    if at == 0 or not (text[at - 1].isalnum() and text[at].isalnum()):
+        return False
+    return _NO_WORD_BREAKS.match(text, at) is None
+
+
+_NO_WORD_BREAKS = re.compile("[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
+
+
 def _fires(rule: Rule, text: str, gate: _Gate) -> bool:
     needles = gate.needles(rule)
     if not needles:
         return False
     for lo, hi in _windows(text, rule, needles):
-        for m in rule.pattern.finditer(text, lo, hi):
-            if (rule.check is None or rule.check(m, text)) and (rule.name == "control_token"
-                                                                  or not _mentioned(m, text)):
+        m = rule.pattern.search(text, lo, hi)
+        while m is not None:
+            if (not _inside_word(text, m.start()) and (rule.check is None or rule.check(m, text))
+                    and (rule.name == "control_token" or not _mentioned(m, text))):
                 return True
+            # The next try starts one character on, not after this match: a rejected match ("ignore the
+            # instructions I sent") must not hide one that overlaps it.
+            m = rule.pattern.search(text, m.start() + 1, hi)
     return False
 
 

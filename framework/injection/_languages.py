@@ -19,8 +19,9 @@ from framework.injection._engine import Rule, rule
 # per family: a verb, up to four words that are not "my/our", then the object; the check wants a
 # qualifier ("previous", "all", "your", "system") near the object, so "ignorieren Sie meine vorherige
 # E-Mail" and "ignore el correo anterior" stay quiet.
-_ML_MINE = (r"(?:mein\w*|unser\w*|mon|ma|mes|notre|nos|mi|mis|nuestr\w*|meu|minha|meus|minhas|noss\w*|mio|mia|"
-            r"miei|mie|nostr\w*|mijn|onze|ons|mój|moj\w*|moich|nasz\w*)")
+_ML_MINE = (r"(?:mein\w{0,20}|unser\w{0,20}|mon|ma|mes|notre|nos|mi|mis|nuestr\w{0,20}|meu|minha|meus|minhas|"
+            r"noss\w{0,20}|mio|mia|"
+            r"miei|mie|nostr\w{0,20}|mijn|onze|ons|mój|moj\w{0,20}|moich|nasz\w{0,20})")
 _ML_OVERRIDE_VERB = (
     r"(?:ignorier(?:e|en|t)?|vergiss|vergessen|missacht(?:e|en)?|übergeh(?:e|en)|uebergeh(?:e|en)|"
     r"befolge|befolgen|beachte|beachten|"
@@ -33,14 +34,15 @@ _ML_OVERRIDE_VERB = (
     r"negeer|negeert|vergeet|volg\s+(?:de\s+)?niet|"
     r"zignoruj(?:cie)?|ignoruj(?:cie)?|zapomnij(?:cie)?|pomi[ńn](?:cie)?|nie\s+(?:stosuj|przestrzegaj|słuchaj|sluchaj)|"
     r"ignorera|glöm|strunta\s+i|bortse\s+fr[åa]n|ignorer|glem|se\s+bort\s+fra)")
-_ML_OBJECT = (r"(?:anweisung\w*|instruktion\w*|regeln|vorgaben|befehle|richtlinien|systemprompt\w*|system-prompt\w*|"
-              r"systemanweisung\w*|instructions?|consignes?|r[èe]gles|directives|invite\s+syst[èe]me|"
+_ML_OBJECT = (r"(?:anweisung\w{0,20}|instruktion\w{0,20}|regeln|vorgaben|befehle|richtlinien|systemprompt\w{0,20}|"
+              r"system-prompt\w{0,20}|"
+              r"systemanweisung\w{0,20}|instructions?|consignes?|r[èe]gles|directives|invite\s+syst[èe]me|"
               r"instrucciones|instrucci[óo]n|reglas|indicaciones|directrices|[óo]rdenes|consignas|"
               r"instru[çc](?:[õo]es|[ãa]o)|regras|diretrizes|orienta[çc][õo]es|ordens|comandos|"
               r"istruzioni|regole|direttive|indicazioni|ordini|comandi|"
               r"instructies|instructie|regels|richtlijnen|opdrachten|aanwijzingen|systeemprompt|"
-              r"instrukcj\w*|polece\w*|regu[łl]\w*|zasad\w*|wytyczn\w*|prompt\w*|instruktion\w*|regler\w*|"
-              r"anvisning\w*|direktiv\w*)")
+              r"instrukcj\w{0,20}|polece\w{0,20}|regu[łl]\w{0,20}|zasad\w{0,20}|wytyczn\w{0,20}|prompt\w{0,20}|instruktion\w{0,20}|regler\w{0,20}|"
+              r"anvisning\w{0,20}|direktiv\w{0,20})")
 # Needles: the verb stems of _ML_OVERRIDE_VERB and _ML_EXFIL_VERB (a match starts with one).
 _ML_OVERRIDE_NEEDLES = ("ignor|vergiss|vergessen|missacht|übergeh|uebergeh|befolge|beachte|oubli|tiens|tenez|"
                         "abstraction|suis|suivez|outre|olvid|omit|descart|omiso|sigas|siga|desobedec|desatiend|esqueç|esquec|"
@@ -54,20 +56,20 @@ _ML_EXFIL_NEEDLES = ("zeig|gib|geben|verrat|nenne|wiederhol|druck|offenbar|enth�
                      "ujawnij|wypisz|podaj|powt|wyświetl|wyswietl|zdradź|zdradz")
 
 _ML_STRONG = re.compile(
-    r"\b(?:vorherig\w*|bisherig\w*|obig\w*|vorig\w*|fr(?:ü|ue)her\w*|vorangegangen\w*|urspr(?:ü|ue)nglich\w*|alle\w*|"
-    r"s(?:ä|ae)mtlich\w*|deine\w*|ihre\w*|system\w*|zuvor|"
-    r"pr[ée]c[ée]dent\w*|ant[ée]rieur\w*|ci-dessus|toutes|tous|tes|vos|ton|votre|initial\w*|syst[èe]me|"
+    r"\b(?:vorherig\w{0,20}|bisherig\w{0,20}|obig\w{0,20}|vorig\w{0,20}|fr(?:ü|ue)her\w{0,20}|vorangegangen\w{0,20}|urspr(?:ü|ue)nglich\w{0,20}|alle\w{0,20}|"
+    r"s(?:ä|ae)mtlich\w{0,20}|deine\w{0,20}|ihre\w{0,20}|system\w{0,20}|zuvor|"
+    r"pr[ée]c[ée]dent\w{0,20}|ant[ée]rieur\w{0,20}|ci-dessus|toutes|tous|tes|vos|ton|votre|initial\w{0,20}|syst[èe]me|"
     r"anteriores|previas|precedentes|arriba|todas|todos|tus|sus|tu|su|iniciales|originales|sistema|"
     r"pr[ée]vias|acima|suas|seus|tuas|teus|iniciais|originais|"
     r"precedenti|sopra|tutte|tutti|tue|tuoi|vostre|vostri|iniziali|originali|"
-    r"vorige|voorgaande|eerdere|bovenstaande|je|jouw|uw|oorspronkelijke|systeem\w*|"
-    r"poprzedni\w*|wcze[śs]niejsz\w*|powy[żz]sz\w*|wszystki\w*|swoje|swoich|twoje|twoich|systemow\w*|"
-    r"pocz[ąa]tkow\w*|alla|tidigare|föregående|dina|ovanstående|alle|tidligere|forrige|dine|ovenstående|"
+    r"vorige|voorgaande|eerdere|bovenstaande|je|jouw|uw|oorspronkelijke|systeem\w{0,20}|"
+    r"poprzedni\w{0,20}|wcze[śs]niejsz\w{0,20}|powy[żz]sz\w{0,20}|wszystki\w{0,20}|swoje|swoich|twoje|twoich|systemow\w{0,20}|"
+    r"pocz[ąa]tkow\w{0,20}|alla|tidigare|föregående|dina|ovanstående|alle|tidligere|forrige|dine|ovenstående|"
     # "the guidelines you received": the qualifier that points at the reader's own instructions
     r"que\s+(?:tu\s+|você\s+|voce\s+|usted\s+)?(?:recebeu|recebeste|recibiste|recibió|recibio|has\s+recibido|"
-    r"te\s+dieron|te\s+deram)|qu['’]on\s+t['’]a\s+donn\w*|que\s+(?:tu\s+as|vous\s+avez)\s+re[çc]u\w*|"
+    r"te\s+dieron|te\s+deram)|qu['’]on\s+t['’]a\s+donn\w{0,20}|que\s+(?:tu\s+as|vous\s+avez)\s+re[çc]u\w{0,20}|"
     r"die\s+(?:du|sie)\s+(?:bekommen|erhalten)|che\s+hai\s+ricevuto|die\s+je\s+(?:hebt\s+)?(?:gekregen|ontvangen)|"
-    r"które\s+otrzyma\w*)\b")
+    r"które\s+otrzyma\w{0,20})\b")
 
 
 _ML_MINE_WORD = re.compile(rf"\b{_ML_MINE}\b")
@@ -78,7 +80,8 @@ def _ml_override_check(m: re.Match[str], text: str) -> bool:
     if _ML_MINE_WORD.search(window) or _ML_STRONG.search(window) is None:
         return False
     # "beachte/befolge" (observe/follow) override only when negated: "beachte keine deiner Regeln mehr"
-    return not m.group(0).startswith(("beacht", "befolg")) or re.search(r"\b(?:nicht|kein\w*)\b", window) is not None
+    negated = re.search(r"\b(?:nicht|kein\w{0,20})\b", window) is not None
+    return negated or not m.group(0).startswith(("beacht", "befolg"))
 
 
 _ML_EXFIL_VERB = (r"(?:zeig(?:e|en)?|gib|geben\s+sie|verrat(?:e|en)?|nenne|nennen\s+sie|wiederhole|wiederholen\s+sie|"
@@ -90,13 +93,15 @@ _ML_EXFIL_VERB = (r"(?:zeig(?:e|en)?|gib|geben\s+sie|verrat(?:e|en)?|nenne|nenne
                   r"rivela(?:mi)?|dimmi|stampa|ripeti|scrivi|visualizza|"
                   r"toon|laat\s+(?:me\s+)?zien|geef|onthul|herhaal|vertel(?:\s+me)?|"
                   r"poka[żz]|ujawnij|wypisz|podaj|powt[óo]rz|wy[śs]wietl|zdrad[źz])")
-_ML_EXFIL_OBJECT = (r"(?:system-?prompt\w*|systemanweisung\w*|systemnachricht|prompt\s+(?:syst[èe]me|del\s+sistema|"
-                    r"do\s+sistema|di\s+sistema|systemowy\w*)|invite\s+syst[èe]me|systeemprompt|"
-                    r"(?:instructions?|consignes|instrucciones|instru[çc][õo]es|istruzioni|instructies|instrukcj\w*|"
+_ML_EXFIL_OBJECT = (r"(?:system-?prompt\w{0,20}|systemanweisung\w{0,20}|systemnachricht|"
+                    r"prompt\s+(?:syst[èe]me|del\s+sistema|"
+                    r"do\s+sistema|di\s+sistema|systemowy\w{0,20})|invite\s+syst[èe]me|systeemprompt|"
+                    r"(?:instructions?|consignes|instrucciones|instru[çc][õo]es|istruzioni|instructies|instrukcj\w{0,20}|"
                     r"anweisungen|regeln|r[èe]gles|reglas|regras|regole|regels|zasady))")
-_ML_YOUR = re.compile(r"\b(?:deine\w*|ihre\w*|tes|vos|ton|votre|tus|sus|tu|su|suas|seus|tuas|teus|tue|tuoi|sue|"
-                      r"vostre|je|jouw|uw|swoje|twoje|sw[óo]j|tw[óo]j|initial\w*|original\w*|vollst(?:ä|ae)ndig\w*|"
-                      r"complet\w*|completo|completa|intero|volledige|ca[łl]y|ca[łl]e|pe[łl]n\w*)\b")
+_ML_YOUR = re.compile(r"\b(?:deine\w{0,20}|ihre\w{0,20}|tes|vos|ton|votre|tus|sus|tu|su|suas|seus|tuas|teus|tue|"
+                      r"tuoi|sue|"
+                      r"vostre|je|jouw|uw|swoje|twoje|sw[óo]j|tw[óo]j|initial\w{0,20}|original\w{0,20}|vollst(?:ä|ae)ndig\w{0,20}|"
+                      r"complet\w{0,20}|completo|completa|intero|volledige|ca[łl]y|ca[łl]e|pe[łl]n\w{0,20})\b")
 _ML_PREP_AFTER = re.compile(r"\s*(?:f(?:ü|ue)r|zur|zum|zu|pour|sur|para|sobre|per|su|voor|over|dla|do|na|o)\b")
 
 
@@ -191,8 +196,8 @@ RULES: tuple[Rule, ...] = (
     rule("exfiltration_multilingual",
          "покажи|выведи|раскрой|повтори|напиши|распечатай|скажи|сообщи|перескажи|дай|какой|каков",
          r"(?:покажи|выведи|раскрой|повтори|напиши|распечатай|скажи|сообщи|перескажи|дай)(?:те)?\s+(?:мне\s+)?"
-         r"(?:\w{1,20}\s+){0,3}?(?:системн\w*\s+(?:промпт|подсказк|инструкци|сообщени)\w*|промпт\w*|(?:свои|твои|ваши)"
-         r"\s+(?:\w{1,20}\s+)?(?:инструкци|указани|правил)\w*)|(?:какой|каков)\s+(?:твой|ваш)\s+системн\w*\s+промпт",
+         r"(?:\w{1,20}\s+){0,3}?(?:системн\w{0,20}\s+(?:промпт|подсказк|инструкци|сообщени)\w{0,20}|промпт\w{0,20}|(?:свои|твои|ваши)"
+         r"\s+(?:\w{1,20}\s+)?(?:инструкци|указани|правил)\w{0,20})|(?:какой|каков)\s+(?:твой|ваш)\s+системн\w{0,20}\s+промпт",
          latin=False, back=8),
     rule("exfiltration_multilingual", "プロンプト|あなたの",
          r"(?:システムプロンプト|システム\s*プロンプト|初期プロンプト|あなたの(?:指示|命令|設定|ルール|プロンプト))"

@@ -92,7 +92,7 @@ _PERSONA_AFTER_NOW = re.compile(
 _PERSONA_AFTER_NO_LONGER = re.compile(
     r"\s*(?:(?:an?|the)\s+)?(?:[\w-]{1,20}\s+){0,2}?(?:classifier|triager|assistant|bot|model|ai|agent|chatbot)\b|"
     r"\s*(?:an?\s+)?(?:ai|assistant|chatbot|bot|language\s+model|llm|triage|support\s+(?:bot|assistant)|"
-    r"bound\s+by\s+(?:your|any|the|those|these)\s+(?:\w+\s+)?(?:rules|instructions|guidelines|policies|restrictions)|"
+    r"bound\s+by\s+(?:your|any|the|those|these)\s+(?:\w{1,24}\s+)?(?:rules|instructions|guidelines|policies|restrictions)|"
     r"restricted|limited\s+by|required\s+to\s+follow|subject\s+to\s+(?:any|your)|(?:a|an)\s+(?:ai|language))\b")
 
 
@@ -145,7 +145,7 @@ def _schema_check(m: re.Match[str], text: str) -> bool:
 
 _PRODUCT_AFTER = re.compile(
     r"\s*(?:for|of|in|used\s+by|behind|that\s+powers|from|on)\s+(?:our|my|the|your|this|a)\s+(?:[\w-]+\s+){0,2}?"
-    r"(?:feature|template|workspace|project|integration|bot|agent|app|assistant|ai|summar\w*|widget|copilot|"
+    r"(?:feature|template|workspace|project|integration|bot|agent|app|assistant|ai|summar\w{0,8}|widget|copilot|"
     r"automation|plugin|plan|account|board|tool|product)\b")
 _EXFIL_STRONG = {"original", "initial", "hidden", "secret", "system", "verbatim", "above", "previous", "underlying",
                  "internal", "confidential", "developer", "exact", "full", "entire", "complete", "first", "raw"}
@@ -248,11 +248,11 @@ RULES: tuple[Rule, ...] = (
          r"purpose|directive|goal|mission|orders|persona|identity|character|personality|name)\s+(?:is|are|:|will\s+be|"
          r"now)", word_start, back=8),
     rule("override", "now",
-         r"from\s+now\s+on\s*,?\s*(?:you|u)\s+(?:are|will|must|shall|should|can)\s+(?:\w+\s+){0,2}?(?:respond|answer|"
+         r"from\s+now\s+on\s*,?\s*(?:you|u)\s+(?:are|will|must|shall|should|can)\s+(?:\w{1,24}\s+){0,2}?(?:respond|answer|"
          r"reply|act|behave|output|classify|categori[sz]e|label|ignore|obey|pretend|role-?play|speak\s+as|"
          r"refer\s+to\s+yourself|be\s+(?:a|an|my|called|named|known\s+as|dan)\b)", back=16),
     rule("override", "instruction",
-         r"(?:^|[\n.!?]\s*)[ \t>*#\-\[(]*(?:new|updated|revised|real|actual|override|additional|hidden|secret)\s+"
+         r"(?:^|[\n.!?]\s*)[ \t>*#\-\[(]{0,8}(?:new|updated|revised|real|actual|override|additional|hidden|secret)\s+"
          r"(?:system\s+)?instructions?\s*[:\]\-]", directive_check, back=64),
     # -- persona switches and jailbreak personas -------------------------------------------------------
     rule("persona", "now|longer|henceforth",
@@ -293,18 +293,19 @@ RULES: tuple[Rule, ...] = (
          r"opposite|sudo)\s+mode\b", _mode_check, back=24),
     rule("persona", "restriction|filter|limitation|censorship|guideline|rule|constraint|polic|guardrail|safeguard|"
          "limits|ethical|moral",
-         r"\b(?:answer|respond|reply|act|operate|speak|talk|behave|function)\s+(?:\w+\s+){0,3}?(?:without|free\s+"
+         r"\b(?:answer|respond|reply|act|operate|speak|talk|behave|function)\s+(?:\w{1,24}\s+){0,3}?(?:without|free\s+"
          r"(?:from|of)|unbound\s+by|unconstrained\s+by|ignoring)\s+(?:any\s+|all\s+|your\s+)?(?:ethical\s+|moral\s+|"
          r"content\s+|safety\s+)?(?:restrictions|filters|limitations|censorship|guidelines|rules|constraints|policies|"
          r"guardrails|safeguards)\b|\byou\s+(?:have|are\s+bound\s+by|must\s+follow)\s+no\s+(?:restrictions|rules|"
          r"limits|filters|guidelines|ethical|moral)\b", back=160),
     # -- spoofed system turns ----------------------------------------------------------------------------
     rule("system_spoof", "sys|admin|developer|instruction|directive|assistant|operator",
-         r"^[ \t>*_#\[(<-]*(?:system|sys|system\s+(?:message|prompt|note|instructions?|override|notice|update|command|"
+         r"^[ \t>*_#\[(<-]{0,8}(?:system|sys|system\s+(?:message|prompt|note|instructions?|override|notice|update|"
+         r"command|"
          r"directive|admin)|admin(?:istrator)?\s+(?:override|message|note|instructions?|command|directive)|developer\s+"
          r"(?:message|note|instructions?|override)|(?:important\s+|new\s+)?(?:instructions?|directive)\s+(?:for|to)\s+"
          r"(?:the\s+)?(?:assistant|ai|model|bot)|assistant\s+(?:instructions?|override|directive)|operator\s+"
-         r"(?:message|instructions?|override))[ \t*_\])>]*[:：\-–—]+", role_line_check, back=48),
+         r"(?:message|instructions?|override))[ \t*_\])>]{0,8}[:：\-–—]{1,8}", role_line_check, back=48),
     rule("system_spoof", "sys|admin|developer|assistant|instruction",
          r"\[/?(?:system|sys|admin|developer|assistant|instructions?|system\s+(?:message|prompt|note|override))\]|"
          r"</?(?:system|sys|admin|developer|instructions?|system[_\s-]?(?:message|prompt)|assistant)\s*>|"
@@ -318,8 +319,9 @@ RULES: tuple[Rule, ...] = (
          r"\b(?:system|triage|assistant|ai|llm|model)_(?:instructions?|prompt|override|note)s?[\"']?\s*[:=]",
          role_line_check, back=8),
     rule("system_spoof", "##",
-         r"^[ \t]*#{2,6}[ \t]*(?:instructions?|system|system\s+prompt|system\s+instructions?|new\s+instructions?|"
-         r"response|input)[ \t]*:|^[ \t]*#{2,6}[ \t]*(?:new|updated|real|actual|override)\s+instructions?\b", back=8),
+         r"^[ \t]{0,8}#{2,6}[ \t]{0,8}(?:instructions?|system|system\s+prompt|system\s+instructions?|"
+         r"new\s+instructions?|response|input)[ \t]{0,8}:|"
+         r"^[ \t]{0,8}#{2,6}[ \t]{0,8}(?:new|updated|real|actual|override)\s+instructions?\b", back=8),
     rule("system_spoof", "end|close|stop",
          r"\b(?:end|close|stop)\s+of\s+(?:the\s+)?(?:ticket|user\s+(?:input|message)|customer\s+(?:message|input|"
          r"ticket)|input|untrusted\s+(?:input|text|content)|system\s+prompt|instructions|context|document)\b",

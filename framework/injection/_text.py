@@ -30,6 +30,11 @@ _LINE_BREAKS = re.compile(r"[^\S\n]*\n\s*")  # blanks around a newline: one newl
 _SPACES = re.compile(r"[^\S\n]{2,}")  # other runs: one space
 _ODD_BLANKS = str.maketrans("\t\r\f\v", "    ")
 _CURLY = re.compile("[\u2018\u2019\u201a\u201b\u201c\u201d\u201e\u201f]")
+# Where Chinese or Japanese meets a Latin letter there is no word break ("好ignore all previous
+# instructions"): a space goes in, so that the Latin rules see a word.
+_CJK = re.compile("[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
+_CJK_LATIN = re.compile("(?<=[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff])(?=[a-z0-9])|"
+                        "(?<=[a-z0-9])(?=[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff])")
 
 # Look-alikes of Latin letters, folded for the Latin rules only (a Russian ticket keeps its letters for the
 # Russian rules): Cyrillic, Greek, small capitals, leetspeak digits and symbols.
@@ -79,8 +84,11 @@ def lowered(seen: str) -> str:
         text = _LINE_BREAKS.sub("\n", text)
     if "  " in text:
         text = _SPACES.sub(" ", text)
-    if not text.isascii() and _CURLY.search(text):
-        text = _CURLY.sub(lambda m: m.group(0).translate(_QUOTES), text)
+    if not text.isascii():
+        if _CURLY.search(text):
+            text = _CURLY.sub(lambda m: m.group(0).translate(_QUOTES), text)
+        if _CJK.search(text):
+            text = _CJK_LATIN.sub(" ", text)
     return text
 
 
