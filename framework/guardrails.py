@@ -83,10 +83,16 @@ def decision_rows(decisions: Iterable[Decision]) -> list[dict[str, Any]]:
 
 # -- single checks: pure functions over text -------------------------------------------------------
 
-def content_chars(text: str) -> int:
+def content_chars(text: str, enough: int | None = None) -> int:
     """Letters and digits in `text` (any script): what is left of a message once whitespace,
-    punctuation, symbols and emoji are set aside."""
-    return sum(1 for ch in text if unicodedata.category(ch)[0] in "LN")
+    punctuation, symbols and emoji are set aside. Stops counting at `enough`."""
+    count = 0
+    for ch in text:
+        if unicodedata.category(ch)[0] in "LN":
+            count += 1
+            if enough is not None and count >= enough:
+                break
+    return count
 
 
 def _phrase_pattern(phrases: Iterable[str]) -> re.Pattern | None:
@@ -197,6 +203,9 @@ class Guard:
 
         if self.count_tokens is not None and self.token_limit is not None:
             def size():
+                size = len(joined.encode("utf-8", "replace"))
+                if size <= self.token_limit:   # a token is at least a byte: no need to tokenize
+                    return "pass", {"at_most": size, "limit": self.token_limit}
                 tokens = self.count_tokens(joined)
                 return ("block" if tokens > self.token_limit else "pass"), {"tokens": tokens,
                                                                              "limit": self.token_limit}
@@ -207,7 +216,7 @@ class Guard:
                 return Outcome(values, decisions, Blocked(TOO_LARGE_STATUS, "input-too-large", message, "input_size"))
         if self.spec.empty is not None:
             empty = self.spec.empty
-            decision = run("empty", lambda: ((empty.action if any(content_chars(t) < empty.min_chars
+            decision = run("empty", lambda: ((empty.action if any(content_chars(t, empty.min_chars) < empty.min_chars
                                                                    for t in texts.values()) else "pass"), {}))
             if decision.action == "block":
                 return Outcome(values, decisions, Blocked(BLOCK_STATUS, "guardrail-blocked", empty.message, "empty"))

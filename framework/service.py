@@ -488,7 +488,8 @@ class SlipwayService:
     def _worst_case(self, decisions) -> tuple[int, float]:
         """What a request may spend at most, held against its tenant's budget before the model runs: every
         model call evaluating the whole prompt anew (no cache) and generating max_tokens."""
-        size = next((d.detail.get("tokens", 0) for d in decisions if d.check == "input_size"), 0)
+        size = next((d.detail.get("tokens", d.detail.get("at_most", 0)) for d in decisions
+                     if d.check == "input_size"), 0)
         calls = max(1, len(self.program.predictors()))
         prompt = calls * (self.guard.prompt_tokens + size)
         generated = calls * MODEL.max_tokens

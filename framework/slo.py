@@ -114,9 +114,11 @@ def slo(project: Project, window: timedelta, *, channel: str | None = None, vers
         n=n, metrics={}, intervals={}, latency_p50_ms=_nan(figures["p50"]), latency_p95_ms=_nan(figures["p95"]),
         latency_p99_ms=_nan(figures["p99"]), error_rate=error_rate, tokens_per_request=_nan(figures["tokens"]),
         tokens_per_request_p95=_nan(figures["tokens_p95"]), cost_per_request=_nan(figures["cost"]),
-        tokens_cached_per_request=_nan(figures["tokens_cached"]))
+        tokens_cached_per_request=_nan(figures["tokens_cached"]), guardrail_p99_ms=_nan(figures["guardrail_p99"]))
     verdict = judge(contract.model_copy(update={"eval": {}}), measured)
     for clause in verdict.clauses:
+        if clause.name == "guardrail_latency_p99_ms" and math.isnan(clause.measured):
+            continue   # traces of a version without guardrails carry no decisions: nothing to judge
         burn, note = None, ""
         if clause.name in ALLOWED_SLOW and answered:
             slow = figures[f"slow.{clause.name}"] / answered

@@ -513,6 +513,9 @@ class Store:
                "FILTER (WHERE status < 400) AS tokens_p95, "
                "avg(coalesce(tokens_in_cached, 0)) FILTER (WHERE status < 400) AS tokens_cached, "
                "avg(coalesce(cost, 0)) AS cost, sum(coalesce(cost, 0)) AS spent, "
+               # all guardrail checks of one request: the sum of its decisions' ms (framework/guardrails.py)
+               "quantile_cont(list_sum(CAST(json_extract(decisions, '$[*].ms') AS DOUBLE[])), 0.99) "
+               "FILTER (WHERE json_array_length(decisions) > 0) AS guardrail_p99, "
                f"min(started_at) AS first, max(started_at) AS last{slow} "
                f"FROM traces WHERE {' AND '.join(clauses)}")
         return self._rows(sql, params)[0]
