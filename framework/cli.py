@@ -662,14 +662,16 @@ for _old in ("init", "show", "add"):
 
 EndpointOpt = Annotated[list[str] | None, typer.Option(
     "--endpoint", help="only this route (repeatable; default: every route the tenant may call)")]
-ChannelOpt = Annotated[list[str] | None, typer.Option(
+# Not `ChannelOpt`: with postponed annotations typer resolves names at run time, and one module-level
+# name for two options would give `deploy --channel` this list type.
+KeyChannelsOpt = Annotated[list[str] | None, typer.Option(
     "--channel", help="only this channel (repeatable; default: every channel the tenant may call)")]
 
 
 @keys_app.command("create")
 def keys_create(project: ProjectArg,
                 tenant: Annotated[str, typer.Option("--tenant", help="a [tenants.<name>] table of project.toml")],
-                endpoints: EndpointOpt = None, channels: ChannelOpt = None, key: KeyOpt = None,
+                endpoints: EndpointOpt = None, channels: KeyChannelsOpt = None, key: KeyOpt = None,
                 as_json: JsonOpt = False) -> None:
     """Make an API key for a tenant and print it, once: only its sha256 is kept. Signed with your SSH key,
     which needs the `keys` role in signers.toml.

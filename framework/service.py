@@ -454,8 +454,10 @@ class SlipwayService:
             held = budgets().reserve(caller.tenant, *self._worst_case(decisions))
             if not isinstance(held, Reservation):
                 ctx.response.headers["Retry-After"] = str(held.retry_after)
-                return self._error(ctx, 429, held.to_dict()["error"], request_id, held.message, t0, started_at,
+                body = self._error(ctx, 429, held.to_dict()["error"], request_id, held.message, t0, started_at,
                                    inputs=inputs, decisions=decisions, who=who)
+                return {**body, "limit": held.limit, "value": held.value, "used": held.used,
+                        "retry_after": held.retry_after}
         t_valid = time.perf_counter()
         calls: list = []
         try:

@@ -76,7 +76,8 @@ def test_keys_budgets_and_tenant_walls_over_http(tiny_project, tiny_model_presen
 
         over = ask("small", "t-small")
         assert over.status_code == 429, over.text
-        assert "daily_tokens" in over.json()["error"] and int(over.headers["retry-after"]) >= 1
+        assert over.json()["limit"] == "daily_tokens" and "daily_tokens" in over.json()["error"]
+        assert int(over.headers["retry-after"]) >= 1 and over.json()["retry_after"] >= 1
         assert ask("acme", "t-acme-2").status_code == 200   # one tenant over budget; the others served
 
         assert ask("trial", "t-trial").status_code == 403   # trial keys: the prod channel only
