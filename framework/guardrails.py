@@ -337,6 +337,9 @@ def guard_for(spec: GuardrailsSpec, program, *, engine=None, adapter=None, model
         limit = input_token_limit(prompt, model)
     guard = Guard(spec, text_fields=text_fields, output_types=output_types, count_tokens=count, token_limit=limit)
     guard.prompt_tokens = prompt
+    # One pass before any real input: first calls fill the detectors' caches (about 1 ms), which is not
+    # a request's cost and must not land on the first example's guardrail time.
+    guard.check_input({name: "Warm-up: my invoice 4111 1111 1111 1111 is wrong." for name in text_fields})
     return guard
 
 

@@ -104,7 +104,10 @@ def serve_env(project: Project, workers: int | None, channel: str | None = None)
     # steps slowed 10-100x on 2 cores (bench/engine.py's notes). Passive waits then, unless set already.
     model = project.model(project.spec.pipeline.model)
     threads = model.threads or os.cpu_count() or 1
-    if (workers or project.spec.serve.workers) * threads > (os.cpu_count() or 1):
+    # Following a channel, a deploy or rollback starts the next version beside the live one: for that
+    # overlap the two versions' threads share the cores (a rollback test saw a 45 s request there).
+    overlap = 2 if channel else 1
+    if overlap * (workers or project.spec.serve.workers) * threads > (os.cpu_count() or 1):
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 

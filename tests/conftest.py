@@ -124,7 +124,8 @@ def tiny_project(project_root, monkeypatch, keys):
         end = text.index("\n", start)
         toml.write_text(text[:start] + f'{metric} = ">= 0.0"' + text[end:])
     for key, value in (("latency_p50_ms", 60000), ("latency_p95_ms", 60000), ("latency_p99_ms", 60000),
-                       ("tokens_per_request_max", 100000), ("cost_per_request_max", 1), ("monthly_budget", 100000)):
+                       ("tokens_per_request_max", 100000), ("cost_per_request_max", 1), ("monthly_budget", 100000),
+                       ("guardrail_latency_p99_ms", 1000)):
         text = toml.read_text()
         start = text.index(f"{key} = ")
         toml.write_text(text[:start] + f"{key} = {value}" + text[text.index("\n", start):])

@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from tests.conftest import cli_ok as ok
-from tests.conftest import edit_toml
 from tests.e2e.test_build_serve import _free_port, _stop, _wait_ready, loosen_latency
 
 CARD = "4111 1111 1111 1111"
@@ -123,7 +122,6 @@ def test_check_runs_the_same_guardrails_and_records_each_decision(tiny_project, 
     second = json.loads(rows[1])
     second["inputs"]["ticket"] += f" My card is {CARD}."
     eval_path.write_text("\n".join([json.dumps(first), json.dumps(second), *rows[2:]]) + "\n")
-    edit_toml(tiny_project, "[contract]\n", "[contract]\nguardrail_latency_p99_ms = 1000\n")
     result = json.loads(ok(["check", "ticket-triage", "--json"]).stdout)
     clauses = {c["name"]: c for c in result["clauses"]}
     assert clauses["guardrail_latency_p99_ms"]["passed"] and clauses["error_rate_max"]["measured"] == 0.0
