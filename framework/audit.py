@@ -170,7 +170,7 @@ def append(store: Store, signed: signing.Signed, actor: str) -> dict:
 # Rows that only count when a key listed in signers.toml (and not revoked) signed them. Checks and builds
 # may be signed by anyone (their author is named); the deploy gate decides whether it trusts those.
 LISTED_ONLY = {"approve": "approve", "deploy": None, "rollback": None, "prune": "audit",
-               "harvest-accept": "curate"}
+               "harvest-accept": "curate", "flag-approve": "approve", "flag-on": "flags", "flag-off": "flags"}
 
 
 def policy_problem(rows: list[dict[str, Any]], signers: signing.SignersSpec) -> Problem | None:

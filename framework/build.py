@@ -47,6 +47,7 @@ class BuildResult:
     model_tag: str
     labels: dict[str, str]
     path: str
+    variants: list[dict] | None = None   # flag variants packed (checked) and left out (why), framework/flags.py
 
 
 def _stale_parts(project: Project, current: dict[str, str]) -> list[str]:
@@ -92,17 +93,47 @@ def gate(project: Project, *, run_check: bool = False, key: Path | None = None) 
         check(project, key=key)
         return gate(project, key=key)
     if found is None:
-        stale = _stale_parts(project, hashes) if store_path(project).exists() else []
+        # a flag variant's checks are told apart by content only: "stale" would compare it with the pipeline's
+        stale = _stale_parts(project, hashes) if store_path(project).exists() and not project.variant else []
         why = (f"check(s) {', '.join(forged)} for this content do not verify (signature or report changed)"
                if forged else f"the last check is stale: {', '.join(stale)} changed since" if stale
                else "no check has been run for this content")
+        if project.variant:
+            raise ContractFailed(f"refusing: flag variant {project.variant}: {why}", clauses=[],
+                                 path=str(project.toml_path),
+                                 hint=f"run `slipway check {project.name} --variant {project.variant}`")
         raise ContractFailed(f"refusing to build: {why}", clauses=[], path=str(project.toml_path),
                              hint=f"run `slipway check {project.name}` (or `slipway build --check`)")
     found["failed"] = failed_clauses(found) if not found["passed"] else []
     return {**found, **hashes}
 
 
-def bento_version(passing: dict, project: Project) -> str:
+def checked_variants(project: Project) -> tuple[list[dict], list[dict]]:
+    """The flag variants a build packs: those whose current content has a passing, signed check (the same
+    gate as the pipeline's). Returns (packed, left out with why); a variant left out cannot be switched on."""
+    from framework import flags
+
+    packed, left = [], []
+    for flag, declared in project.spec.flags.items():
+        for variant in declared.variants:
+            varied = flags.variant_project(project, flag, variant)
+            try:
+                found = gate(varied)
+            except ContractFailed as exc:
+                left.append({"flag": flag, "variant": variant, "why": exc.message})
+                continue
+            if found["failed"]:
+                left.append({"flag": flag, "variant": variant,
+                             "why": f"check {found['check_id']} failed {', '.join(found['failed'])}"})
+                continue
+            packed.append({"flag": flag, "variant": variant, "program": varied.spec.pipeline.program,
+                           "program_hash": found["program_hash"], "content_hash": found["content_hash"],
+                           "check_id": found["check_id"], "file": f"variants/{flag}.{variant}.json",
+                           "signed": found["signed"], "project": varied})
+    return packed, left
+
+
+def bento_version(passing: dict, project: Project, variants: list[dict] = ()) -> str:
     """Deterministic: the checked content, the contract, the [serve] settings baked into the bento
     (endpoint, workers, timeout) and the framework code that packs and serves them. Changing any of
     them must give a new version, or a rebuild would keep serving the old settings under the old tag."""
@@ -112,6 +143,8 @@ def bento_version(passing: dict, project: Project) -> str:
                for p in sorted(PACKAGE_DIR.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
     key = {"content": passing["content_hash"], "contract": passing["contract_hash"],
            "serve": project.spec.serve.model_dump(mode="json"), "slipway": versions()["slipway"], "code": package}
+    if variants:   # a newly checked variant is a new version (older bentos never had it)
+        key["variants"] = sorted(f"{v['flag']}={v['variant']}:{v['content_hash']}" for v in variants)
     return json_hash(key)[:20]
 
 
@@ -139,7 +172,8 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
 
     model_key = project.spec.pipeline.model
     model_spec = project.model(model_key)
-    version = bento_version(passing, project)
+    variants, left_out = checked_variants(project)
+    version = bento_version(passing, project, variants)
     name = project.name
     tag = f"{name}:{version}"
     model_tag = _ensure_model(project, model_key)
@@ -150,7 +184,7 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
     if existing is not None:
         bentos.verify(Path(existing.path), tag)  # the same content, but an edited copy is not "already built"
         return BuildResult(tag=tag, created=False, model_tag=model_tag, labels=dict(existing.info.labels),
-                           path=str(existing.path))
+                           path=str(existing.path), variants=_variant_summary(variants, left_out))
     labels = {
         "slipway.project": name, "slipway.model_sha256": model_spec.sha256,
         "slipway.program_hash": passing["program_hash"], "slipway.notebook_hash": passing["notebook_hash"],
@@ -163,7 +197,7 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
     if override and passing["failed"]:
         labels["slipway.override"] = override
     with tempfile.TemporaryDirectory(prefix="slipway-build-") as ctx:
-        _write_context(Path(ctx), project, model_key, model_tag, labels, passing, version)
+        _write_context(Path(ctx), project, model_key, model_tag, labels, passing, version, variants)
         os.environ["SLIPWAY_BENTO_DIR"] = str(Path(ctx) / "slipway")  # bentoml imports the service to build
         bento = bentoml.bentos.build(
             "framework.service:SlipwayService", name=name, version=version, labels=labels,
@@ -186,7 +220,13 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
     except BaseException:
         bentoml.bentos.delete(tag)
         raise
-    return BuildResult(tag=str(bento.tag), created=True, model_tag=model_tag, labels=labels, path=str(bento.path))
+    return BuildResult(tag=str(bento.tag), created=True, model_tag=model_tag, labels=labels, path=str(bento.path),
+                       variants=_variant_summary(variants, left_out))
+
+
+def _variant_summary(packed: list[dict], left_out: list[dict]) -> list[dict]:
+    return ([{"flag": v["flag"], "variant": v["variant"], "packed": True, "check_id": v["check_id"]} for v in packed]
+            + [{**v, "packed": False} for v in left_out])
 
 
 def _ensure_model(project: Project, key: str) -> str:
@@ -244,7 +284,7 @@ def write_prefix_state(project: Project, program, out: Path) -> dict | None:
 
 
 def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels: dict, passing: dict,
-                   version: str) -> None:
+                   version: str, variants: list[dict] = ()) -> None:
     shutil.copytree(PACKAGE_DIR, ctx / "framework", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = ctx / "slipway"
     out.mkdir()
@@ -264,7 +304,18 @@ def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels
         if passing.get(kind) and Path(passing[kind]).exists():
             shutil.copyfile(passing[kind], out / f"check_report{Path(passing[kind]).suffix}")
     (out / CHECK_FILE).write_text(json.dumps(passing["signed"].to_dict(), indent=1, sort_keys=True))
+    for variant in variants:   # each flag variant's program and the signed check that let it in
+        from framework import flags
+
+        varied = load_program(variant["project"])
+        flags.check_io(project, program, varied, variant["flag"], variant["variant"])
+        (out / "variants").mkdir(exist_ok=True)
+        varied.save(str(out / variant["file"]))
+        (out / variant["file"].replace(".json", ".check.json")).write_text(
+            json.dumps(variant["signed"].to_dict(), indent=1, sort_keys=True))
     config = {"project": project.name, "service_name": project.name.replace("-", "_"), "model_key": key,
               "model_tag": model_tag, "program": project.spec.pipeline.program, "labels": labels,
-              "bento_version": version}
+              "bento_version": version,
+              "variants": [{k: v[k] for k in ("flag", "variant", "program", "program_hash", "content_hash",
+                                               "check_id", "file")} for v in variants]}
     (out / "bento.json").write_text(json.dumps(config, indent=2))

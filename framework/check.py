@@ -63,7 +63,7 @@ def judge_run(project: Project, run: EvalRun, *, key: Path | None = None) -> Che
                          "model_name": project.model(run.model_key).name, "split": run.split,
                          "reused_run": run.reused, "content_hash": run.content_hash,
                          "contract_hash": contract, "engine": engine_note(project.model(run.model_key)),
-                         "detectors": detectors,
+                         "detectors": detectors, "variant": project.variant,
                          **run.hashes})
     check_id = new_id("check")
     report_json, report_html = write_reports(project, check_id, run, verdict)

@@ -100,6 +100,10 @@ keys_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                        help="API keys: what callers of the served bento present, each for one tenant "
                             "([tenants.*] in project.toml).")
 app.add_typer(keys_app, name="keys")
+flags_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Feature flags: switch a checked pipeline variant ([flags.*] in project.toml) on for a "
+                             "tenant and a share of its traffic, after approval (docs/flags.md).")
+app.add_typer(flags_app, name="flags")
 
 
 class DefaultCommandGroup(TyperGroup):
@@ -230,16 +234,26 @@ def eval_cmd(project: ProjectArg,
 @app.command()
 def check(project: ProjectArg, model: ModelOpt = None, limit: LimitOpt = None,
           fresh: Annotated[bool, typer.Option("--fresh", help="always run, never reuse an identical run")] = False,
+          variant: Annotated[str | None, typer.Option(help="check a flag's variant of the pipeline: FLAG=VARIANT "
+                                                           "(docs/flags.md)")] = None,
           key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """Run the eval set (or reuse an identical run) and judge every contract clause.
 
     Exit 0 when every clause passes, 1 when any fails, 2 on bad config.
-    Example: slipway check ticket-triage --json
+    Example: slipway check ticket-triage --json; slipway check ticket-triage --variant reasoning=on
     """
     from framework.check import check as run_check
     from framework.spec import load_project
 
     loaded = load_project(project)
+    if variant:
+        from framework import flags
+        from framework.notebook import load_program
+
+        flag, name = flags.parse_variant(variant)
+        varied = flags.variant_project(loaded, flag, name)
+        flags.check_io(loaded, load_program(loaded), load_program(varied), flag, name)
+        loaded = varied
     result = _with_progress("check", lambda progress: run_check(
         loaded, model_key=model, limit=limit, fresh=fresh, progress=progress, key=_key(key)))
     if as_json:
@@ -289,7 +303,7 @@ def build(project: ProjectArg,
     result = run_build(load_project(project), run_check=run_check, override=override, key=_key(key))
     if as_json:
         _print_json({"tag": result.tag, "created": result.created, "model": result.model_tag,
-                     "labels": result.labels, "path": result.path})
+                     "labels": result.labels, "path": result.path, "variants": result.variants or []})
     else:
         report.print_build(console, result)
 
@@ -729,6 +743,73 @@ def keys_revoke(project: ProjectArg, key_id: Annotated[str, typer.Argument(help=
         console.print(text(f"revoked {entry.key_id} (tenant {entry.tenant!r}) as {entry.revoked_by}"))
     else:
         console.print(text(f"{entry.key_id} was already revoked on {entry.revoked_at} by {entry.revoked_by}"))
+
+
+VariantArg = Annotated[str, typer.Argument(help="FLAG=VARIANT, as declared under [flags.*]")]
+FlagTenantOpt = Annotated[str, typer.Option("--tenant", help="a tenant of project.toml, or '*' for every caller")]
+PercentOpt = Annotated[int, typer.Option("--percent", min=1, max=100,
+                                         help="share of the tenant's requests (by X-Slipway-Subject, else request id)")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="why, for the record")]
+
+
+@flags_app.command("approve")
+def flags_approve(project: ProjectArg, variant: VariantArg, tenant: FlagTenantOpt, percent: PercentOpt = 100,
+                  reason: ReasonOpt = "", key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Approve switching a variant on (signed; `approve` role), for the variant's current checked content.
+
+    Example: slipway flags approve ticket-triage reasoning=on --tenant acme --percent 10
+    """
+    from framework import flags
+    from framework.spec import load_project
+
+    flag, name = flags.parse_variant(variant)
+    row = flags.approve(load_project(project), flag, name, tenant, percent, reason=reason, key=_key(key))
+    _print_json(row) if as_json else console.print(text(f"approved {flag}={name} for {tenant} at {percent}% "
+                                                        f"as {row['by']}"))
+
+
+@flags_app.command("on")
+def flags_on(project: ProjectArg, variant: VariantArg, tenant: FlagTenantOpt, percent: PercentOpt = 100,
+             reason: ReasonOpt = "", key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Switch a variant on (signed; `flags` role), refused without the approvals a deploy needs. Served bentos
+    that pack this variant apply it from their next request.
+
+    Example: slipway flags on ticket-triage reasoning=on --tenant acme --percent 10
+    """
+    from framework import flags
+    from framework.spec import load_project
+
+    flag, name = flags.parse_variant(variant)
+    row = flags.switch_on(load_project(project), flag, name, tenant, percent, reason=reason, key=_key(key))
+    _print_json(row) if as_json else console.print(text(f"{flag}={name} is on for {tenant} at {percent}% "
+                                                        f"(by {row['by']})"))
+
+
+@flags_app.command("off")
+def flags_off(project: ProjectArg, flag: Annotated[str, typer.Argument(help="the flag's name")],
+              tenant: FlagTenantOpt, reason: ReasonOpt = "", key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Switch a flag off for a tenant (signed; `flags` role; no approval needed).
+
+    Example: slipway flags off ticket-triage reasoning --tenant acme --reason "slower than promised"
+    """
+    from framework import flags
+    from framework.spec import load_project
+
+    row = flags.switch_off(load_project(project), flag, tenant, reason=reason, key=_key(key))
+    _print_json(row) if as_json else console.print(text(f"{flag} is off for {tenant} (by {row['by']})"))
+
+
+@flags_app.command("list")
+def flags_list(project: ProjectArg, as_json: JsonOpt = False) -> None:
+    """What is on (with who approved it), every signed change in order, and lines that count for nothing.
+
+    Example: slipway flags list ticket-triage
+    """
+    from framework import flags
+    from framework.spec import load_project
+
+    found = flags.list_flags(load_project(project))
+    _print_json(found) if as_json else console.print(report.flags_table(found))
 
 
 SinceOpt = Annotated[str | None, typer.Option("--since", help="only the last N s/m/h/d/w, e.g. 1h, 7d")]

@@ -218,7 +218,7 @@ def _root_attributes(trace: Mapping[str, Any]) -> dict[str, Any]:
         "slipway.model_calls": len(trace.get("calls") or []),
         "slipway.inputs": trace.get("inputs"), "slipway.outputs": trace.get("outputs"),
         "slipway.decisions": trace.get("decisions"), "slipway.redactions": trace.get("redactions"),
-        "slipway.worker": trace.get("worker"),
+        "slipway.worker": trace.get("worker"), "slipway.flags": trace.get("flags") or None,
     })
 
 

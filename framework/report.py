@@ -70,7 +70,9 @@ def print_check(console: Console, err: Console, result, project_name: str) -> No
     verdict = result.verdict
     if result.run.reused:
         err.print(text(f"reused run {result.run.run_id} (identical program, notebook, model, eval set)"))
-    title = f"Contract verdict: {project_name} on {result.run.n} eval examples, model {result.run.model_key}"
+    variant = verdict.meta.get("variant")
+    title = (f"Contract verdict: {project_name}{f' (variant {variant})' if variant else ''} on {result.run.n} eval "
+             f"examples, model {result.run.model_key}")
     console.print(verdict_table(verdict, title))
     engine = verdict.meta.get("engine")
     if engine:
@@ -143,6 +145,9 @@ def print_build(console: Console, result: BuildResult) -> None:
     if result.labels.get("slipway.override"):
         console.print(line((" OVERRIDE ", "bold white on red"), " ",
                            (f"built past failing clauses: {result.labels['slipway.override']}", "red")))
+    for v in result.variants or []:   # flag variants: packed when their own check passed (docs/flags.md)
+        console.print(text(f"flag variant {v['flag']}={v['variant']}: " + (
+            f"packed (check {v['check_id']})" if v["packed"] else f"not packed: {v['why']}")), soft_wrap=True)
     console.print(text(f"serve it: slipway serve {result.tag}   or   BENTOML_HOME=$PWD/bentos bentoml serve "
                        f"{result.tag}"), soft_wrap=True)
 
@@ -180,6 +185,24 @@ def api_keys_table(rows: list[dict]) -> Table:
              ", ".join(r["channels"] or []) or scope,
              str(r["created_at"] or "")[:19], r["created_by"] or "",
              text(status, "bold red") if status.startswith("ignored") else status)
+    return table
+
+
+def flags_table(found: dict) -> Table:
+    """`slipway flags list`: the signed changes in order, whether each counted, and what is on now."""
+    table = _table(("line", "action", "flag", "tenant", "percent", "by", "at", "status"))
+    active = {(a["flag"], a["tenant"]): a for a in found["active"]}
+    for r in found["history"]:
+        status = r["status"]
+        on = active.get((r["flag"], r["tenant"]))
+        if r["action"] == "flag-on" and status == "counted" and on is not None and on["at"] == r["at"]:
+            status = f"ON now (approved by {', '.join(on['approvers']) or 'nobody: none required'})"
+        _row(table, str(r["line"]), r["action"], f"{r['flag']}={r['variant']}", r["tenant"], f"{r['percent']}%",
+             r["by"], str(r["at"])[:19], text(status, "bold red") if status.startswith("ignored") else status)
+    for skipped in found["ignored"]:
+        if not any(r["line"] == skipped["line"] for r in found["history"]):
+            _row(table, str(skipped["line"]), "?", "", "", "", "", "",
+                 text(f"ignored: {skipped['reason']}", "bold red"))
     return table
 
 

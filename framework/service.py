@@ -26,6 +26,7 @@ from framework import alerts
 from framework.apikeys import KEYS_FILE, KeyFiles, KeyRefusal, bearer, verify_key
 from framework.budgets import Budgets, Reservation, budgets_path
 from framework.errors import NotebookError, SlipwayError
+from framework.flags import FLAGS_FILE, SUBJECT_HEADER, FlagFiles, assign, load_flags
 from framework.lm import load_engine
 from framework.metrics import request_cost
 from framework.spec import parse_spec
@@ -86,12 +87,31 @@ MODEL = SPEC.models[CONFIG["model_key"]]
 LABELS = CONFIG["labels"]
 
 
-def _program():
+def _program(name: str | None = None, file: str = "program.json"):
+    """The pipeline (or, with `name` and `file`, a flag variant's program) as this bento packs it."""
     from framework.notebook import import_notebook
 
-    program = getattr(import_notebook(BENTO_DIR / "notebook.py"), CONFIG["program"])()
-    program.load(str(BENTO_DIR / "program.json"))
+    program = getattr(import_notebook(BENTO_DIR / "notebook.py"), name or CONFIG["program"])()
+    program.load(str(BENTO_DIR / file))
     return program
+
+
+def _variants() -> dict[tuple[str, str], tuple[Any, str]]:
+    """(flag, variant) → (program, program_hash) for every variant the build packed (each with a passing signed
+    check, framework/build.py); a variant whose loaded program does not hash as built is refused like the
+    pipeline would be."""
+    from framework.notebook import program_hash
+
+    found = {}
+    for entry in CONFIG.get("variants", []):
+        program = _program(entry["program"], entry["file"])
+        actual = program_hash(program)
+        if actual != entry["program_hash"]:
+            raise NotebookError(f"flag variant {entry['flag']}={entry['variant']} loads as {actual[:12]}…, but was "
+                                f"checked as {entry['program_hash'][:12]}…", path=str(BENTO_DIR / entry["file"]),
+                                hint="rebuild from the checked project (`slipway build`)")
+        found[(entry["flag"], entry["variant"])] = (program, actual)
+    return found
 
 
 def verified_program_hash(program, labels: dict[str, str], bento_dir: Path) -> str:
@@ -116,7 +136,7 @@ def verified_program_hash(program, labels: dict[str, str], bento_dir: Path) -> s
 
 
 VERSION = {"bento": f"{CONFIG['project']}:{CONFIG['bento_version']}", "model_sha256": MODEL.sha256,
-           "program_hash": verified_program_hash(_program(), LABELS, BENTO_DIR)}
+           "program_hash": verified_program_hash(_program(), LABELS, BENTO_DIR), "flags": {}}
 # Why this worker is not ready (a failed warm-up), for /readyz and the API to say; None while starting or ready.
 NOT_READY: dict[str, str | None] = {"reason": None}
 
@@ -134,7 +154,9 @@ def _schemas():
     request = create_model("Request", __base__=bentoml.IODescriptor, __config__=None, **inputs)
     request.model_config["extra"] = "forbid"  # a misspelt field is an error, not silently ignored
     request.model_rebuild(force=True)
-    version = create_model("Version", bento=(str, ...), model_sha256=(str, ...), program_hash=(str, ...))
+    version = create_model("Version", bento=(str, ...), model_sha256=(str, ...), program_hash=(str, ...),
+                           flags=(dict[str, str], Field(default_factory=dict, description=(
+                               "feature flags that chose this answer's program variant (docs/flags.md)"))))
     response = create_model("Response", **outputs, guardrails=(dict[str, str], Field(
         default_factory=dict, description="each guardrail that fired and its action; empty when none did")),
         request_id=(str, ...), version=(version, ...))
@@ -178,6 +200,10 @@ REQUESTS = RequestIndex(TRACE_DIR)
 # signers.toml and project.toml this version was built with; budgets shared by every worker.
 STATE_DIR = Path(os.environ.get("SLIPWAY_STATE_DIR") or TRACE_DIR.parent)
 KEY_FILES = KeyFiles(STATE_DIR / KEYS_FILE, BENTO_DIR / "signers.toml", BENTO_DIR / "project.toml")
+# Feature flags: the project's live flags file, judged by this version's signers.toml and project.toml; only
+# variants this bento packs with the approved content can be chosen (framework/flags.py).
+FLAG_FILES = FlagFiles(STATE_DIR / FLAGS_FILE, BENTO_DIR / "signers.toml", BENTO_DIR / "project.toml")
+PACKED_VARIANTS = {(v["flag"], v["variant"]): v["content_hash"] for v in CONFIG.get("variants", [])}
 CHANNEL = os.environ.get("SLIPWAY_CHANNEL") or None
 _BUDGETS: list[Budgets] = []
 _BUDGETS_LOCK = threading.Lock()
@@ -253,7 +279,7 @@ def _observe(status: int, t0: float, trace: dict | None, calls) -> None:
 class ErrorBody(BaseModel):
     error: str
     request_id: str
-    version: dict[str, str]
+    version: dict[str, Any]
     guardrails: dict[str, str] | None = None
 
 
@@ -300,10 +326,11 @@ class ApiKeys:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") not in (ENDPOINT, "/feedback"):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or (path not in (ENDPOINT, "/feedback") and not path.startswith("/traces/")):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
-        found = caller_of(headers, scope["path"])
+        found = caller_of(headers, "traces" if path.startswith("/traces/") else path)
         if not isinstance(found, KeyRefusal):
             return await self.app(scope, receive, send)
         t0, started_at = time.perf_counter(), utc_now()
@@ -319,6 +346,45 @@ class ApiKeys:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                                 (b"x-request-id", request_id.encode("latin-1")), *extra]})
         await send({"type": "http.response.body", "body": payload})
+
+
+class TraceReads:
+    """GET /traces/<request_id>: the caller's own request, summarised from its trace: status, versions and flags,
+    tokens, cost. Prompts, texts and guardrail decisions stay on the host (`slipway trace`). A request of
+    another tenant answers 404, as an unknown one does, so its existence is not disclosed. Needs an API key
+    allowed the route `traces` (a tenant's or key's `endpoints`; all routes when those are absent)."""
+
+    PREFIX = "/traces/"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope.get("path", "").startswith(self.PREFIX):
+            return await self.app(scope, receive, send)
+        if scope.get("method") != "GET":
+            return await _send_json(send, 405, {"error": "GET /traces/<request_id>"}, [(b"allow", b"GET")])
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        caller = caller_of(headers, "traces")   # checked here too: middleware order is BentoML's to choose
+        if isinstance(caller, KeyRefusal):
+            extra = [(b"www-authenticate", b'Bearer realm="slipway"')] if caller.status == 401 else []
+            return await _send_json(send, caller.status, caller.to_dict(), extra)
+        request_id = scope["path"][len(self.PREFIX):]
+        found = REQUESTS.lookup(request_id, caller.tenant if caller else None) if request_id else None
+        if found is not None and caller is not None and found.get("tenant") != caller.tenant:
+            found = None
+        if found is None:
+            return await _send_json(send, 404, {"error": f"no trace of request {request_id!r} for this caller",
+                                                "request_id": request_id})
+        await _send_json(send, 200, {"request_id": request_id, **found})
+
+
+async def _send_json(send, status: int, body: dict, extra: list | None = None) -> None:
+    payload = json.dumps(body, default=str).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *(extra or [])]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 class ValidationErrorsAs422:
@@ -371,14 +437,18 @@ class SlipwayService:
         self.lm = make_lm(MODEL, path)
         self.engine = load_engine(MODEL, path)
         self.program = _program()
+        self.variants = _variants()
         self.adapter = json_adapter() if SPEC.pipeline.adapter == "json" else None
         import dspy
 
-        from framework.guardrails import guard_for
+        from framework.guardrails import guard_for, prompt_tokens
 
         # the same checks, in the same order, as `slipway check` ran on the eval split
         self.guard = guard_for(SPEC.guardrails, self.program, engine=self.engine,
                                adapter=self.adapter or dspy.ChatAdapter(), model=MODEL)
+        # a variant's prompt may be longer than the pipeline's: its own worst case is held against budgets
+        self.prompt_tokens = {key: prompt_tokens(self.engine, program, self.adapter or dspy.ChatAdapter())
+                              for key, (program, _) in self.variants.items()}
         try:
             prefix = BENTO_DIR / "prefix.kv"
             if self.engine.batcher is not None and prefix.exists():
@@ -433,11 +503,20 @@ class SlipwayService:
         ctx.response.headers["X-Request-ID"] = request_id
         caller = caller_of(ctx.request.headers, ENDPOINT)   # the middleware refused bad keys; this names who
         who = {"caller": caller.key_id, "tenant": caller.tenant} if caller is not None else {}
+        program, version, chosen = self.program, VERSION, None
+        if PACKED_VARIANTS:
+            assigned = assign(load_flags(FLAG_FILES), list(SPEC.flags), caller.tenant if caller else None,
+                              ctx.request.headers.get(SUBJECT_HEADER) or request_id, PACKED_VARIANTS)
+            if assigned:
+                chosen = next(iter(assigned.items()))
+                program, variant_hash = self.variants[chosen]
+                version = {**VERSION, "program_hash": variant_hash, "flags": assigned}
+                who = {**who, "flags": assigned, "program_hash": variant_hash}
         size = sum(len(str(v)) for v in inputs.values())
         if size > MAX_INPUT_CHARS:
             return self._error(ctx, 413, "input-too-large", request_id, f"input is {size} characters; the contract "
                                f"allows {MAX_INPUT_CHARS} (contract.max_input_chars)", t0, started_at, inputs=None,
-                               who=who)
+                               who=who, version=version)
         from framework.guardrails import decision_rows, fired
 
         checked = self.guard.check_input(inputs)
@@ -448,21 +527,21 @@ class SlipwayService:
             blocked = checked.blocked
             ctx.response.headers["X-Slipway-Guardrail"] = blocked.check   # a declared refusal, not a bad body
             return self._error(ctx, blocked.status, blocked.code, request_id, blocked.message, t0, started_at,
-                               inputs=inputs, decisions=decisions, who=who)
+                               inputs=inputs, decisions=decisions, who=who, version=version)
         held = None
         if caller is not None:
-            held = budgets().reserve(caller.tenant, *self._worst_case(decisions))
+            held = budgets().reserve(caller.tenant, *self._worst_case(decisions, program, chosen))
             if not isinstance(held, Reservation):
                 ctx.response.headers["Retry-After"] = str(held.retry_after)
                 body = self._error(ctx, 429, held.to_dict()["error"], request_id, held.message, t0, started_at,
-                                   inputs=inputs, decisions=decisions, who=who)
+                                   inputs=inputs, decisions=decisions, who=who, version=version)
                 return {**body, "limit": held.limit, "value": held.value, "used": held.used,
                         "retry_after": held.retry_after}
         t_valid = time.perf_counter()
         calls: list = []
         try:
             with metering() as calls, deadline(SPEC.serve.timeout_s), dspy.context(lm=self.lm, adapter=self.adapter):
-                prediction = self.program(**inputs)
+                prediction = program(**inputs)
             outputs = {name: prediction.get(name) for name in OUTPUT_TYPES}
         except Exception as exc:  # a request never kills the worker; the caller gets its id to report
             self._settle(held, calls)
@@ -471,7 +550,8 @@ class SlipwayService:
                 f"model error: {type(exc).__name__}: {str(exc)[:1000]}"
             code = cause.code if isinstance(cause, SlipwayError) else "model-error"
             return self._error(ctx, 503, code, request_id, message, t0, started_at, inputs=inputs,
-                               t_valid=t_valid, calls=calls, decisions=decisions, who=who)
+                               t_valid=t_valid, calls=calls, decisions=decisions, who=who,
+                               version=version)
         self._settle(held, calls)
         answer = self.guard.check_output(json.loads(json.dumps(outputs, default=str)), decisions)
         decisions += answer.decisions
@@ -479,21 +559,23 @@ class SlipwayService:
             blocked = answer.blocked
             ctx.response.headers["X-Slipway-Guardrail"] = blocked.check
             return self._error(ctx, blocked.status, blocked.code, request_id, blocked.message, t0, started_at,
-                               inputs=inputs, t_valid=t_valid, calls=calls, decisions=decisions, who=who)
+                               inputs=inputs, t_valid=t_valid, calls=calls, decisions=decisions, who=who,
+                               version=version)
         outputs = answer.values
         trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
                        t_end=time.perf_counter(), status=200, inputs=inputs, outputs=outputs, calls=calls,
                        decisions=decision_rows(decisions), **who)
         _observe(200, t0, trace, calls)
-        return {**outputs, "guardrails": fired(decisions), "request_id": request_id, "version": VERSION}
+        return {**outputs, "guardrails": fired(decisions), "request_id": request_id, "version": version}
 
-    def _worst_case(self, decisions) -> tuple[int, float]:
+    def _worst_case(self, decisions, program, chosen) -> tuple[int, float]:
         """What a request may spend at most, held against its tenant's budget before the model runs: every
         model call evaluating the whole prompt anew (no cache) and generating max_tokens."""
         size = next((d.detail.get("tokens", d.detail.get("at_most", 0)) for d in decisions
                      if d.check == "input_size"), 0)
-        calls = max(1, len(self.program.predictors()))
-        prompt = calls * (self.guard.prompt_tokens + size)
+        calls = max(1, len(program.predictors()))
+        around = self.prompt_tokens[chosen] if chosen is not None else self.guard.prompt_tokens
+        prompt = calls * (around + size)
         generated = calls * MODEL.max_tokens
         return prompt + generated, request_cost(MODEL, prompt, 0, generated)
 
@@ -508,7 +590,8 @@ class SlipwayService:
         budgets().settle(held, new + generated, request_cost(MODEL, new, cached, generated) if calls else 0.0)
 
     def _error(self, ctx, status: int, code: str, request_id: str, message: str, t0: float, started_at,
-               *, inputs: dict | None, t_valid: float | None = None, calls=(), decisions=None, who=None) -> dict:
+               *, inputs: dict | None, t_valid: float | None = None, calls=(), decisions=None, who=None,
+               version: dict | None = None) -> dict:
         from framework.guardrails import decision_rows, fired
 
         ctx.response.status_code = status
@@ -516,7 +599,7 @@ class SlipwayService:
                        t_end=time.perf_counter(), status=status, inputs=inputs, calls=calls, error_code=code,
                        error=message, decisions=decision_rows(decisions or ()), **(who or {}))
         _observe(status, t0, trace, calls)
-        return ErrorBody(error=message, request_id=request_id, version=VERSION,
+        return ErrorBody(error=message, request_id=request_id, version=version or VERSION,
                          guardrails=fired(decisions or ()) if decisions is not None else None).model_dump()
 
     @bentoml.api(route="/feedback", input_spec=FeedbackBody)
@@ -529,7 +612,7 @@ class SlipwayService:
         if problems:
             ctx.response.status_code = 422
             return {"error": "correct_labels: " + "; ".join(problems), "request_id": request_id}
-        found = REQUESTS.lookup(request_id)
+        found = REQUESTS.lookup(request_id, caller.tenant if caller is not None else None)
         if found is not None and caller is not None and found.get("tenant") != caller.tenant:
             found = None   # another tenant's request: answered as unknown, so its existence is not disclosed
         if found is None:
@@ -567,6 +650,7 @@ def label_problems(labels: dict | None) -> list[str]:
     return problems
 
 
+SlipwayService.add_asgi_middleware(TraceReads)
 SlipwayService.add_asgi_middleware(ValidationErrorsAs422)
 SlipwayService.add_asgi_middleware(NotReadyAnswers)
 SlipwayService.add_asgi_middleware(ApiKeys)

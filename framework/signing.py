@@ -39,7 +39,7 @@ from framework.errors import IdentityError, SpecError
 
 NAMESPACE = "slipway"
 SIGNERS_FILE = "signers.toml"
-ROLE_PATTERN = r"^(approve|override|audit|curate|keys|(deploy|rollback):([a-z][a-z0-9_-]*|\*))$"
+ROLE_PATTERN = r"^(approve|override|audit|curate|keys|flags|(deploy|rollback):([a-z][a-z0-9_-]*|\*))$"
 KEY_TYPES = ("ssh-ed25519", "ssh-rsa")  # what sshsig verifies; ed25519 is what `ssh-keygen -t ed25519` makes
 
 

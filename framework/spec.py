@@ -313,7 +313,7 @@ class TracingSpec(_Strict):
 TENANT_NAME = r"^[a-z0-9][a-z0-9_-]*$"
 CHANNEL_NAME = r"^[a-z][a-z0-9_-]*$"
 # Routes of a served bento that take an API key besides `[serve] endpoint` (framework/service.py).
-KEYED_ENDPOINTS = ("feedback",)
+KEYED_ENDPOINTS = ("feedback", "traces")
 
 
 class TenantSpec(_Strict):
@@ -443,6 +443,32 @@ class GuardrailsSpec(_Strict):
     rules: list[RuleGuard] = Field(default_factory=list)
 
 
+FLAG_NAME = r"^[a-z][a-z0-9_]*$"
+
+
+class FlagVariant(_Strict):
+    """One pipeline variant a flag can switch on: the project's pipeline with these parts replaced."""
+
+    program: str | None = Field(None, description="a dspy.Module class (or factory) in the same notebook; "
+                                                  "absent: pipeline.program")
+    saved_program: str | None = Field(None, description="DSPy save file for it, relative to the project dir; "
+                                                        "absent: program.<flag>.<variant>.json (when present)")
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> FlagVariant:
+        if self.program is None and self.saved_program is None:
+            raise ValueError("a variant sets program and/or saved_program (else it is the pipeline itself)")
+        return self
+
+
+class FlagSpec(_Strict):
+    """A feature flag (`[flags.<name>]`): pipeline variants that may be switched on per tenant, for a share
+    of its traffic, after approval (framework/flags.py, docs/flags.md). Off, requests get the pipeline."""
+
+    description: str = ""
+    variants: dict[Annotated[str, Field(pattern=FLAG_NAME)], FlagVariant] = Field(min_length=1)
+
+
 class ProjectSpec(_Strict):
     project: ProjectMeta
     pipeline: PipelineSpec
@@ -456,6 +482,8 @@ class ProjectSpec(_Strict):
     tenants: dict[Annotated[str, Field(pattern=TENANT_NAME)], TenantSpec] = Field(
         default_factory=dict, description="callers of the served bento, by name: `[tenants.<name>]`")
     guardrails: GuardrailsSpec = Field(default_factory=GuardrailsSpec)
+    flags: dict[Annotated[str, Field(pattern=FLAG_NAME)], FlagSpec] = Field(
+        default_factory=dict, description="feature flags: pipeline variants switched on per tenant, approved")
 
     @model_validator(mode="after")
     def _pipeline_model_exists(self) -> ProjectSpec:
@@ -483,6 +511,7 @@ class Project(BaseModel):
     spec: ProjectSpec
     dir: Path
     root: Path
+    variant: str | None = None   # "flag=variant" when this is a flag's variant of the pipeline (framework/flags.py)
 
     @property
     def name(self) -> str:

@@ -40,7 +40,7 @@ TRACE_COLUMNS = {
     "status": "INTEGER", "error_code": "VARCHAR", "error": "VARCHAR",
     "tokens_in_new": "INTEGER", "tokens_in_cached": "INTEGER", "tokens_out": "INTEGER", "cost": "DOUBLE",
     "inputs": "JSON", "outputs": "JSON", "calls": "JSON", "stages": "JSON", "decisions": "JSON",
-    "redactions": "JSON", "worker": "VARCHAR",
+    "redactions": "JSON", "worker": "VARCHAR", "flags": "JSON",
 }
 FEEDBACK_COLUMNS = {
     "feedback_id": "VARCHAR", "request_id": "VARCHAR", "trace_id": "VARCHAR", "bento": "VARCHAR",
@@ -355,7 +355,8 @@ class Tracer:
     def record(self, *, request_id: str, started_at: datetime, t0: float, t_valid: float | None, t_end: float,
                status: int, inputs: dict | None = None, outputs: dict | None = None, calls=(),
                error_code: str | None = None, error: str | None = None, caller: str | None = None,
-               tenant: str | None = None, decisions: list[dict] | None = None) -> dict[str, Any] | None:
+               tenant: str | None = None, decisions: list[dict] | None = None, flags: dict[str, str] | None = None,
+               program_hash: str | None = None) -> dict[str, Any] | None:
         """Build, redact and append the trace of one request; returns it (None when tracing is off).
         Times are `time.perf_counter()` readings: t0 at arrival, t_valid after validation, t_end at answer."""
         if not self.spec.enabled:
@@ -402,16 +403,20 @@ class Tracer:
             "inputs": self.redactor.value(inputs, counts) if keep and inputs is not None else None,
             "outputs": self.redactor.value(outputs, counts) if keep and outputs is not None else None,
             "calls": call_rows, "stages": stages, "decisions": decisions or [], "redactions": counts,
-            "worker": self._worker(),
+            "worker": self._worker(), "flags": flags or {},
         }
+        if program_hash is not None:   # a flag variant answered: its program, not the pipeline's
+            trace["program_hash"] = program_hash
         self.writer.append(trace)
         for sink in self.sinks:
             sink.send(trace)
         return trace
 
 
-# What the index keeps per request: enough to attribute feedback, and the tenant allowed to give it.
-INDEXED = ("trace_id", "bento", "version", "status", "tenant")
+# What the index keeps per request: enough to attribute feedback, the tenant allowed to give it, and the summary
+# a tenant may read back (GET /traces/<request_id>): never prompts, inputs or outputs (~300 bytes a request).
+INDEXED = ("trace_id", "bento", "version", "status", "tenant", "started_at", "duration_ms", "error_code",
+           "tokens_in_new", "tokens_in_cached", "tokens_out", "cost", "program_hash", "flags")
 
 
 class RequestIndex:
@@ -429,7 +434,7 @@ class RequestIndex:
         self.directory = Path(directory)
         self.limit = limit
         self.offsets: dict[tuple[str, str], int] = {}
-        self.requests: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.requests: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
         self.feedback: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self._refreshed = 0.0
@@ -438,7 +443,7 @@ class RequestIndex:
         """A trace this worker just wrote: known at once, without reading it back."""
         if trace is not None:
             with self._lock:
-                self.requests[trace["request_id"]] = {k: trace.get(k) for k in INDEXED}
+                self.requests[_request_key(trace)] = {k: trace.get(k) for k in INDEXED}
 
     def refresh(self, *, at_most_every_s: float = 0.0) -> None:
         """Read what every segment gained; with `at_most_every_s`, first wait out that interval since the
@@ -463,23 +468,30 @@ class RequestIndex:
                         self.offsets[key] = chunk.end
                         for row in chunk.rows:
                             if kind == "traces":
-                                self.requests[row["request_id"]] = {k: row.get(k) for k in INDEXED}
-                                self.requests.move_to_end(row["request_id"])
+                                self.requests[_request_key(row)] = {k: row.get(k) for k in INDEXED}
+                                self.requests.move_to_end(_request_key(row))
                             else:
                                 self.feedback[row["feedback_id"]] = None
             for table in (self.requests, self.feedback):
                 while len(table) > self.limit:
                     table.popitem(last=False)
 
-    def lookup(self, request_id: str) -> dict[str, Any] | None:
-        if request_id not in self.requests:
+    def lookup(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """The request `tenant` sent with this id (None: a caller without a tenant, keys off). Request ids are
+        the callers' own X-Request-ID, so two tenants may send the same one: each sees only its own."""
+        key = (tenant or "", request_id)
+        if key not in self.requests:
             self.refresh(at_most_every_s=1.0)
-        return self.requests.get(request_id)
+        return self.requests.get(key)
 
     def seen_feedback(self, feedback_id: str) -> bool:
         if feedback_id not in self.feedback:
             self.refresh(at_most_every_s=1.0)
         return feedback_id in self.feedback
+
+
+def _request_key(trace: dict[str, Any]) -> tuple[str, str]:
+    return (trace.get("tenant") or "", trace["request_id"])
 
 
 def feedback_id(request_id: str, score: float, comment: str | None, correct_labels: dict | None) -> str:

@@ -155,7 +155,7 @@ def test_served_bento_answers_concurrently_with_versions(tiny_project, tiny_mode
             assert body["request_id"] == f"req-{i}" and response.headers["x-request-id"] == f"req-{i}"
             assert body["category"] in ("billing", "bug", "account", "feature_request", "outage", "abuse")
             assert body["version"] == {"bento": built["tag"], "model_sha256": built["labels"]["slipway.model_sha256"],
-                                       "program_hash": built["labels"]["slipway.program_hash"]}
+                                       "program_hash": built["labels"]["slipway.program_hash"], "flags": {}}
 
         wrong = httpx.post(f"{base}/triage", json={"tickt": "typo"}, timeout=30)
         assert wrong.status_code == 422 and "ticket" in wrong.text

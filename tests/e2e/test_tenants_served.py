@@ -87,6 +87,23 @@ def test_keys_budgets_and_tenant_walls_over_http(tiny_project, tiny_model_presen
         assert ask("beta", "f-2", path="/feedback", body=feedback).status_code == 200
         assert ask(None, "f-3", path="/feedback", body=feedback).status_code == 401
 
+        def read(tenant: str | None, rid: str):
+            headers = {"Authorization": f"Bearer {made[tenant]['key']}"} if tenant else {}
+            return httpx.get(f"{base}/traces/{rid}", headers=headers, timeout=30)
+
+        own = read("acme", "t-acme")   # a tenant reads its own request back: the summary, never the texts
+        assert own.status_code == 200 and own.json()["tenant"] == "acme" and own.json()["status"] == 200
+        assert own.json()["tokens_out"] > 0 and "inputs" not in own.json() and "calls" not in own.json()
+        assert read("acme", "t-beta").status_code == 404     # another tenant's: as if unknown
+        assert read("acme", "t-nobody").status_code == 404
+        assert read("beta", "t-beta").status_code == 200
+        assert read(None, "t-acme").status_code == 401
+        assert read("trial", "t-acme").status_code == 403   # trial keys: /triage on prod only
+        # beta reuses acme's request id (X-Request-ID is the caller's): each tenant still sees only its own
+        assert ask("beta", "t-acme").status_code == 200
+        assert read("acme", "t-acme").json()["tenant"] == "acme" and read("beta", "t-acme").json()["tenant"] == "beta"
+        assert ask("acme", "f-4", path="/feedback", body={"request_id": "t-acme", "score": 1}).status_code == 200
+
         act_as(monkeypatch, keys, "carol")
         ok(["keys", "revoke", "ticket-triage", made["beta"]["key_id"]])
         assert ask("beta", "t-beta-revoked").status_code == 401   # the live keys file: at once
