@@ -53,11 +53,12 @@ class BuildResult:
 def _stale_parts(project: Project, current: dict[str, str]) -> list[str]:
     """Which inputs changed since the most recent check (for the refusal message)."""
     with Store(store_path(project)) as store:
-        row = store.latest_check_any(project.name)
-    if not row:
+        rows = store.recent_checks(project.name, 20)
+    metas = [(json.loads(r["verdict"]) if isinstance(r["verdict"], str) else r["verdict"]).get("meta", {})
+             for r in rows]
+    meta = next((m for m in metas if not m.get("variant")), None)   # the pipeline's, not a flag variant's
+    if meta is None:
         return []
-    verdict = json.loads(row["verdict"]) if isinstance(row["verdict"], str) else row["verdict"]
-    meta = verdict.get("meta", {})
     names = {"program_hash": "program (prompt/demos)", "prompt_hash": "rendered prompt (adapter)",
              "notebook_hash": "notebook source", "dataset_hash": "eval set", "settings_hash": "model or its settings",
              "code_hash": "Slipway's answer-path code", "versions_hash": "slipway/dspy/llama-cpp-python version"}

@@ -117,8 +117,10 @@ def content_hashes(project: Project, program, split: str, model_key: str, limit:
     prices = {"input": model.price_per_1k_input, "cached_input": model.price_per_1k_cached_input,
               "output": model.price_per_1k_output}  # a run's recorded cost was priced with these
     parts["guardrails_hash"] = json_hash(project.spec.guardrails.model_dump(mode="json"))
+    # The program's name too: two classes of one notebook with the same predictors (a subclass that only
+    # changes forward()) hash alike in program_hash and notebook_hash, and must not share a check.
     key = {**parts, "split": split, "limit": limit, "metrics": project.spec.eval.metrics,
-           "adapter": project.spec.pipeline.adapter, "prices": prices}
+           "adapter": project.spec.pipeline.adapter, "prices": prices, "program": project.spec.pipeline.program}
     parts["content_hash"] = json_hash(key)
     return parts
 

@@ -125,9 +125,10 @@ class Target:
     tenant: str
     percent: int
     content_hash: str
+    check_key: str   # fingerprint of the key that signed the variant's check: its author may not approve it
 
     def key(self) -> tuple:
-        return (self.flag, self.variant, self.tenant, self.percent, self.content_hash)
+        return (self.flag, self.variant, self.tenant, self.percent, self.content_hash, self.check_key)
 
     def describe(self) -> str:
         who = "every tenant" if self.tenant == ALL_TENANTS else f"tenant {self.tenant!r}"
@@ -157,6 +158,7 @@ class FlagTable:
     history: list[dict[str, Any]] = field(default_factory=list)
     ignored: list[Ignored] = field(default_factory=list)
     approvals: dict[tuple, dict[str, str]] = field(default_factory=dict)   # target key → {public key: name}
+    broken: int | None = None   # the line where the chain breaks: nothing counts from there, nothing is on
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,9 @@ def read_lines(lines: list[str], spec: ProjectSpec, signers: signing.SignersSpec
         if why is not None:
             table.ignored.append(Ignored(number, why))
             if why.startswith("rule chain"):
+                # fail closed: what was on before the break may have been switched off in a line now missing
+                table.active.clear()
+                table.broken = number
                 table.ignored.extend(Ignored(n, "after a break in the chain")
                                      for n in range(number + 1, len(lines) + 1) if lines[n - 1].strip())
                 break
@@ -237,6 +242,11 @@ def read_lines(lines: list[str], spec: ProjectSpec, signers: signing.SignersSpec
         row = {"line": number, "action": action, "by": signer.name, "at": statement["at"],
                "reason": statement["details"].get("reason", ""), **target.__dict__, "status": "counted"}
         if action == APPROVE:
+            if signing.fingerprint(signer.key) == target.check_key and not spec.contract.allow_self_approval:
+                why = "rule no-self-approval: the variant's check was signed with this key"
+                table.ignored.append(Ignored(number, why))
+                table.history.append({**row, "status": f"ignored: {why}"})
+                continue
             table.approvals.setdefault(target.key(), {})[signer.key] = signer.name
         elif action == ON:
             approvers = {k: n for k, n in table.approvals.get(target.key(), {}).items()
@@ -258,14 +268,15 @@ def read_lines(lines: list[str], spec: ProjectSpec, signers: signing.SignersSpec
 
 def _target(statement: dict) -> Target:
     d = statement["details"]
-    return Target(d["flag"], d["variant"], d["tenant"], int(d["percent"]), d["content_hash"])
+    return Target(d["flag"], d["variant"], d["tenant"], int(d["percent"]), d["content_hash"], d["check_key"])
 
 
 def _check_line(text: str, spec: ProjectSpec, signers: signing.SignersSpec) -> tuple[Any, Any, str | None]:
     """(statement, signer, None) for a line that counts; else (whatever parsed, None, why it does not)."""
     try:
         signed = signing.Signed.from_dict(json.loads(text))
-        if not isinstance(signed.statement, dict) or not isinstance(signed.key, str):
+        if not (isinstance(signed.statement, dict) and isinstance(signed.key, str)
+                and isinstance(signed.signature, str) and isinstance(signed.statement.get("action"), str)):
             raise TypeError
     except (ValueError, KeyError, TypeError):
         return None, None, "not a signed statement ({statement, key, signature} JSON)"
@@ -273,7 +284,11 @@ def _check_line(text: str, spec: ProjectSpec, signers: signing.SignersSpec) -> t
     digest = line_hash(text)
     holds = _signatures.get(digest)
     if holds is None:
-        holds = _signatures[digest] = signing.signature_holds(signed)
+        try:
+            holds = signing.signature_holds(signed)
+        except Exception:  # noqa: BLE001 - one odd line must never stop the others (or a request) being judged
+            holds = False
+        _signatures[digest] = holds
     if not holds:
         return statement, None, "rule signature-valid: the signature does not verify over this statement"
     why = _statement_problem(statement, spec)
@@ -296,8 +311,8 @@ def _statement_problem(statement: dict, spec: ProjectSpec) -> str | None:
     d = statement.get("details")
     if not isinstance(d, dict) or not isinstance(statement.get("at"), str):
         return "no details or time stamp"
-    if not all(isinstance(d.get(k), str) for k in ("flag", "variant", "tenant", "content_hash", "prev")):
-        return "flag, variant, tenant, content_hash and prev must be strings"
+    if not all(isinstance(d.get(k), str) for k in ("flag", "variant", "tenant", "content_hash", "check_key", "prev")):
+        return "flag, variant, tenant, content_hash, check_key and prev must be strings"
     percent = d.get("percent")
     if not (isinstance(percent, int) and not isinstance(percent, bool) and 1 <= percent <= 100):
         return "percent must be an integer from 1 to 100"
@@ -342,7 +357,11 @@ def approve(project: Project, flag: str, variant: str, tenant: str, percent: int
     """Sign an approval of switching `flag=variant` on for `tenant` at `percent`, for the variant's current
     content, which must have a passing signed check (reviewers approve exactly what was checked)."""
     target = _checked_target(project, flag, variant, tenant, percent)
-    return _append_statement(project, APPROVE, target, reason, key)
+    path, signer = _signer(project, key, APPROVE)
+    if signing.fingerprint(signer.key) == target.check_key and not project.spec.contract.allow_self_approval:
+        raise ReleaseRefused(f"refusing: rule no-self-approval: {signer.name} signed the check of {flag}={variant}",
+                             path=str(project.toml_path), hint="another reviewer with the approve role approves it")
+    return _append_statement(project, APPROVE, target, reason, key, signed_with=(path, signer))
 
 
 def switch_on(project: Project, flag: str, variant: str, tenant: str, percent: int, *, reason: str = "",
@@ -350,7 +369,7 @@ def switch_on(project: Project, flag: str, variant: str, tenant: str, percent: i
     """Switch a variant on, refused (nothing written) unless the approvals the contract requires exist."""
     target = _checked_target(project, flag, variant, tenant, percent)
     path, signer = _signer(project, key, ON)
-    table = load_flags(FlagFiles.of_project(project.dir))
+    table = _intact(project)
     approvers = {k: n for k, n in table.approvals.get(target.key(), {}).items()
                  if k != signer.key or project.spec.contract.allow_self_approval}
     needed = project.spec.contract.approvals_required
@@ -366,7 +385,7 @@ def switch_on(project: Project, flag: str, variant: str, tenant: str, percent: i
 def switch_off(project: Project, flag: str, tenant: str, *, reason: str = "",
                key: Path | None = None) -> dict[str, Any]:
     """Switch a flag off for `tenant` (no approval: the pipeline itself is what was approved to ship)."""
-    table = load_flags(FlagFiles.of_project(project.dir))
+    table = _intact(project)
     found = table.active.get((flag, tenant))
     if found is None:
         raise SpecError(f"flag {flag!r} is not on for {tenant!r}", field="flag",
@@ -380,6 +399,19 @@ def list_flags(project: Project) -> dict[str, Any]:
               for a in table.active.values()]
     return {"active": active, "history": table.history,
             "ignored": [{"line": i.line, "reason": i.reason} for i in table.ignored]}
+
+
+def _intact(project: Project) -> FlagTable:
+    """The project's flags table, refused when its chain is broken: a line appended after the break would count
+    for nothing, while saying it did."""
+    table = load_flags(FlagFiles.of_project(project.dir))
+    if table.broken is not None:
+        raise ReleaseRefused(
+            f"the flags file's chain breaks at line {table.broken}: a line was removed, reordered or copied, so "
+            "nothing from there on counts and no flag is on", path=str(flags_path(project.dir)),
+            hint="compare it with `slipway audit list` (every flag statement is there too); to start over, move the "
+                 "file aside (every flag off) and approve and switch on again")
+    return table
 
 
 def _checked_target(project: Project, flag: str, variant: str, tenant: str, percent: int) -> Target:
@@ -396,7 +428,7 @@ def _checked_target(project: Project, flag: str, variant: str, tenant: str, perc
         raise ReleaseRefused(f"refusing: the check of {flag}={variant} ({passing['check_id']}) failed "
                              f"{', '.join(passing['failed'])}", path=str(project.toml_path),
                              hint="a variant is switched on only when it meets the contract")
-    return Target(flag, variant, tenant, percent, passing["content_hash"])
+    return Target(flag, variant, tenant, percent, passing["content_hash"], passing["signed"].fingerprint)
 
 
 def _signer(project: Project, key: Path | None, action: str) -> tuple[Path, signing.Signer]:
@@ -422,6 +454,7 @@ def _append_statement(project: Project, action: str, target: Target, reason: str
     from framework.store import Store
 
     path, signer = signed_with or _signer(project, key, action)
+    _intact(project)
     file = flags_path(project.dir)
     file.parent.mkdir(parents=True, exist_ok=True)
     with open(file.with_name(file.name + ".lock"), "a") as lock:

@@ -437,19 +437,25 @@ class SlipwayService:
         self.lm = make_lm(MODEL, path)
         self.engine = load_engine(MODEL, path)
         self.program = _program()
-        self.variants = _variants()
+        self.variants: dict = {}
+        self.guards: dict = {}
+        self.prompt_tokens: dict = {}
         self.adapter = json_adapter() if SPEC.pipeline.adapter == "json" else None
         import dspy
 
-        from framework.guardrails import guard_for, prompt_tokens
+        from framework.guardrails import guard_for
 
         # the same checks, in the same order, as `slipway check` ran on the eval split
         self.guard = guard_for(SPEC.guardrails, self.program, engine=self.engine,
                                adapter=self.adapter or dspy.ChatAdapter(), model=MODEL)
-        # a variant's prompt may be longer than the pipeline's: its own worst case is held against budgets
-        self.prompt_tokens = {key: prompt_tokens(self.engine, program, self.adapter or dspy.ChatAdapter())
-                              for key, (program, _) in self.variants.items()}
         try:
+            # flag variants: each with its own guard (its prompt's length sets its input-size limit, as in its
+            # check) and its own worst case held against budgets
+            self.variants = _variants()
+            for key, (program, _) in self.variants.items():
+                self.guards[key] = guard_for(SPEC.guardrails, program, engine=self.engine,
+                                             adapter=self.adapter or dspy.ChatAdapter(), model=MODEL)
+                self.prompt_tokens[key] = self.guards[key].prompt_tokens
             prefix = BENTO_DIR / "prefix.kv"
             if self.engine.batcher is not None and prefix.exists():
                 # computed at build time on this exact model file (framework/build.py); refused otherwise.
@@ -502,14 +508,17 @@ class SlipwayService:
         request_id = ctx.request.headers.get("x-request-id") or uuid.uuid4().hex
         ctx.response.headers["X-Request-ID"] = request_id
         caller = caller_of(ctx.request.headers, ENDPOINT)   # the middleware refused bad keys; this names who
+        if isinstance(caller, KeyRefusal):   # revoked between the middleware and here
+            return self._error(ctx, caller.status, caller.code, request_id, caller.message, t0, started_at,
+                               inputs=None, who={"caller": caller.key_id})
         who = {"caller": caller.key_id, "tenant": caller.tenant} if caller is not None else {}
-        program, version, chosen = self.program, VERSION, None
+        program, version, chosen, guard = self.program, VERSION, None, self.guard
         if PACKED_VARIANTS:
-            assigned = assign(load_flags(FLAG_FILES), list(SPEC.flags), caller.tenant if caller else None,
-                              ctx.request.headers.get(SUBJECT_HEADER) or request_id, PACKED_VARIANTS)
+            assigned = self._assigned(caller, ctx.request.headers.get(SUBJECT_HEADER) or request_id)
             if assigned:
                 chosen = next(iter(assigned.items()))
                 program, variant_hash = self.variants[chosen]
+                guard = self.guards[chosen]
                 version = {**VERSION, "program_hash": variant_hash, "flags": assigned}
                 who = {**who, "flags": assigned, "program_hash": variant_hash}
         size = sum(len(str(v)) for v in inputs.values())
@@ -519,7 +528,7 @@ class SlipwayService:
                                who=who, version=version)
         from framework.guardrails import decision_rows, fired
 
-        checked = self.guard.check_input(inputs)
+        checked = guard.check_input(inputs)
         decisions = list(checked.decisions)
         # what the model sees, and what the trace keeps: PII already redacted when a guardrail says so
         inputs = checked.values
@@ -553,7 +562,7 @@ class SlipwayService:
                                t_valid=t_valid, calls=calls, decisions=decisions, who=who,
                                version=version)
         self._settle(held, calls)
-        answer = self.guard.check_output(json.loads(json.dumps(outputs, default=str)), decisions)
+        answer = guard.check_output(json.loads(json.dumps(outputs, default=str)), decisions)
         decisions += answer.decisions
         if answer.blocked is not None:
             blocked = answer.blocked
@@ -567,6 +576,19 @@ class SlipwayService:
                        decisions=decision_rows(decisions), **who)
         _observe(200, t0, trace, calls)
         return {**outputs, "guardrails": fired(decisions), "request_id": request_id, "version": version}
+
+    @staticmethod
+    def _assigned(caller, subject: str) -> dict[str, str]:
+        """The flag variant for this request, or {} (the pipeline). A flags file that cannot be read or judged
+        (a hand-typed line of the wrong shape, a bad byte, a permission change) serves the pipeline, the
+        version the build gate passed: failing closed, never a 500 for every tenant."""
+        try:
+            return assign(load_flags(FLAG_FILES), list(SPEC.flags), caller.tenant if caller else None, subject,
+                          PACKED_VARIANTS)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            logger.error("cannot judge the flags file %s (%s: %s); serving the pipeline", FLAG_FILES.flags,
+                         type(exc).__name__, exc)
+            return {}
 
     def _worst_case(self, decisions, program, chosen) -> tuple[int, float]:
         """What a request may spend at most, held against its tenant's budget before the model runs: every
@@ -608,6 +630,9 @@ class SlipwayService:
         Unknown request_id: 404; the same body twice: recorded once; bad labels: 422."""
         request_id = body["request_id"]
         caller = caller_of(ctx.request.headers, "/feedback")
+        if isinstance(caller, KeyRefusal):   # revoked between the middleware and here
+            ctx.response.status_code = caller.status
+            return {**caller.to_dict(), "request_id": request_id}
         problems = label_problems(body.get("correct_labels"))
         if problems:
             ctx.response.status_code = 422

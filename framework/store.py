@@ -332,9 +332,8 @@ class Store:
         return self._rows("SELECT * FROM checks WHERE content_hash = ? AND contract_hash = ? "
                           "ORDER BY created_at DESC", [content_hash, contract_hash])
 
-    def latest_check_any(self, project: str) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM checks WHERE project = ? ORDER BY created_at DESC LIMIT 1", [project])
-        return rows[0] if rows else None
+    def recent_checks(self, project: str, limit: int) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM checks WHERE project = ? ORDER BY created_at DESC LIMIT ?", [project, limit])
 
     # -- approvals and channels -----------------------------------------------
     def _rows(self, sql: str, params: list) -> list[dict[str, Any]]:

@@ -32,11 +32,14 @@ def signers(keys, tmp_path):
     return signing.load_signers_file(path)
 
 
+CHECKED_BY = "SHA256:the-key-that-signed-the-variants-check"
+
+
 def line(keys, who: str, action: str, prev: list[str], *, flag="terse_prompt", variant="on", tenant="acme",
-         percent=100, content=CONTENT, project="ticket-triage") -> str:
+         percent=100, content=CONTENT, project="ticket-triage", check_key=CHECKED_BY) -> str:
     """Sign one statement as `who`, chained to the last line of `prev`, and append it there."""
     details = {"flag": flag, "variant": variant, "tenant": tenant, "percent": percent, "content_hash": content,
-               "reason": "", "prev": flags.line_hash(prev[-1]) if prev else ""}
+               "check_key": check_key, "reason": "", "prev": flags.line_hash(prev[-1]) if prev else ""}
     statement = audit.statement(project, action, f"{flag}={variant}@{tenant}", details)
     text = json.dumps(signing.sign(statement, keys[who]).to_dict(), sort_keys=True)
     prev.append(text)
@@ -64,6 +67,15 @@ def test_self_approval_and_approvals_of_another_target_do_not_count(keys, spec, 
     table = flags.read_lines(lines, spec, signers)
     assert table.active == {}
     assert "0 of the 1 approval" in table.ignored[-1].reason
+
+
+def test_the_author_of_the_variants_check_may_not_approve_it(keys, spec, signers):
+    bob = signing.fingerprint(signing.public_key(keys["bob"]))
+    lines: list[str] = []
+    line(keys, "bob", flags.APPROVE, lines, check_key=bob)   # bob checked the variant, then approves it
+    line(keys, "alice", flags.ON, lines, check_key=bob)
+    table = flags.read_lines(lines, spec, signers)
+    assert table.active == {} and "no-self-approval" in table.ignored[0].reason
 
 
 def test_lines_from_keys_without_the_role_or_unlisted_do_not_count(keys, spec, signers):
@@ -94,6 +106,13 @@ def test_edited_removed_or_replayed_lines_break_the_gate_closed(keys, spec, sign
     cut = [lines[0], lines[2]]
     table = flags.read_lines(cut, spec, signers)
     assert table.active == {} and "rule chain" in table.ignored[0].reason
+    # a line after the break cannot resurrect what the missing line switched off: nothing is on
+    table = flags.read_lines([*lines[:2], line(keys, "bob", flags.APPROVE, lines[:2].copy(), tenant="trial")],
+                             spec, signers)
+    assert ("terse_prompt", "acme") in table.active   # intact: approve, on, approve
+    removed_off = [*lines[:2], line(keys, "bob", flags.APPROVE, lines.copy(), tenant="trial")]   # off cut out
+    table = flags.read_lines(removed_off, spec, signers)
+    assert table.active == {} and table.broken == 3
     # replaying the old `on` after the off: its prev names the approval, not the off line
     table = flags.read_lines([*lines, lines[1]], spec, signers)
     assert table.active == {} and "rule chain" in table.ignored[-1].reason
@@ -114,10 +133,32 @@ def test_statements_naming_undeclared_things_do_not_count(keys, spec, signers):
         assert why in table.ignored[0].reason, (kwargs, table.ignored)
 
 
-def test_a_hand_typed_line_counts_for_nothing(keys, spec, signers):
-    forged = json.dumps({"statement": {"action": flags.ON}, "key": "ssh-ed25519 AAAA", "signature": "x"})
-    table = flags.read_lines([forged], spec, signers)
-    assert table.active == {} and table.ignored
+def test_hand_typed_lines_of_any_shape_count_for_nothing_and_never_raise(keys, spec, signers):
+    odd = [json.dumps({"statement": {"action": flags.ON}, "key": "ssh-ed25519 AAAA", "signature": "x"}),
+           json.dumps({"statement": {}, "key": "", "signature": 0}),
+           json.dumps({"statement": {"action": []}, "key": "k", "signature": "s"}),
+           json.dumps([1, 2]), "not json", json.dumps({"statement": {"action": "flag-on"}})]
+    signed_odd = json.dumps(signing.sign({"action": ["flag-on"], "project": "ticket-triage"},
+                                         keys["mallory"]).to_dict())
+    table = flags.read_lines([*odd, signed_odd], spec, signers)
+    assert table.active == {} and len(table.ignored) == len(odd) + 1
+
+
+def test_appending_to_a_broken_file_is_refused(keys, project_root):
+    from framework.errors import ReleaseRefused
+    from framework.spec import load_project
+    from tests.conftest import write_signers
+
+    project = load_project(str(project_root / "projects" / "ticket-triage"))
+    write_signers(project.dir, keys, {"alice": ["flags"], "bob": ["approve"]})
+    lines: list[str] = []
+    for who, action in (("bob", flags.APPROVE), ("alice", flags.ON), ("alice", flags.OFF)):
+        line(keys, who, action, lines)
+    path = flags.flags_path(project.dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([lines[0], lines[2]]) + "\n")
+    with pytest.raises(ReleaseRefused, match="chain breaks at line 2"):
+        flags._intact(project)
 
 
 def test_assign_prefers_the_tenant_then_every_tenant_and_only_packed_content(keys, spec, signers):
