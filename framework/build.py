@@ -121,7 +121,9 @@ def checked_variants(project: Project) -> tuple[list[dict], list[dict]]:
             try:
                 found = gate(varied)
             except ContractFailed as exc:
-                left.append({"flag": flag, "variant": variant, "why": exc.message})
+                why = exc.message.removeprefix(f"refusing: flag variant {flag}={variant}: ")
+                left.append({"flag": flag, "variant": variant,
+                             "why": f"{why} (`slipway check {project.name} --variant {flag}={variant}`)"})
                 continue
             if found["failed"]:
                 left.append({"flag": flag, "variant": variant,

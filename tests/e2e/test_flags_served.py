@@ -41,6 +41,10 @@ def test_a_flag_serves_its_checked_variant_to_one_approved_tenant(tiny_project, 
     write_signers(tiny_project.parent, keys, {**ROLES, "carol": [*ROLES["carol"], "keys", "flags"],
                                               "bob": ["approve", "flags"]})
     ok(["check", "ticket-triage"])
+    unchecked = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["variants"]
+    assert unchecked == [{"flag": "terse_prompt", "variant": "on", "packed": False,
+                          "why": "no check has been run for this content "
+                                 "(`slipway check ticket-triage --variant terse_prompt=on`)"}]
 
     act_as(monkeypatch, keys, "bob")   # a variant nobody checked cannot be approved: reviewers approve checks
     assert "no check has been run for this content" in refused(
