@@ -87,15 +87,6 @@ def parse_variant(text: str) -> tuple[str, str]:
     return flag.strip(), variant.strip()
 
 
-def variant_content(project: Project, flag: str, variant: str) -> str:
-    """The content hash a variant's check covers (what an approval names)."""
-    from framework.content import content_hashes
-    from framework.notebook import load_program
-
-    varied = variant_project(project, flag, variant)
-    return content_hashes(varied, load_program(varied), "eval", varied.spec.pipeline.model, None)["content_hash"]
-
-
 def check_io(project: Project, base, varied, flag: str, variant: str) -> None:
     """A variant answers the same requests with (at least) the same fields, or the served schema would lie."""
     from framework.notebook import input_fields
