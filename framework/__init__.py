@@ -3,6 +3,7 @@
 The public API, in the order data flows through it:
 project.toml → `load_project` → `load_program` (from the notebook) →
 `language_model` (llama.cpp) → `run_eval` → `judge` / `check` → report →
+`error_analysis` (slices, confusion, misclassified) → `optimize` →
 `build` (a BentoML bento, refused unless the check passed) → `review` (against the baseline) →
 `approve` → `deploy` / `rollback` (channels) → `slipway serve` → traces (`ingest_traces`) → the live
 contract (`slo`), feedback back into the eval set (`harvest`, `accept_harvest`) and `drift`.
@@ -39,7 +40,7 @@ from framework.harvest import harvest
 from framework.release import approve, deploy, rollback
 from framework.review import review
 from framework.slo import slo
-from framework.spec import Project, ProjectSpec, load_project, parse_spec
+from framework.spec import Project, ProjectSpec, load_project, parse_spec, project_for_notebook
 
 if TYPE_CHECKING:
     from framework.contract import Verdict
@@ -67,6 +68,7 @@ __all__ = [
     "check",
     "deploy",
     "drift",
+    "error_analysis",
     "harvest",
     "ingest_traces",
     "judge",
@@ -76,6 +78,7 @@ __all__ = [
     "load_split",
     "optimize",
     "parse_spec",
+    "project_for_notebook",
     "review",
     "rollback",
     "run_eval",
@@ -123,6 +126,14 @@ def judge(project: Project, run: EvalRun) -> Verdict:
     from framework.contract import judge as _judge
 
     return _judge(project.spec.contract, run.measurements)
+
+
+def error_analysis(run: EvalRun, metric: str | None = None, **kwargs) -> dict:
+    """Where a run fails: worst slices, a confusion table per label field, misclassified examples with the
+    model's reason (framework/analysis.py)."""
+    from framework.analysis import error_analysis as _analysis
+
+    return _analysis(run, metric, **kwargs)
 
 
 def optimize(project: Project, **kwargs):

@@ -257,8 +257,10 @@ def check(project: ProjectArg, model: ModelOpt = None, limit: LimitOpt = None,
     result = _with_progress("check", lambda progress: run_check(
         loaded, model_key=model, limit=limit, fresh=fresh, progress=progress, key=_key(key)))
     if as_json:
+        measured = result.run.measurements.to_dict()
         _print_json({"check_id": result.check_id, "report_html": result.report_html,
-                     "report_json": result.report_json, **result.verdict.to_dict()})
+                     "report_json": result.report_json, **result.verdict.to_dict(),
+                     "slices": measured["slices"], "confusion": measured["confusion"]})
     else:
         report.print_check(console, err, result, loaded.name)
     raise typer.Exit(0 if result.verdict.passed else 1)

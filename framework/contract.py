@@ -5,7 +5,9 @@ measured, and pass/fail. SLO and cost clauses are upper bounds; quality
 clauses use the operator written in [contract.eval] and are judged on the basis
 written there: the point estimate (default), or with `@ lower95` / `@ upper95`
 the end of the 95% bootstrap interval, so a clause can demand that the metric
-clears the bar beyond sampling noise. The interval is shown beside every
+clears the bar beyond sampling noise. A clause named `metric[tag]` judges the
+metric on the eval examples carrying that tag (a slice), so a team can promise
+a floor on non-English tickets that the overall figure would hide. The interval is shown beside every
 quality clause so a reviewer sees the margin.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from framework.metrics import Measurements
+from framework.metrics import Measurements, split_slice_name
 from framework.spec import ContractSpec, Threshold
 
 
@@ -103,11 +105,26 @@ def judge(contract: ContractSpec, m: Measurements) -> Verdict:
 
 
 def _quality(name: str, threshold: Threshold, m: Measurements) -> Clause:
+    metric, tag = split_slice_name(name)
+    if tag is not None:   # `category_accuracy[non_english]`: the metric on the examples with that tag
+        measured, interval, n = m.slice_metric(name)
+        if metric not in m.metrics:
+            return Clause(name=name, target=threshold.describe(), measured=math.nan, passed=False,
+                          note=f"metric {metric!r} not computed: declare it in [eval].metrics")
+        if n == 0:
+            return Clause(name=name, target=threshold.describe(), measured=math.nan, passed=False,
+                          note=f"no eval example is tagged {tag!r}: tag some, or remove the clause")
+        return _judged(name, threshold, measured, interval, f"{n} examples tagged {tag}")
     measured = m.metrics.get(name, math.nan)
     interval = m.intervals.get(name)
     if name not in m.metrics:
         return Clause(name=name, target=threshold.describe(), measured=measured, passed=False, interval=interval,
                       note="metric not computed: declare it in [eval].metrics")
+    return _judged(name, threshold, measured, interval)
+
+
+def _judged(name: str, threshold: Threshold, measured: float, interval: tuple[float, float] | None,
+            prefix: str = "") -> Clause:
     if threshold.basis == "point":
         judged, note = measured, ""
     else:
@@ -115,5 +132,6 @@ def _quality(name: str, threshold: Threshold, m: Measurements) -> Clause:
         bound = "lower" if threshold.basis == "lower95" else "upper"
         note = (f"judged on the 95% {bound} bound {judged:.3f}" if not math.isnan(judged) else
                 "no 95% interval was measured (no examples?)")
+    note = "; ".join(x for x in (prefix, note) if x)
     ok = not math.isnan(judged) and threshold.holds(judged)
     return Clause(name=name, target=threshold.describe(), measured=measured, passed=ok, interval=interval, note=note)

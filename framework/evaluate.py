@@ -230,6 +230,7 @@ def _run_one(program, example: Example, position: int, outputs: tuple[str, ...],
     generated = sum(c.tokens_out for c in calls)
     return {
         "example_id": example.id, "position": position, "inputs": example.inputs, "expected": example.expected,
+        "tags": list(example.tags),
         "output": json.loads(json.dumps(output, default=str)) if output is not None else None,
         "scores": score_example(example, output, error, metric_items, custom, prediction, calls),
         "latency_ms": latency_ms, "tokens_in": new + cached, "tokens_cached": cached, "tokens_out": generated,

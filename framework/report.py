@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from framework.build import BuildResult
     from framework.contract import Verdict
     from framework.evaluate import EvalRun
+    from framework.metrics import Measurements
     from framework.optimize import OptimizeOutcome
     from framework.spec import Project
 
@@ -74,12 +75,29 @@ def print_check(console: Console, err: Console, result, project_name: str) -> No
     title = (f"Contract verdict: {project_name}{f' (variant {variant})' if variant else ''} on {result.run.n} eval "
              f"examples, model {result.run.model_key}")
     console.print(verdict_table(verdict, title))
+    if result.run.measurements.slices:
+        console.print(slices_table(result.run.measurements))
     engine = verdict.meta.get("engine")
     if engine:
         err.print(text(f"{engine['engine']} engine: latency {engine['latency']}"))
     status = line(("PASS", "bold green")) if verdict.passed else line(("FAIL", "bold red"),
                                                                       f": {', '.join(verdict.failed)}")
     console.print(status + text(f"\nreport: {result.report_html}"))
+
+
+def slices_table(m: Measurements, title: str = "Per slice (tag): value [95% interval]") -> Table:
+    """One row per tag, one column per metric; a value whose interval lies wholly under the overall
+    figure is red: there the pipeline is worse beyond noise."""
+    names = list(m.metrics)
+    table = _table(("slice", "n", *names), title, right=("n", *names))
+    for tag, found in m.slices.items():
+        cells = []
+        for name in names:
+            value = found["metrics"].get(name, math.nan)
+            lo, hi = found["intervals"].get(name, (math.nan, math.nan))
+            cells.append(text(f"{value:.2f} [{lo:.2f}, {hi:.2f}]", "red" if hi < m.metrics[name] else ""))
+        _row(table, tag, str(found["n"]), *cells)
+    return table
 
 
 def metrics_table(run: EvalRun) -> Table:
@@ -101,6 +119,8 @@ def metrics_table(run: EvalRun) -> Table:
 def print_run(console: Console, run: EvalRun) -> None:
     """`slipway runs show`: the measurements, then each example that errored or missed a field."""
     console.print(metrics_table(run))
+    if run.measurements.slices:
+        console.print(slices_table(run.measurements))
     for r in run.records:
         if r["error"] or any(v < 1 for v in r["scores"].values()):
             console.print(line((str(r["example_id"]), "dim"), f" expected {r['expected']} got "
@@ -275,6 +295,18 @@ def _what_moved(row: dict) -> str:
     return "; ".join(moved) or f"lost {', '.join(row['dropped'])}"
 
 
+def slice_deltas_table(sliced: list[dict]) -> Table:
+    """Per slice, each metric's paired Δ with its interval; green or red only where significant."""
+    names = [d["metric"] for d in sliced[0]["metrics"]]
+    table = _table(("slice", "n", *names), "Metric deltas per slice (paired): Δ [95% CI]", right=("n", *names))
+    for row in sliced:
+        cells = [text(f"{d['delta']:+.2f} [{d['interval'][0]:+.2f}, {d['interval'][1]:+.2f}]",
+                      "bold red" if d["significant"] and d["delta"] < 0 else "green" if d["significant"] else "")
+                 for d in row["metrics"]]
+        _row(table, row["slice"], str(row["n"]), *cells)
+    return table
+
+
 def print_review(console: Console, data: dict) -> None:
     """`slipway review` on a terminal: the same sections as the review page, shorter."""
     t, b = data["target"], data["baseline"]
@@ -318,6 +350,8 @@ def print_review(console: Console, data: dict) -> None:
             _row(table, d["metric"], f"{d['old']:.3f}", f"{d['new']:.3f}", text(f"{d['delta']:+.3f}", style),
                  f"[{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]", f"{d['p_value']:.3f}")
         console.print(table)
+    if data.get("slices"):
+        console.print(slice_deltas_table(data["slices"]))
     if data["slo"]:
         console.print(text("  latency and cost: " + ", ".join(f"{s['name']} {change_text(s)}" for s in data["slo"])),
                       soft_wrap=True)
@@ -383,7 +417,7 @@ def report_data(run: EvalRun, verdict: Verdict) -> dict:
         "measurements": run.measurements.to_dict(),
         "errors": [{"example_id": r["example_id"], "error": r["error"]} for r in errors],
         "misses": [{"example_id": r["example_id"], "inputs": r["inputs"], "expected": r["expected"],
-                    "output": r["output"], "scores": r["scores"]} for r in misses],
+                    "output": r["output"], "scores": r["scores"], "tags": r.get("tags") or []} for r in misses],
         "guardrails": guardrail_summary(run, verdict),
     }
 
@@ -474,14 +508,43 @@ def render_html(project_name: str, check_id: str, data: dict) -> str:
     measurements = data["measurements"]
     metrics = [{"name": k, "value": v, "low": lo, "high": hi} for k, v in measurements["metrics"].items()
                for lo, hi in [measurements["intervals"].get(k, (float("nan"),) * 2)]]
-    misses = [{**m, "input": _first_input(m["inputs"])} for m in data["misses"][:100]]
+    misses = [{**m, "input": _first_input(m["inputs"]), "tags": m.get("tags") or []} for m in data["misses"][:100]]
+    slice_metrics, slice_rows = slice_table_rows(measurements)
     return _template("check_report.html.j2").render(
         project=project_name, check_id=check_id, status="PASS" if verdict["passed"] else "FAIL",
         run=run, model_name=str(verdict.get("meta", {}).get("model_name", run["model"])),
         engine=verdict.get("meta", {}).get("engine"),
         content_hash=str(run["hashes"].get("content_hash", ""))[:12], clauses=verdict["clauses"],
         metrics=metrics, errors=data["errors"][:100], n_errors=len(data["errors"]), misses=misses,
-        n_misses=len(data["misses"]), guardrails=data.get("guardrails") or {})
+        n_misses=len(data["misses"]), guardrails=data.get("guardrails") or {}, slice_metrics=slice_metrics,
+        slices=slice_rows, confusion={f: confusion_rows(m) for f, m in (measurements.get("confusion") or {}).items()})
+
+
+def slice_table_rows(measurements: dict) -> tuple[list[str], list[dict]]:
+    """(metric names, one row per slice) for the report; a cell is `low` when the slice's interval lies
+    wholly under the overall figure: where the pipeline is worse, beyond noise."""
+    names = list(measurements["metrics"])
+    rows = []
+    for tag, found in (measurements.get("slices") or {}).items():
+        cells = []
+        for name in names:
+            value = found["metrics"].get(name, math.nan)
+            lo, hi = found["intervals"].get(name, (math.nan, math.nan))
+            cells.append({"value": value, "lo": lo, "hi": hi, "low": hi < measurements["metrics"][name]})
+        rows.append({"tag": tag, "n": found["n"], "cells": cells})
+    return names, rows
+
+
+def confusion_rows(matrix: dict[str, dict[str, int]]) -> dict:
+    """A confusion matrix as rows of cells over one label order (expected labels first, then any other
+    answer), with each label's recall."""
+    labels = list(matrix) + sorted({p for row in matrix.values() for p in row} - set(matrix))
+    rows = []
+    for label, answered in matrix.items():
+        total = sum(answered.values())
+        rows.append({"label": label, "recall": answered.get(label, 0) / total if total else math.nan,
+                     "cells": [{"n": answered.get(other, 0), "hit": other == label} for other in labels]})
+    return {"labels": labels, "rows": rows}
 
 
 # -- review page ----------------------------------------------------------------------------------------------
@@ -540,8 +603,8 @@ def render_review_html(data: dict) -> str:
         overrides=data["overrides"], readiness=data["readiness"] or {"required": 0, "missing": [], "counted": []},
         changes=changes, programs=programs, eval_rows=eval_rows,
         eval_changed=changes is not None and any(changes["eval_set"].values()), notebook_rows=notebook_rows,
-        comparison=data["comparison"], metrics=data["metrics"], slo=data["slo"], regressed=data["regressed"],
-        improved=data["improved"], approvals=data["approvals"])
+        comparison=data["comparison"], metrics=data["metrics"], slices=data.get("slices") or [], slo=data["slo"],
+        regressed=data["regressed"], improved=data["improved"], approvals=data["approvals"])
 
 
 # -- traces and the live contract ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 from framework import bentos, diff, release
 from framework.errors import SlipwayError, SpecError
 from framework.evaluate import store_path
-from framework.metrics import macro_f1, metric_name, paired_delta
+from framework.metrics import UNTAGGED, macro_f1, metric_name, paired_delta
 from framework.spec import Project
 from framework.store import Store
 
@@ -113,6 +113,24 @@ def metric_deltas(old: dict[str, dict], new: dict[str, dict], metric_items: list
     return shared, out
 
 
+def slice_deltas(old: dict[str, dict], new: dict[str, dict], shared: list[str], metric_items: list[str],
+                 tags: dict[str, list[str]], *, samples: int = 1000) -> list[dict[str, Any]]:
+    """Paired deltas per slice (tag): an optimiser that lifts English tickets and drops the non-English
+    ones can leave the overall figure flat, and only this shows it."""
+    groups: dict[str, list[str]] = {}
+    for key in shared:
+        for tag in tags.get(key) or (UNTAGGED,):
+            groups.setdefault(tag, []).append(key)
+    if set(groups) <= {UNTAGGED}:
+        return []
+    out = []
+    for tag in sorted(groups):
+        keys = groups[tag]
+        _, rows = metric_deltas({k: old[k] for k in keys}, {k: new[k] for k in keys}, metric_items, samples=samples)
+        out.append({"slice": tag, "n": len(keys), "metrics": rows})
+    return out
+
+
 def regressions(old: dict[str, dict], new: dict[str, dict], shared: list[str]) -> tuple[list[dict], int]:
     """Examples where a metric that scored before scores lower now (or that newly errors), worst first;
     and how many improved."""
@@ -186,9 +204,13 @@ def review(project: Project, version: str | None = None, *, against: str | None 
     finally:
         if store is not None:
             store.close()
-    shared, deltas = [], []
+    shared, deltas, sliced = [], [], []
     if old_records and new_records:
         shared, deltas = metric_deltas(old_records, new_records, project.spec.eval.metrics, samples=samples)
+        # tags as the new build's eval set has them (older stores kept no tags on their results)
+        tags = {row.get("id"): row.get("tags") or [] for row in new["eval_rows"]}
+        tags.update({k: r["tags"] for k, r in new_records.items() if r.get("tags")})
+        sliced = slice_deltas(old_records, new_records, shared, project.spec.eval.metrics, tags, samples=samples)
     regressed, improved = regressions(old_records, new_records, shared)
     new_m = (new["report"] or {}).get("measurements")
     old_m = ((old or {}).get("report") or {}).get("measurements")
@@ -214,6 +236,7 @@ def review(project: Project, version: str | None = None, *, against: str | None 
                        "samples": samples, "note": "" if not old or (old_records and new_records) else
                        "per-example results of a check run are missing from this store: no paired deltas"},
         "metrics": deltas,
+        "slices": sliced,
         "slo": _slo_deltas(old_m, new_m),
         "regressed": regressed,
         "improved": improved,

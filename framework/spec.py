@@ -588,6 +588,39 @@ def load_project(name_or_path: str, root: Path | None = None) -> Project:
     return Project(spec=spec, dir=project_dir, root=root or find_root(project_dir))
 
 
+PROJECT_ENV = "SLIPWAY_PROJECT"
+
+
+def project_for_notebook(notebook: str | Path) -> Project:
+    """The project whose [pipeline].notebook is this notebook file; `SLIPWAY_PROJECT` (a name or path) wins.
+
+    A notebook should not name its project in a literal: copied for a second project, it would quietly
+    read and score the first one's data.
+    """
+    import os
+
+    if os.environ.get(PROJECT_ENV):
+        return load_project(os.environ[PROJECT_ENV])
+    notebook = Path(notebook).resolve()
+    root = find_root(notebook.parent)
+    found = []
+    for toml_path in sorted((root / PROJECTS_DIR).glob("*/project.toml")):
+        try:
+            data = tomllib.loads(toml_path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError):
+            continue   # another project's broken file is that project's error, reported when it is loaded
+        declared = (data.get("pipeline") or {}).get("notebook")
+        if isinstance(declared, str) and (root / declared).resolve() == notebook:
+            found.append(toml_path)
+    if len(found) != 1:
+        names = ", ".join(p.parent.name for p in found)
+        raise SpecError(f"{'no project' if not found else 'several projects'} under {root / PROJECTS_DIR} "
+                        f"declare{'s' if not found else ''} this notebook{f' ({names})' if names else ''}",
+                        path=str(notebook), field="pipeline.notebook",
+                        hint=f"set [pipeline].notebook in the project's project.toml, or {PROJECT_ENV}=<name>")
+    return load_project(str(found[0]), root)
+
+
 def parse_spec(text: str, path: str = "project.toml") -> ProjectSpec:
     """Parse TOML text into a spec; every problem is reported at once."""
     try:

@@ -13,13 +13,15 @@ and it reports what the model evaluated (cached or new) apart from what it
 sampled: the forced skeleton is input, not output.
 
 Only flat objects whose properties are all required and are enums, booleans,
-integers or strings qualify (`plan` returns None otherwise, and the engine
+integers or strings (optionally with a `pattern` that is one repeated character
+class, `^[A-Za-z ,.-]*$`) qualify (`plan` returns None otherwise, and the engine
 falls back to the full-schema grammar).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 
@@ -39,6 +41,20 @@ class Step:
 
 def _gbnf_literal(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a valid GBNF string literal
+
+
+_CLASS_RE = re.compile(r'^\^(\[[^\]\\"^][^\]\\"]*\])\*\$$')
+
+
+def _char_class(pattern: str) -> str | None:
+    """`^[A-Za-z ,.-]*$` (one character class, repeated) → the GBNF `[A-Za-z ,.-]`; None for anything else.
+
+    A pattern like this is how a signature keeps a free-text field in one script (`reason` in English,
+    never a switch to another alphabet mid-sentence): the grammar cannot emit a character outside the
+    class. A class with a quote, a backslash or a negation is refused: it could leave the JSON string.
+    """
+    found = _CLASS_RE.match(pattern)
+    return found.group(1) if found else None
 
 
 def plan(schema: dict) -> list[Step] | None:
@@ -64,10 +80,13 @@ def plan(schema: dict) -> list[Step] | None:
         elif prop.get("type") == "integer":
             steps.append(Step(name, prefix, 'root ::= " "? "-"? ("0" | [1-9] [0-9]{0,15})', "integer"))
         elif prop.get("type") == "string" and not (set(prop) - {"type", "title", "description", "maxLength",
-                                                                 "minLength"}):
+                                                                 "minLength", "pattern"}):
+            char = _CHAR if "pattern" not in prop else _char_class(prop["pattern"])
+            if char is None:
+                return None
             low, high = prop.get("minLength", 0), prop.get("maxLength")
             repeat = f"{{{low},{high}}}" if high is not None else (f"{{{low},}}" if low else "*")
-            steps.append(Step(name, prefix, f'root ::= " "? "\\"" char{repeat} "\\""\nchar ::= {_CHAR}', "string"))
+            steps.append(Step(name, prefix, f'root ::= " "? "\\"" char{repeat} "\\""\nchar ::= {char}', "string"))
         else:
             return None
     return steps

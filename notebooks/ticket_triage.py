@@ -39,8 +39,10 @@ class TriageTicket(dspy.Signature):
 
     ticket: str = dspy.InputField(desc="the customer's message, any language")
     category: Literal["billing", "bug", "account", "feature_request", "outage", "abuse"] = dspy.OutputField()
-    # max_length goes into the JSON-schema grammar: the model cannot ramble.
-    reason: str = dspy.OutputField(desc="why, in 3 to 8 English words", max_length=48)
+    # The grammar enforces both limits: at most 64 characters, and only English letters, digits and plain
+    # punctuation, so the reason can neither ramble nor switch script mid-sentence.
+    reason: str = dspy.OutputField(desc='3 to 8 English words, like "card declined, workspace paused"',
+                                   max_length=64, pattern=r"^[A-Za-z0-9 ,.'()/&+-]*$")
     priority: Literal["low", "medium", "high", "urgent"] = dspy.OutputField()
     needs_human: bool = dspy.OutputField()
 
@@ -92,11 +94,19 @@ def priority_band_match(example, prediction, trace=None) -> float:
 
 @app.function
 def all_labels_match(example, prediction, trace=None) -> bool:
-    """Optimiser metric: a bootstrapped demo must get category, priority and needs_human all right."""
-    return all(
+    """Optimiser metric: category, priority and needs_human all right.
+
+    While an optimiser bootstraps demos (`trace` is set) the answer must also have a short, complete
+    reason: a demo is copied into every prompt, and a model shown rambling reasons rambles too.
+    """
+    right = all(
         str(getattr(prediction, name, "")).lower() == str(example[name]).lower()
         for name in ("category", "priority", "needs_human")
     )
+    if trace is None:
+        return right
+    reason = str(getattr(prediction, "reason", ""))
+    return right and 2 <= len(reason.split()) <= 8 and len(reason) < 60
 
 
 @app.cell
@@ -105,7 +115,9 @@ def _():
 
     import framework
 
-    project = framework.load_project("ticket-triage")
+    # The project whose [pipeline].notebook is this file (or SLIPWAY_PROJECT): copied for another
+    # project, the notebook follows that project's project.toml instead of reading this one's data.
+    project = framework.project_for_notebook(__file__)
     return framework, mo, project
 
 
@@ -154,9 +166,51 @@ def _(framework, mo, model_choice, program, project, slice_size):
     verdict = framework.judge(project, live)
     mo.vstack([
         mo.md(f"### Live dev scores ({live.n} examples, {model_choice.value})"),
-        mo.ui.table([{"metric": k, "score": round(v, 3)} for k, v in live.metrics.items()], selection=None),
-        mo.md(f"### Contract verdict on this slice: **{'PASS' if verdict.passed else 'FAIL'}**"),
+        mo.ui.table([{"metric": k, "score": round(v, 3), "95% interval": "[{:.2f}, {:.2f}]".format(*live.measurements.intervals[k])}
+                     for k, v in live.metrics.items()], selection=None),
+        mo.md("Per tag (few examples each here: read the intervals)"),
+        mo.ui.table([{"slice": tag, "n": s["n"], **{k: round(v, 2) for k, v in s["metrics"].items()}}
+                     for tag, s in live.measurements.slices.items()], selection=None),
+        mo.md(f"### Contract verdict on these examples: **{'PASS' if verdict.passed else 'FAIL'}**"),
         mo.ui.table(verdict.table_rows(), selection=None),
+    ])
+    return
+
+
+@app.cell
+def _(mo):
+    analysis_button = mo.ui.run_button(label="Error analysis: score the whole dev split")
+    analysis_button
+    return (analysis_button,)
+
+
+@app.cell
+def _(analysis_button, framework, mo, model_choice, program, project):
+    # Behind a button: opening the notebook must not spend minutes of model calls. A headless run
+    # (`SLIPWAY_ERROR_ANALYSIS=12 marimo export html ...`) presses it for the first N dev examples.
+    import os as _os
+
+    _asked = _os.environ.get("SLIPWAY_ERROR_ANALYSIS", "")
+    mo.stop(not (analysis_button.value or _asked),
+            mo.md("_Press the button to score the dev split and see where the pipeline fails._"))
+    dev_run = framework.run_eval(project, split="dev", program=program, model_key=model_choice.value,
+                                 limit=int(_asked) if _asked.isdigit() else None, record=False)
+    focus = mo.ui.dropdown(options=list(dev_run.metrics), value=next(iter(dev_run.metrics)), label="worst slices by")
+    focus
+    return dev_run, focus
+
+
+@app.cell
+def _(dev_run, focus, framework, mo):
+    _found = framework.error_analysis(dev_run, focus.value)
+    mo.vstack([
+        mo.md(f"### Error analysis: dev split, {dev_run.n} examples; {_found['metric']} {_found['overall']:.3f} overall"),
+        mo.md("**Worst slices** (`below`: the whole interval is under the overall figure, so not just noise)"),
+        mo.ui.table(_found["slices"], selection=None),
+        *[mo.vstack([mo.md(f"**Confusion: {field}** (rows: the label; columns: the answer)"),
+                     mo.ui.table(rows, selection=None)]) for field, rows in _found["confusion"].items()],
+        mo.md(f"**Misclassified dev examples** ({len(_found['misclassified'])} shown) with the model's reason"),
+        mo.ui.table(_found["misclassified"], selection=None, page_size=10),
     ])
     return
 

@@ -112,3 +112,35 @@ def test_demo_contract_judges_quality_on_the_lower_bound_with_headroom():
     assert [c.name for c in quality] and all(c.passed for c in quality), [c.note for c in quality]
     bases = {name: contract.eval[name].basis for name in measured}
     assert bases["category_accuracy"] == bases["category_macro_f1"] == bases["priority_band_match"] == "lower95"
+
+
+def _sliced(value, interval, n=20, tag="non_english"):
+    return _m(slices={tag: {"n": n, "metrics": {"category_macro_f1": value},
+                            "intervals": {"category_macro_f1": interval}}})
+
+
+def test_a_slice_clause_is_judged_on_the_examples_with_that_tag():
+    contract = ContractSpec(eval={"category_macro_f1": ">= 0.8", "category_macro_f1[non_english]": ">= 0.5 @ lower95"})
+    passed = judge(contract, _sliced(0.7, (0.55, 0.85)))
+    assert passed.passed, passed.table_rows()
+    clause = passed.clauses[-1]
+    assert clause.name == "category_macro_f1[non_english]" and clause.measured == 0.7
+    assert "20 examples tagged non_english" in clause.note
+    # the overall figure (0.9) clears its bar; the slice's lower bound does not clear its own
+    failed = judge(contract, _sliced(0.7, (0.45, 0.85)))
+    assert failed.failed == ["category_macro_f1[non_english]"]
+
+
+def test_a_slice_no_example_carries_fails_and_says_so():
+    contract = ContractSpec(eval={"category_macro_f1[angry]": ">= 0.5"})
+    clause = judge(contract, _sliced(0.9, (0.8, 1.0))).clauses[-1]
+    assert not clause.passed and "no eval example is tagged 'angry'" in clause.note
+    undeclared = judge(ContractSpec(eval={"priority_accuracy[non_english]": ">= 0.5"}), _sliced(0.9, (0.8, 1.0)))
+    assert "declare it in [eval].metrics" in undeclared.clauses[-1].note
+
+
+@given(st.floats(0, 1), st.floats(0, 0.5), st.floats(0, 1))
+def test_a_slice_clause_passes_exactly_when_its_bound_clears_the_bar(lo, width, bar):
+    contract = ContractSpec(eval={"category_macro_f1[short]": f">= {bar} @ lower95"})
+    verdict = judge(contract, _sliced(min(lo + width / 2, 1), (lo, min(lo + width, 1)), tag="short"))
+    assert verdict.passed == (lo >= bar)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -11,13 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from framework.metrics import (
+    UNTAGGED,
+    Measurements,
     bootstrap_interval,
+    confusion,
     exact_match,
     macro_f1,
     measure,
     metric_name,
     paired_delta,
     percentile,
+    slices,
 )
 
 finite = st.floats(min_value=0, max_value=1e5, allow_nan=False, allow_infinity=False)
@@ -175,3 +180,67 @@ def test_paired_test_finds_a_real_drop():
     result = paired_delta(old.tolist(), new.tolist())
     assert result.delta == pytest.approx(-30 / 200)
     assert result.significant and result.interval[1] < 0
+
+
+CATEGORIES = ("billing", "bug", "abuse")
+tagged_rows = st.lists(st.tuples(st.sampled_from(CATEGORIES), st.sampled_from(CATEGORIES),
+                                 st.sampled_from(("non_english", "short", None))), min_size=1, max_size=60)
+
+
+def _tagged(rows):
+    return [{**_record(c, p, 100.0 + i), "tags": [tag] if tag else []} for i, (c, p, tag) in enumerate(rows)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(tagged_rows)
+def test_slice_means_over_a_partition_combine_to_the_overall_metric(rows):
+    """With one tag or none per example the slices partition the run: their n-weighted means are the
+    overall mean, so a slice table can never disagree with the headline figure."""
+    records = _tagged(rows)
+    m = measure(records, ["exact_match:category"], bootstrap_samples=20)
+    found_slices = slices(records, ["exact_match:category"], bootstrap_samples=20)
+    assert m.slices in ({}, found_slices)  # a run without any tag reports none
+    assert sum(s["n"] for s in found_slices.values()) == len(records)
+    combined = sum(s["n"] * s["metrics"]["category_accuracy"] for s in found_slices.values()) / len(records)
+    assert combined == pytest.approx(m.metrics["category_accuracy"])
+    for tag, found in found_slices.items():
+        lo, hi = found["intervals"]["category_accuracy"]
+        assert lo <= found["metrics"]["category_accuracy"] <= hi, tag
+
+
+def test_an_example_with_two_tags_counts_in_both_slices_and_untagged_ones_in_their_own():
+    records = [{**_record("bug", "bug", 1), "tags": ["short", "typos"]}, {**_record("bug", "billing", 2), "tags": []},
+               {**_record("billing", "billing", 3), "tags": ["short"]}]
+    m = measure(records, ["exact_match:category", "macro_f1:category"], bootstrap_samples=20)
+    assert {t: s["n"] for t, s in m.slices.items()} == {"short": 2, "typos": 1, UNTAGGED: 1}
+    assert m.slices["short"]["metrics"]["category_accuracy"] == 1.0
+    assert m.slices[UNTAGGED]["metrics"]["category_accuracy"] == 0.0
+    assert m.slice_metric("category_accuracy[short]") == (1.0, (1.0, 1.0), 2)
+    assert math.isnan(m.slice_metric("category_accuracy[angry]")[0])
+    # a run of untagged examples reports no slices (a table of one row, "untagged", says nothing)
+    assert measure([_record("bug", "bug", 1)], ["exact_match:category"], bootstrap_samples=5).slices == {}
+
+
+def test_slices_survive_the_round_trip_through_the_store_json():
+    m = measure(_tagged([("bug", "bug", "short"), ("bug", "abuse", None)]), ["exact_match:category"],
+                bootstrap_samples=20)
+    again = Measurements.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert again.slices == m.slices and again.confusion == m.confusion
+
+
+@settings(max_examples=60, deadline=None)
+@given(tagged_rows)
+def test_the_confusion_matrix_counts_every_example_once_and_its_diagonal_is_the_accuracy(rows):
+    records = _tagged(rows)
+    matrix = confusion(records, ["category"])["category"]
+    assert sum(n for row in matrix.values() for n in row.values()) == len(records)
+    hits = sum(row.get(label, 0) for label, row in matrix.items())
+    assert hits / len(records) == pytest.approx(measure(records, ["exact_match:category"],
+                                                        bootstrap_samples=5).metrics["category_accuracy"])
+
+
+def test_a_missing_answer_is_its_own_column_and_free_text_fields_get_no_matrix():
+    records = [_record("bug", None, 1, error="boom"), _record("bug", "bug", 2)]
+    assert confusion(records, ["category"]) == {"category": {"bug": {"(no answer)": 1, "bug": 1}}}
+    many = [{"expected": {"reason": f"r{i}"}, "output": {"reason": "x"}} for i in range(30)]
+    assert confusion(many, ["reason"]) == {}

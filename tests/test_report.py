@@ -74,7 +74,9 @@ def test_verdict_table_and_run_rows_print_user_text_literally():
 
     measurements = SimpleNamespace(metrics={"acc": 0.5}, intervals={"acc": (0.4, 0.6)}, latency_p50_ms=1.0,
                                    latency_p95_ms=2.0, latency_p99_ms=3.0, error_rate=0.0, tokens_per_request=10.0,
-                                   cost_per_request=0.0)
+                                   cost_per_request=0.0,
+                                   slices={"tag[bold]": {"n": 1, "metrics": {"acc": 0.5},
+                                                         "intervals": {"acc": (0.4, 0.6)}}})
     records = [{"example_id": "e[/]1", "expected": {"category": "[optimize]"}, "output": {"category": MARKUP},
                 "error": None, "scores": {"acc": 0.0}},
                {"example_id": "e2", "expected": {}, "output": None, "error": "bad [bold]json[/]", "scores": {}}]
@@ -85,6 +87,7 @@ def test_verdict_table_and_run_rows_print_user_text_literally():
     text = out.getvalue()
     assert "e[/]1 expected {'category': '[optimize]'} got {'category': '" + MARKUP + "'}" in text
     assert "e2 expected {} got bad [bold]json[/]" in text and "model m[/]" in text
+    assert "tag[bold]" in text  # a slice's tag is user text too
 
 
 class _Elements(HTMLParser):
@@ -112,7 +115,10 @@ def test_check_report_escapes_every_run_value():
                                      "interval": None, "note": PAYLOAD}]},
             "run": {"run_id": "run-1", "split": "eval", "model": "m", "n": 2, "reused": False,
                     "hashes": {"content_hash": "abc"}},
-            "measurements": {"metrics": {"acc": 0.5}, "intervals": {}},
+            "measurements": {"metrics": {"acc": 0.5}, "intervals": {},
+                             "slices": {"tag" + PAYLOAD: {"n": 1, "metrics": {"acc": 0.0},
+                                                          "intervals": {"acc": [0, 0]}}},
+                             "confusion": {"category": {PAYLOAD: {"x": 1}}}},
             "errors": [{"example_id": "err" + PAYLOAD, "error": PAYLOAD}],
             "misses": [{"example_id": "miss-1", "inputs": {"ticket": PAYLOAD}, "expected": {"category": PAYLOAD},
                         "output": {"category": "x"}, "scores": {"acc": 0.0}}]}
@@ -122,6 +128,29 @@ def test_check_report_escapes_every_run_value():
     text = "".join(parsed.text)
     assert PAYLOAD in text and "err" + PAYLOAD in text and "proj<b>" in text
     assert json.dumps({"category": PAYLOAD}) in text
+    assert "tag" + PAYLOAD in text  # slice names and confusion labels are labellers' text: escaped too
+
+
+def test_check_report_shows_slices_and_a_confusion_matrix_with_recall():
+    from framework.metrics import measure
+
+    records = [{"example_id": f"e{i}", "inputs": {"ticket": "t"}, "expected": {"category": c},
+                "output": {"category": p}, "scores": {"category_accuracy": float(c == p)}, "latency_ms": 1.0,
+                "tokens_in": 1, "tokens_out": 1,
+                "cost": 0.0, "error": None, "tags": tags}
+               for i, (c, p, tags) in enumerate([("bug", "bug", []), ("bug", "billing", ["non_english"]),
+                                                 ("billing", "billing", ["non_english"]), ("billing", "billing", [])])]
+    measurements = measure(records, ["exact_match:category"], bootstrap_samples=20).to_dict()
+    data = {"verdict": {"passed": True, "failed": [], "n": 4, "meta": {}, "clauses": []},
+            "run": {"run_id": "run-1", "split": "eval", "model": "m", "n": 4, "reused": False, "hashes": {}},
+            "measurements": measurements, "errors": [], "misses": []}
+    page = report.render_html("proj", "chk-1", data)
+    assert 'id=slices' in page and "non_english" in page and "untagged" in page
+    matrix = page[page.index('id="confusion-category"'):]
+    matrix = matrix[:matrix.index("</table>")]
+    # rows billing (2 of 2 right) and bug (1 of 2 right, 1 answered billing), with recall
+    assert "<th>billing</th><td class=\"num hit\">2</td><td class=\"num\"></td><td class=num>1.00</td>" in matrix
+    assert "<th>bug</th><td class=\"num miss\">1</td><td class=\"num hit\">1</td><td class=num>0.50</td>" in matrix
 
 
 def test_review_page_escapes_every_value_and_marks_changed_words():

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from framework.report import render_review_html
-from framework.review import metric_deltas, regressions
+from framework.review import metric_deltas, regressions, slice_deltas
 
 METRICS = ["exact_match:category", "macro_f1:category", "exact_match:priority"]
 
@@ -62,6 +62,41 @@ def test_regressed_and_improved_counts_match_the_accuracy_delta(rows):
     accuracy = next(d for d in deltas if d["metric"] == "category_accuracy")
     assert abs(accuracy["delta"] * len(rows) - (improved - len(regressed))) < 1e-9
     assert regressions(old, old, shared) == ([], 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(outcomes, st.lists(st.sampled_from(["non_english", "short", None]), min_size=30, max_size=30))
+def test_slice_deltas_over_a_partition_weight_back_to_the_overall_delta(rows, tag_pool):
+    """One tag or none per example: the slices' paired accuracy deltas, weighted by n, are the overall one."""
+    old = {str(i): record(str(i), t, a) for i, (t, a, _) in enumerate(rows)}
+    new = {str(i): record(str(i), t, b) for i, (t, _, b) in enumerate(rows)}
+    tags = {str(i): [tag_pool[i]] if tag_pool[i] else [] for i in range(len(rows))}
+    shared, deltas = metric_deltas(old, new, METRICS, samples=20)
+    sliced = slice_deltas(old, new, shared, METRICS, tags, samples=20)
+    if not any(tags.values()):
+        assert sliced == []  # nothing tagged: no slice table
+        return
+    overall = next(d for d in deltas if d["metric"] == "category_accuracy")["delta"]
+    weighted = sum(row["n"] * next(d for d in row["metrics"] if d["metric"] == "category_accuracy")["delta"]
+                   for row in sliced) / len(rows)
+    assert abs(weighted - overall) < 1e-9
+    assert sum(row["n"] for row in sliced) == len(rows)
+
+
+def test_a_slice_that_got_worse_shows_under_a_flat_overall_figure():
+    """English tickets fixed, non-English ones broken: overall Δ 0, the slices say what happened."""
+    old = {f"e{i}": record(f"e{i}", "bug", "billing") for i in range(20)}
+    old.update({f"n{i}": record(f"n{i}", "bug", "bug") for i in range(20)})
+    new = {f"e{i}": record(f"e{i}", "bug", "bug") for i in range(20)}
+    new.update({f"n{i}": record(f"n{i}", "bug", "billing") for i in range(20)})
+    tags = {k: ["non_english"] if k.startswith("n") else [] for k in old}
+    shared, deltas = metric_deltas(old, new, METRICS, samples=200)
+    assert next(d for d in deltas if d["metric"] == "category_accuracy")["delta"] == 0
+    sliced = {row["slice"]: {d["metric"]: d for d in row["metrics"]}
+              for row in slice_deltas(old, new, shared, METRICS, tags, samples=200)}
+    assert sliced["non_english"]["category_accuracy"]["delta"] == -1.0
+    assert sliced["non_english"]["category_accuracy"]["significant"]
+    assert sliced["untagged"]["category_accuracy"]["delta"] == 1.0
 
 
 def test_review_page_escapes_ticket_text_and_marks_overrides():

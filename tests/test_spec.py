@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import string
 
 import pytest
@@ -188,3 +189,30 @@ def test_every_spec_key_is_documented():
                   s.EmptyGuard, s.InjectionGuard, s.PiiGuard, s.TopicsGuard, s.RuleGuard, s.BlocklistGuard):
         for key in model.model_fields:
             assert f"`{key}`" in doc or f"source.{key}" in doc, f"{model.__name__}.{key} missing from docs"
+
+
+def test_a_notebook_finds_the_project_that_declares_it(project_root, monkeypatch):
+    from framework.spec import project_for_notebook
+
+    monkeypatch.delenv("SLIPWAY_PROJECT", raising=False)
+    notebook = project_root / "notebooks" / "ticket_triage.py"
+    assert project_for_notebook(notebook).name == "ticket-triage"
+    # a copy of the notebook no project declares is an error naming the field to set
+    copy = project_root / "notebooks" / "copy.py"
+    copy.write_text(notebook.read_text())
+    with pytest.raises(SpecError, match="no project .* declares this notebook") as raised:
+        project_for_notebook(copy)
+    assert raised.value.field == "pipeline.notebook" and "SLIPWAY_PROJECT" in str(raised.value)
+    # two projects on one notebook: ambiguous, so SLIPWAY_PROJECT decides
+    shutil.copytree(project_root / "projects" / "ticket-triage", project_root / "projects" / "second")
+    with pytest.raises(SpecError, match=r"several projects .*\(second, ticket-triage\)"):
+        project_for_notebook(notebook)
+    monkeypatch.setenv("SLIPWAY_PROJECT", str(project_root / "projects" / "second"))
+    assert project_for_notebook(notebook).dir.name == "second"
+
+
+def test_a_slice_clause_is_a_quoted_key_of_contract_eval():
+    text = (REPO / "projects" / "ticket-triage" / "project.toml").read_text()
+    spec = parse_spec(text.replace("[contract.eval]\n", '[contract.eval]\n"category_accuracy[non_english]" = '
+                                   '">= 0.5 @ lower95"\n', 1))
+    assert spec.contract.eval["category_accuracy[non_english]"].basis == "lower95"

@@ -29,6 +29,39 @@ def test_plan_covers_flat_schemas_and_refuses_the_rest():
     assert plan({"type": "array"}) is None
 
 
+ENGLISH = {**TRIAGE, "properties": {**TRIAGE["properties"],
+                                   "reason": {"type": "string", "maxLength": 40, "pattern": "^[A-Za-z ,.'-]*$"}}}
+
+
+def test_a_pattern_of_one_character_class_becomes_the_value_grammar():
+    from llama_cpp import LlamaGrammar
+
+    reason = plan(ENGLISH)[-1]
+    assert reason.grammar.endswith("char ::= [A-Za-z ,.'-]") and "char{0,40}" in reason.grammar
+    LlamaGrammar.from_string(reason.grammar, verbose=False)  # llama.cpp accepts it
+    # anything that could leave the JSON string, or is not one repeated class, takes the full-schema grammar
+    for pattern in ('^[^x]*$', '^[a"]*$', "^[a\\\\]*$", "^[a-z]+$", "^(yes|no)$", "[a-z]*"):
+        schema = {**ENGLISH, "properties": {**ENGLISH["properties"], "reason": {"type": "string", "pattern": pattern}}}
+        assert plan(schema) is None, pattern
+
+
+@pytest.mark.model
+def test_a_pattern_keeps_a_free_text_value_in_one_script(tiny_model_present):
+    import re
+
+    from framework.lm import make_lm
+    from framework.weights import model_path
+
+    spec = load_project("ticket-triage", root=REPO).model(TINY)
+    engine = make_lm(spec, model_path(spec)).engine
+    for ticket in ["我的账单被收取了两次，请退款", "Die App stürzt beim Login ab – schon wieder!"]:
+        messages = [{"role": "user", "content": f"Why? Answer in the ticket's language: {ticket}"}]
+        text, _, _, _ = engine.fill(messages, plan(ENGLISH), temperature=0.0, max_tokens=64)
+        reason = json.loads(text)["reason"]
+        assert re.fullmatch(ENGLISH["properties"]["reason"]["pattern"], reason), reason
+        assert schema_problems(ENGLISH, text) == []
+
+
 names = st.text(alphabet="abcdefghij_", min_size=1, max_size=8)
 props = st.one_of(
     st.just({"type": "boolean"}), st.just({"type": "integer"}),

@@ -14,11 +14,28 @@ import pytest
 def test_notebook_runs_and_shows_scores_and_verdict(project_root, tiny_model_present, tmp_path):
     marimo = Path(sys.executable).parent / "marimo"
     out = tmp_path / "notebook.html"
-    env = {**os.environ, "SLIPWAY_MODEL": "tiny"}
+    # SLIPWAY_ERROR_ANALYSIS presses the error-analysis button for the first 8 dev examples
+    env = {**os.environ, "SLIPWAY_MODEL": "tiny", "SLIPWAY_ERROR_ANALYSIS": "8"}
     result = subprocess.run([str(marimo), "export", "html", "notebooks/ticket_triage.py", "-o", str(out)],
                             cwd=project_root, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     html = out.read_text()
     assert "Live dev scores" in html
-    assert "Contract verdict on this slice" in html
+    assert "Contract verdict on these examples" in html
     assert "category_macro_f1" in html
+    # the error-analysis cell ran on the dev split and rendered its three parts
+    assert "Error analysis: dev split, 8 examples" in html
+    assert "Worst slices" in html and "Confusion: category" in html and "Misclassified dev examples" in html
+
+
+@pytest.mark.model
+def test_opening_the_notebook_does_not_run_the_error_analysis(project_root, tiny_model_present, tmp_path):
+    """Without the button pressed, the cell stops and says how to run it (no minutes of model calls)."""
+    marimo = Path(sys.executable).parent / "marimo"
+    out = tmp_path / "notebook.html"
+    env = {k: v for k, v in os.environ.items() if k != "SLIPWAY_ERROR_ANALYSIS"} | {"SLIPWAY_MODEL": "tiny"}
+    result = subprocess.run([str(marimo), "export", "html", "notebooks/ticket_triage.py", "-o", str(out)],
+                            cwd=project_root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    html = out.read_text()
+    assert "Press the button to score the dev split" in html and "Error analysis: dev split" not in html
