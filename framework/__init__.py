@@ -137,7 +137,8 @@ def error_analysis(run: EvalRun, metric: str | None = None, **kwargs) -> dict:
 
 
 def optimize(project: Project, **kwargs):
-    """Compile the program with the project's DSPy optimiser and save it beside project.toml."""
+    """Compile the program with the project's DSPy optimiser within its budget; save it beside project.toml
+    only when dev improved significantly (or with force=True, recorded). See framework.optimize."""
     from framework.optimize import optimize as _optimize
 
     return _optimize(project, **kwargs)

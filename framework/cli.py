@@ -268,22 +268,39 @@ def check(project: ProjectArg, model: ModelOpt = None, limit: LimitOpt = None,
 
 @app.command()
 def optimize(project: ProjectArg, model: ModelOpt = None,
-             dev_limit: Annotated[int | None, typer.Option(min=1, help="score only N dev examples")] = None,
-             force: Annotated[bool, typer.Option("--force", help="save even when dev gets worse")] = False,
-             as_json: JsonOpt = False) -> None:
+             optimizer: Annotated[str | None, typer.Option(
+                 help="LabeledFewShot, BootstrapFewShot, BootstrapFewShotWithRandomSearch, MIPROv2 or GEPA "
+                      "(default: [optimize].optimizer)")] = None,
+             max_calls: Annotated[int | None, typer.Option(min=1, help="model calls the optimiser may make "
+                                                                      "(default: [optimize].max_calls)")] = None,
+             max_minutes: Annotated[float | None, typer.Option(min=0.01, help="minutes the optimiser may run "
+                                                                            "(default: [optimize].max_minutes)")]
+             = None,
+             train_limit: Annotated[int | None, typer.Option(min=1, help="a fixed sample of N train examples "
+                                                                        "(default: [optimize].train_limit)")] = None,
+             dev_limit: Annotated[int | None, typer.Option(min=1, help="score only the first N dev examples "
+                                                                      "(default: [optimize].dev_limit)")] = None,
+             force: Annotated[bool, typer.Option("--force", help="save even without a significant improvement on "
+                                                                 "dev (recorded as forced)")] = False,
+             key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """Compile the program with the optimiser in [optimize] on the train split; save it.
 
-    Prints dev-split scores before and after. Example: slipway optimize ticket-triage
+    The optimiser runs within the budget (max_calls, max_minutes); dev scores before and after are
+    compared pairwise, and the program is saved only when the optimiser's objective improved
+    significantly (p < 0.05), or with --force. Every save writes <saved_program>.meta.json and a signed
+    audit row. Exit 0 whether saved or not (the output says which), 2 on bad config.
+    Example: slipway optimize ticket-triage --optimizer GEPA --max-calls 300 --train-limit 30
     """
     from framework.optimize import optimize as run_optimize
     from framework.spec import load_project
 
-    outcome = run_optimize(load_project(project), model_key=model, dev_limit=dev_limit, force=force)
+    loaded = load_project(project)
+    outcome = report.with_optimize_progress(err, lambda progress: run_optimize(
+        loaded, model_key=model, optimizer=optimizer, max_calls=max_calls, max_minutes=max_minutes,
+        train_limit=train_limit, dev_limit=dev_limit, force=force, progress=progress, key=_key(key)),
+        plain=not console.is_terminal or bool(os.environ.get("CI")))
     if as_json:
-        _print_json({"optimizer": outcome.optimizer, "dev_before": outcome.before, "dev_after": outcome.after,
-                     "objective": outcome.objective, "objective_before": outcome.objective_before,
-                     "objective_after": outcome.objective_after, "demos": outcome.demos, "saved": outcome.saved,
-                     "path": str(outcome.path)})
+        _print_json(outcome.to_dict())
     else:
         report.print_optimize(console, outcome)
 

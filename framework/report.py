@@ -143,20 +143,35 @@ def models_table(rows: list[dict]) -> Table:
 
 
 def print_optimize(console: Console, outcome: OptimizeOutcome) -> None:
-    table = _table(("metric", "before", "after", "change"),
-                   f"{outcome.optimizer}: dev split before → after ({outcome.demos} demos)",
-                   right=("before", "after", "change"))
-    for name, before in outcome.before.items():
-        after = outcome.after.get(name, float("nan"))
-        _row(table, name, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
-    console.print(table)
-    console.print(text(f"objective {outcome.objective} on dev: {outcome.objective_before:.3f} → "
-                       f"{outcome.objective_after:.3f}"))
+    """Dev before → after per metric with the paired 95% interval of the change, the budget used, and
+    whether the program was saved, in words: a person must not mistake "not saved" for success."""
+    spent = f"{outcome.calls}/{outcome.max_calls}" if outcome.max_calls else str(outcome.calls)
+    budget = f"{spent} model calls in {outcome.elapsed_s:.0f} s" + (
+        f" (limit {outcome.max_minutes:g} min)" if outcome.max_minutes else "")
+    console.print(text(f"{outcome.optimizer} on {outcome.train_n} train examples: {budget}"
+                       + (f"; {outcome.plan}" if outcome.plan else "")
+                       + ("; stopped by the budget" if outcome.budget_spent else "")), soft_wrap=True)
+    if outcome.before:
+        table = _table(("metric", "before", "after", "change", "95% interval", "p"),
+                       f"dev split ({outcome.dev_n} examples): before → after ({outcome.demos} demos, "
+                       f"{outcome.instructions_changed} instructions changed)",
+                       right=("before", "after", "change", "95% interval", "p"))
+        rows = [{"metric": f"objective {outcome.objective}", **outcome.objective_delta}] if outcome.objective_delta \
+            else []
+        for d in rows + outcome.deltas:
+            low, high = d["interval"]
+            style = "green" if d["significant"] and d["delta"] > 0 else "red" if d["significant"] else ""
+            _row(table, d["metric"], f"{d['old']:.3f}", f"{d['new']:.3f}", text(f"{d['delta']:+.3f}", style),
+                 f"{low:+.3f} .. {high:+.3f}", f"{d['p_value']:.3g}")
+        console.print(table)
     if outcome.saved:
-        console.print(text(f"saved {outcome.path} (DSPy JSON); eval, check and build now use it"))
+        console.print(line(("saved" + (" (FORCED)" if outcome.forced else ""), "bold red" if outcome.forced
+                            else "green"), f" {outcome.path} (DSPy JSON); eval, check and build now use it"),
+                      soft_wrap=True)
+        console.print(text(f"{outcome.why}\nhow it was made: {outcome.provenance} (audit row #{outcome.audit_seq})"),
+                      soft_wrap=True)
     else:
-        console.print(line(("not saved", "yellow"), ": the compiled program is worse on dev; the baseline stays "
-                           "(use --force to save it anyway)"))
+        console.print(line(("not saved", "yellow"), ": ", outcome.why), soft_wrap=True)
 
 
 def print_build(console: Console, result: BuildResult) -> None:
@@ -401,6 +416,40 @@ def with_progress(err: Console, label: str, fn: Callable, *, plain: bool):
 
     def update(done: int, total: int) -> None:
         bar.update(task, completed=done, total=total)
+    with bar:
+        return fn(update)
+
+
+def with_optimize_progress(err: Console, fn: Callable, *, plain: bool):
+    """Call `fn(report)`; each `optimize.Step` moves its phase's bar on `err`: model calls against the
+    budget while compiling (elapsed against max_minutes beside it), examples while scoring dev. When
+    `plain` (piped, CI) it prints a line every 10% of a phase, or every 10 calls with no call budget."""
+    def label(step) -> str:
+        if step.phase != "compile":
+            return step.phase
+        limit = f"/{step.max_s:.0f}" if step.max_s else ""
+        return f"compile ({step.elapsed_s:.0f}{limit} s)"
+
+    if plain:
+        last: dict[str, int] = {}
+
+        def report(step) -> None:
+            every = max(1, (step.total or 100) // 10)
+            if step.done == step.total or step.done // every != last.get(step.phase, -1):
+                last[step.phase] = step.done // every
+                unit = " calls" if step.phase == "compile" else ""
+                err.print(text(f"{label(step)}: {step.done}/{step.total or '-'}{unit}"))
+        return fn(report)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}", style="progress.description", markup=False), BarColumn(),
+                   MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=False)
+    tasks: dict[str, Any] = {}
+
+    def update(step) -> None:
+        if step.phase not in tasks:
+            tasks[step.phase] = bar.add_task(label(step), total=step.total)
+        bar.update(tasks[step.phase], completed=step.done, total=step.total, description=label(step))
     with bar:
         return fn(update)
 

@@ -221,11 +221,51 @@ class ContractSpec(_Strict):
         return self
 
 
+OptimizerName = Literal["LabeledFewShot", "BootstrapFewShot", "BootstrapFewShotWithRandomSearch", "MIPROv2", "GEPA"]
+# GEPA's own budget knobs and its reflection model come from max_calls/max_minutes and the project's model.
+_GEPA_OWNED = ("auto", "max_metric_calls", "max_full_evals", "reflection_lm")
+
+
 class OptimizeSpec(_Strict):
-    optimizer: Literal["LabeledFewShot", "BootstrapFewShot", "BootstrapFewShotWithRandomSearch", "MIPROv2"] = (
-        "LabeledFewShot")
-    metric: str = Field("exact_match:category", description="metric the optimiser maximises")
+    """`slipway optimize`: which DSPy optimiser compiles the program on train, and on what budget.
+
+    On 2 CPU cores an optimiser left to its defaults runs for hours; `max_calls` and `max_minutes`
+    bound it (framework/optimize.py counts every model call it makes and stops it when either is
+    spent), and `train_limit` keeps the examples it walks through few.
+    """
+
+    optimizer: OptimizerName = "LabeledFewShot"
+    metric: str = Field("exact_match:category", description="metric the optimiser maximises: exact_match:<field> "
+                                                             "or notebook:<function>")
     params: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    max_calls: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="model calls the optimiser may make, counted (the dev scoring before/after is not)")
+    max_minutes: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="wall-clock minutes the optimiser may run; checked before each model call")
+    train_limit: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="a fixed (seeded) sample of N train examples; absent: the whole train split")
+    dev_limit: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="score only the first N dev examples before and after; absent: the whole dev split")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        kind, _, arg = value.partition(":")
+        if kind not in ("exact_match", "notebook") or not arg:
+            raise ValueError("expected exact_match:<field> or notebook:<function>, e.g. notebook:all_labels_match")
+        return value
+
+    @model_validator(mode="after")
+    def _gepa_has_a_budget(self) -> OptimizeSpec:
+        if self.optimizer != "GEPA":
+            return self
+        if self.max_calls is None and self.max_minutes is None:
+            raise ValueError("GEPA needs a budget: set max_calls and/or max_minutes (GEPA has no natural end)")
+        owned = sorted(set(self.params) & set(_GEPA_OWNED))
+        if owned:
+            raise ValueError(f"params {', '.join(owned)}: Slipway sets these for GEPA (from max_calls/max_minutes "
+                             "and the project's model); remove them from params")
+        return self
 
 
 class ServeSpec(_Strict):
