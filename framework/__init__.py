@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-# `check`, `build`, `review`, `slo`, `harvest` and `drift` share their names with their modules: import
+# `check`, `build`, `review`, `slo`, `harvest`, `drift` and `optimize` share their names with their modules: import
 # them eagerly so that a later `import framework.check` cannot replace the function with the module.
 # These modules import dspy, llama_cpp and bentoml only inside their functions.
 from framework.build import build
@@ -37,6 +37,7 @@ from framework.errors import (
     StoreError,
 )
 from framework.harvest import harvest
+from framework.optimize import optimize
 from framework.release import approve, deploy, rollback
 from framework.review import review
 from framework.slo import slo
@@ -134,15 +135,6 @@ def error_analysis(run: EvalRun, metric: str | None = None, **kwargs) -> dict:
     from framework.analysis import error_analysis as _analysis
 
     return _analysis(run, metric, **kwargs)
-
-
-def optimize(project: Project, **kwargs):
-    """Compile the program with the project's DSPy optimiser within its budget; save it beside project.toml
-    only when dev improved significantly (or with force=True, recorded). See framework.optimize."""
-    from framework.optimize import optimize as _optimize
-
-    return _optimize(project, **kwargs)
-
 
 
 def ingest_traces(project: Project):

@@ -241,13 +241,30 @@ def effective_spec(project: Project, **overrides) -> OptimizeSpec:
                         ) from None
 
 
-def train_sample(examples: list, limit: int | None) -> list:
-    """A fixed (seeded) sample of `limit` examples, kept in file order: the splits are written in blocks
-    by label, so the first N would cover one or two categories."""
-    if limit is None or limit >= len(examples):
-        return examples
-    keep = sorted(random.Random(0).sample(range(len(examples)), limit))
-    return [examples[i] for i in keep]
+def train_sample(examples: list, limit: int | None, stratify: tuple[str, ...] = ()) -> list:
+    """A fixed (seeded) sample of `limit` examples, in an order that mixes labels.
+
+    The splits are written in blocks by label, and few-shot optimisers take demos from the front: in file
+    order the demos would all be billing tickets. With `stratify` (expected fields, or `tags` for an
+    example's first tag) the order deals one example from each group in turn, so the first N demos an
+    optimiser keeps cover the categories and slices; without it the order is a seeded shuffle.
+    """
+    rng = random.Random(0)
+    if limit is not None and limit < len(examples):
+        examples = [examples[i] for i in sorted(rng.sample(range(len(examples)), limit))]
+    if not stratify:
+        return rng.sample(examples, len(examples))
+    groups: dict[tuple, list] = {}
+    for ex in examples:
+        key = tuple(str((ex.tags[:1] or ("untagged",))[0]) if f == "tags" else str(ex.expected.get(f))
+                    for f in stratify)
+        groups.setdefault(key, []).append(ex)
+    queues = [rng.sample(members, len(members)) for _, members in sorted(groups.items())]
+    rng.shuffle(queues)
+    order = []
+    while any(queues):
+        order.extend(queue.pop() for queue in queues if queue)
+    return order
 
 
 def split_for_validation(examples: list) -> tuple[list, list]:
@@ -553,7 +570,8 @@ def optimize(project: Project, *, model_key: str | None = None, optimizer: str |
     key_path = signing.find_key(key, create=True)  # before minutes of compiling: a missing key fails now
     metric = metric_fn(project, spec.metric)
     student = load_program(project, saved=False)
-    trainset = [ex.to_dspy() for ex in train_sample(load_split(project, "train", student), spec.train_limit)]
+    trainset = [ex.to_dspy() for ex in train_sample(load_split(project, "train", student), spec.train_limit,
+                                                     tuple(spec.stratify))]
     base = language_model(project, model_key)  # loaded before the clock starts
     counter = CallCounter(spec.max_calls, spec.max_minutes, progress)
     lm = counted_lm(base, counter)  # dev scoring below uses its own LM: uncounted

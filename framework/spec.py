@@ -246,13 +246,16 @@ class OptimizeSpec(_Strict):
         None, description="a fixed (seeded) sample of N train examples; absent: the whole train split")
     dev_limit: Annotated[int, Field(ge=1)] | None = Field(
         None, description="score only the first N dev examples before and after; absent: the whole dev split")
+    stratify: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default_factory=list, description="expected fields (or `tags`) whose groups the train order deals in turn, "
+                                          "so few-shot demos cover every category and slice; empty: shuffled")
 
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, value: str) -> str:
         kind, _, arg = value.partition(":")
         if kind not in ("exact_match", "notebook") or not arg:
-            raise ValueError("expected exact_match:<field> or notebook:<function>, e.g. notebook:all_labels_match")
+            raise ValueError("expected exact_match:<field> or notebook:<function>, e.g. notebook:triage_match")
         return value
 
     @model_validator(mode="after")

@@ -93,20 +93,22 @@ def priority_band_match(example, prediction, trace=None) -> float:
 
 
 @app.function
-def all_labels_match(example, prediction, trace=None) -> bool:
-    """Optimiser metric: category, priority and needs_human all right.
+def triage_match(example, prediction, trace=None) -> float:
+    """Optimiser metric: the share of category, needs_human and priority band (urgent/high vs medium/low)
+    that are right. Exact priority is left out: labellers themselves disagree on medium vs high.
 
-    While an optimiser bootstraps demos (`trace` is set) the answer must also have a short, complete
-    reason: a demo is copied into every prompt, and a model shown rambling reasons rambles too.
+    While an optimiser bootstraps a demo (`trace` is set) all three must be right and the reason a short,
+    complete phrase: a demo is copied into every prompt, and a model shown rambling reasons rambles too.
     """
-    right = all(
-        str(getattr(prediction, name, "")).lower() == str(example[name]).lower()
-        for name in ("category", "priority", "needs_human")
-    )
+    right = [
+        str(getattr(prediction, "category", "")).lower() == str(example.category).lower(),
+        str(getattr(prediction, "needs_human", "")).lower() == str(example.needs_human).lower(),
+        priority_band_match(example, prediction) == 1.0,
+    ]
     if trace is None:
-        return right
+        return sum(right) / len(right)
     reason = str(getattr(prediction, "reason", ""))
-    return right and 2 <= len(reason.split()) <= 8 and len(reason) < 60
+    return all(right) and 2 <= len(reason.split()) <= 8 and len(reason) < 60
 
 
 @app.cell

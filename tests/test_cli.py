@@ -151,13 +151,18 @@ def test_check_output_prints_markup_in_rows_literally(toml_path, monkeypatch):
     clauses = (Clause(name="acc[bold]", target=">= [0.5]", measured=0.4, passed=False, note=MARKUP),
                Clause(name="p95", target="<= 10 ms", measured=3.0, passed=True, unit="ms"))
     run = EvalRun(run_id="run-[red]x[/]", split="eval", model_key="tiny[/]", content_hash="c", records=[],
-                  measurements=Measurements.__new__(Measurements), reused=True)
+                  measurements=Measurements(n=0, metrics={"acc": 0.4}, intervals={"acc": (0.3, 0.5)},
+                                            latency_p50_ms=1, latency_p95_ms=3, latency_p99_ms=3, error_rate=0,
+                                            tokens_per_request=1, tokens_per_request_p95=1, cost_per_request=0,
+                                            slices={"[red]tag[/]": {"n": 1, "metrics": {"acc": 0.4},
+                                                                    "intervals": {"acc": (0.3, 0.5)}}}),
+                  reused=True)
     fake = CheckResult(check_id="chk", run=run, verdict=Verdict(clauses=clauses, n=0),
                        report_json="r.json", report_html="reports/[bold]r.html")
     monkeypatch.setattr(sys.modules["framework.check"], "check", lambda *a, **k: fake)
     result = runner.invoke(app, ["check", str(toml_path)])
     assert result.exit_code == 1, result.output
-    for literal in (MARKUP, "acc[bold]", ">= [0.5]", "reused run run-[red]x[/]", "model tiny[/]",
+    for literal in (MARKUP, "acc[bold]", ">= [0.5]", "reused run run-[red]x[/]", "model tiny[/]", "[red]tag[/]",
                     "FAIL: acc[bold]", "report: reports/[bold]r.html"):
         assert literal in result.output, literal
 

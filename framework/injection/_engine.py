@@ -20,7 +20,7 @@ Check = Callable[[re.Match[str], str], bool]
 
 WINDOW = 256  # characters after a needle's hit; longer than any rule's match
 _MAX_HITS = 48  # past this many needle hits, one scan of the whole text is cheaper than windows
-_WORDS = re.compile(r"\w+")
+_WORDS = re.compile(r"[^\W_]+")  # letters and digits: "_Note" holds the word "note" (rules match inside it)
 # A needle that is the start of a word (Latin or Cyrillic letters); the others (symbols, CJK, which has
 # no word breaks, a cased name) are searched for as substrings.
 _WORD_NEEDLE = re.compile(r"[a-zà-ÿąćęłńóśźżа-яё]+")
