@@ -286,6 +286,22 @@ def write_prefix_state(project: Project, program, out: Path) -> dict | None:
     return lm.engine.save_prefix(out / PREFIX_FILE, project.model(key).sha256)
 
 
+def optimize_provenance(project: Project) -> dict | None:
+    """The saved program's `program.meta.json`, when it describes exactly the saved file (its sha256): a
+    program edited by hand after `slipway optimize` carries no claim about how it was made."""
+    from framework.content import file_hash
+    from framework.optimize import provenance_path
+
+    saved, meta = project.saved_program_path, provenance_path(project.saved_program_path)
+    if not (saved.exists() and meta.exists()):
+        return None
+    try:
+        made = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    return made if isinstance(made, dict) and made.get("program_sha256") == file_hash(saved) else None
+
+
 def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels: dict, passing: dict,
                    version: str, variants: list[dict] = ()) -> None:
     shutil.copytree(PACKAGE_DIR, ctx / "framework", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -300,6 +316,9 @@ def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels
     shutil.copyfile(project.split_path("eval"), out / "eval.jsonl")
     program.save(str(out / "program.json"))
     (out / "program_state.json").write_text(json.dumps(program_state(program), indent=2, default=str))
+    made = optimize_provenance(project)
+    if made is not None:   # how `slipway optimize` made this program: the review shows it
+        (out / "optimize.json").write_text(json.dumps(made, indent=2))
     (out / "contract.json").write_text(project.spec.contract.model_dump_json(indent=2))
     write_prefix_state(project, program, out)
     write_alert_rules(project.spec, out / "alerts.yml")   # the contract, watched live by Prometheus

@@ -327,6 +327,14 @@ def print_review(console: Console, data: dict) -> None:
     t, b = data["target"], data["baseline"]
     console.print(line((f"Review {t['tag']}", "bold"), f" built {t['created']} by {t['author']}"))
     console.print(text(f"  against {b['tag']} ({data['baseline_reason']})" if b else f"  {data['baseline_reason']}"))
+    made = t.get("optimized")
+    if made:
+        console.print(text(f"  program made by `slipway optimize`: {made['optimizer']}, {made['demos']} demos, "
+                           f"{made['objective']} on {made['dev_n']} dev examples {made['before']:.3f} → "
+                           f"{made['after']:.3f} (Δ {made['delta']:+.3f}, 95% CI [{made['interval'][0]:+.3f}, "
+                           f"{made['interval'][1]:+.3f}], p {made['p_value']:.3f})"
+                           + (" FORCED: saved without a significant gain" if made["forced"] else ""),
+                           "red" if made["forced"] else ""), soft_wrap=True)
     for o in data["overrides"]:
         console.print(line((" OVERRIDE ", "bold white on red"), " ",
                            (f"{o['where']} by {o['actor']}: {o['reason']}", "red")))

@@ -55,7 +55,9 @@ def _contents(project: Project, bento) -> dict[str, Any]:
     toml = tomllib.loads((folder / "project.toml").read_text())
     labels = dict(bento.info.labels)
     report = folder / "check_report.json"
+    made = folder / "optimize.json"
     return {
+        "optimize": json.loads(made.read_text()) if made.exists() else None,
         "version": bento.tag.version, "tag": str(bento.tag), "labels": labels,
         "created": bento.info.creation_time.isoformat(timespec="seconds"),
         "program_state": json.loads((folder / "program_state.json").read_text()),
@@ -178,9 +180,22 @@ def _overrides(store: Store | None, project: Project, version: str, labels: dict
     return found
 
 
+def _made_by(made: dict | None) -> dict[str, Any] | None:
+    """How `slipway optimize` made the bento's program (its provenance file), in a few fields."""
+    if not made:
+        return None
+    delta = made.get("objective_delta") or {}
+    return {"optimizer": made.get("optimizer"), "demos": made.get("demos"), "objective": made.get("objective"),
+            "before": made.get("objective_before"), "after": made.get("objective_after"),
+            "delta": delta.get("delta"), "interval": delta.get("interval"), "p_value": delta.get("p_value"),
+            "forced": bool(made.get("forced")), "why": made.get("why"), "at": made.get("at"),
+            "calls": (made.get("budget") or {}).get("calls"), "dev_n": made.get("dev_n")}
+
+
 def _summary(side: dict[str, Any]) -> dict[str, Any]:
     labels = side["labels"]
-    return {"version": side["version"], "tag": side["tag"], "created": side["created"],
+    return {"optimized": _made_by(side.get("optimize")), "version": side["version"], "tag": side["tag"],
+            "created": side["created"],
             "author": side["author"], "check_id": labels.get("slipway.check_id"),
             "run_id": labels.get("slipway.check_run_id"), "content_hash": labels.get("slipway.content_hash"),
             "model": side["model"].get("name"), "model_sha256": labels.get("slipway.model_sha256"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import yaml
 
 from framework.alerts import alert_rules
@@ -22,3 +24,20 @@ def test_the_bento_context_carries_the_contracts_alert_rules(project_root, tmp_p
     written = yaml.safe_load((tmp_path / "slipway" / "alerts.yml").read_text())
     assert written == alert_rules(project.spec) and written["groups"][0]["rules"]
     assert (tmp_path / "framework" / "alerts.py").exists()   # service.py imports it inside the bento
+
+
+def test_the_bento_carries_how_optimize_made_the_program_only_while_the_file_is_unchanged(toml_path):
+    from framework.build import optimize_provenance
+    from framework.content import file_hash
+    from framework.optimize import provenance_path
+
+    project = load_project(str(toml_path))
+    assert optimize_provenance(project) is None   # no saved program
+    saved = project.saved_program_path
+    saved.write_text('{"triage": {"demos": []}}')
+    provenance_path(saved).write_text(json.dumps({"optimizer": "BootstrapFewShot", "program_sha256": file_hash(saved)}))
+    assert optimize_provenance(project)["optimizer"] == "BootstrapFewShot"
+    saved.write_text('{"triage": {"demos": [{"ticket": "edited by hand"}]}}')
+    assert optimize_provenance(project) is None   # edited after optimize: no claim about how it was made
+    provenance_path(saved).write_text("{not json")
+    assert optimize_provenance(project) is None

@@ -115,4 +115,19 @@ def test_review_page_escapes_ticket_text_and_marks_overrides():
         "overrides": [{"where": "build", "actor": "root", "reason": "hotfix <b>now</b>", "at": "t"}]})
     assert payload not in page and "&lt;script&gt;" in page
     assert "class=override" in page and "hotfix &lt;b&gt;now&lt;/b&gt;" in page
+    assert "id=optimized" not in page   # a program not made by `slipway optimize` claims nothing
     json.dumps(regressed)  # the --json output must serialise
+
+
+def test_a_forced_optimised_program_is_marked_on_the_review_page():
+    made = {"optimizer": "BootstrapFewShot<b>", "demos": 8, "objective": "notebook:triage_match", "before": 0.7,
+            "after": 0.72, "delta": 0.02, "interval": [-0.01, 0.05], "p_value": 0.2, "forced": True, "why": "x",
+            "at": "t", "calls": 40, "dev_n": 110}
+    side = {"tag": "p:v", "version": "v", "created": "now", "author": "alice", "check_id": "c", "run_id": "r",
+            "content_hash": "h", "model": "m", "model_sha256": "s", "git_commit": "none", "optimized": made}
+    page = render_review_html({
+        "project": "p", "target": side, "baseline": None, "baseline_reason": "first build", "contract": None,
+        "changes": None, "metrics": [], "slo": [], "regressed": [], "improved": 0, "approvals": [],
+        "readiness": None, "comparison": {"shared": 0, "samples": 20, "note": ""}, "overrides": []})
+    assert "id=optimized" in page and "BootstrapFewShot&lt;b&gt;, 8 demos" in page
+    assert "FORCED: saved without a significant gain" in page and "p 0.200" in page
