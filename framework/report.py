@@ -85,17 +85,26 @@ def print_check(console: Console, err: Console, result, project_name: str) -> No
     console.print(status + text(f"\nreport: {result.report_html}"))
 
 
-def slices_table(m: Measurements, title: str = "Per slice (tag): value [95% interval]") -> Table:
+def _slice_metric_names(slices: dict) -> list[str]:
+    """The metrics measured per slice, in declaration order (detector scores come from their own labelled
+    files, not from the eval rows, so they have no slices)."""
+    names: list[str] = []
+    for found in slices.values():
+        names += [name for name in found["metrics"] if name not in names]
+    return names
+
+
+def slices_table(m: Measurements, title: str = "Per slice (tag): value and 95% interval") -> Table:
     """One row per tag, one column per metric; a value whose interval lies wholly under the overall
     figure is red: there the pipeline is worse beyond noise."""
-    names = list(m.metrics)
+    names = _slice_metric_names(m.slices)
     table = _table(("slice", "n", *names), title, right=("n", *names))
     for tag, found in m.slices.items():
         cells = []
         for name in names:
             value = found["metrics"].get(name, math.nan)
             lo, hi = found["intervals"].get(name, (math.nan, math.nan))
-            cells.append(text(f"{value:.2f} [{lo:.2f}, {hi:.2f}]", "red" if hi < m.metrics[name] else ""))
+            cells.append(text(f"{value:.2f} {lo:.2f}–{hi:.2f}", "red" if hi < m.metrics[name] else ""))
         _row(table, tag, str(found["n"]), *cells)
     return table
 
@@ -580,7 +589,7 @@ def render_html(project_name: str, check_id: str, data: dict) -> str:
 def slice_table_rows(measurements: dict) -> tuple[list[str], list[dict]]:
     """(metric names, one row per slice) for the report; a cell is `low` when the slice's interval lies
     wholly under the overall figure: where the pipeline is worse, beyond noise."""
-    names = list(measurements["metrics"])
+    names = _slice_metric_names(measurements.get("slices") or {})
     rows = []
     for tag, found in (measurements.get("slices") or {}).items():
         cells = []

@@ -13,9 +13,10 @@ and it reports what the model evaluated (cached or new) apart from what it
 sampled: the forced skeleton is input, not output.
 
 Only flat objects whose properties are all required and are enums, booleans,
-integers or strings (optionally with a `pattern` that is one repeated character
-class, `^[A-Za-z ,.-]*$`) qualify (`plan` returns None otherwise, and the engine
-falls back to the full-schema grammar).
+integers or strings qualify (`plan` returns None otherwise, and the engine
+falls back to the full-schema grammar). A string may carry a `pattern` that is
+one repeated character class, `^[A-Za-z ,.-]*$`, or a run of words of one
+class, `^[a-z]{1,20}( [a-z]{1,20}){0,7}$`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,27 @@ def _char_class(pattern: str) -> str | None:
     return found.group(1) if found else None
 
 
+_WORDS_RE = re.compile(r'^\^(\[[^\]\\" ^][^\]\\" ]*\])\{(\d+),(\d+)\}\( \1\{\2,\3\}\)\{(\d+),(\d+)\}\$$')
+
+
+def _words(pattern: str) -> str | None:
+    """`^[A-Za-z,]{1,20}( [A-Za-z,]{1,20}){0,7}$` (one to eight words of one class, single spaces) → a GBNF
+    body; None for anything else.
+
+    A word count is how a free-text field stays a short phrase *and* ends on a whole word: a character
+    cap cuts the last word in half when the model rambles, while here the model can only close the
+    string where it would have written a space.
+    """
+    found = _WORDS_RE.match(pattern)
+    if not found:
+        return None
+    cls, low, high, least, most = found.group(1), *map(int, found.groups()[1:])
+    if not (1 <= low <= high and least <= most):
+        return None
+    word = f"{cls}{{{low},{high}}}"
+    return f'{word} (" " {word}){{{least},{most}}}'
+
+
 def plan(schema: dict) -> list[Step] | None:
     """Steps for a flat object schema, or None when the schema needs the general grammar."""
     if schema.get("type") != "object" or "$defs" in schema or "$ref" in json.dumps(schema):
@@ -79,6 +101,9 @@ def plan(schema: dict) -> list[Step] | None:
                               (" true", " false", "true", "false")))
         elif prop.get("type") == "integer":
             steps.append(Step(name, prefix, 'root ::= " "? "-"? ("0" | [1-9] [0-9]{0,15})', "integer"))
+        elif (prop.get("type") == "string" and set(prop) - {"title", "description"} == {"type", "pattern"}
+              and _words(prop["pattern"])):
+            steps.append(Step(name, prefix, f'root ::= " "? "\\"" {_words(prop["pattern"])} "\\""', "string"))
         elif prop.get("type") == "string" and not (set(prop) - {"type", "title", "description", "maxLength",
                                                                  "minLength", "pattern"}):
             char = _CHAR if "pattern" not in prop else _char_class(prop["pattern"])

@@ -13,6 +13,7 @@ with app.setup:
 
     CATEGORIES = ("billing", "bug", "account", "feature_request", "outage", "abuse")
     PRIORITIES = ("low", "medium", "high", "urgent")
+    REASON_WORDS = r"^[A-Za-z0-9,.'()/&+-]{1,24}( [A-Za-z0-9,.'()/&+-]{1,24}){1,9}$"
 
 
 @app.class_definition
@@ -39,10 +40,10 @@ class TriageTicket(dspy.Signature):
 
     ticket: str = dspy.InputField(desc="the customer's message, any language")
     category: Literal["billing", "bug", "account", "feature_request", "outage", "abuse"] = dspy.OutputField()
-    # The grammar enforces both limits: at most 64 characters, and only English letters, digits and plain
-    # punctuation, so the reason can neither ramble nor switch script mid-sentence.
+    # The pattern becomes the grammar: 2 to 10 whole words of English letters, digits and plain punctuation,
+    # so the reason can neither ramble, nor stop mid-word, nor switch script mid-sentence.
     reason: str = dspy.OutputField(desc='3 to 8 English words, like "card declined, workspace paused"',
-                                   max_length=64, pattern=r"^[A-Za-z0-9 ,.'()/&+-]*$")
+                                   pattern=REASON_WORDS)
     priority: Literal["low", "medium", "high", "urgent"] = dspy.OutputField()
     needs_human: bool = dspy.OutputField()
 
@@ -111,10 +112,10 @@ def priority_band_match(example, prediction, trace=None) -> float:
 
 @app.function
 def reason_complete(example, prediction, trace=None) -> float:
-    """Custom metric: the reason is a short phrase that ended on its own. The grammar stops it at 64
-    characters, so a rambling reason is cut mid-word; a complete one has 2 to 10 words and ends earlier."""
-    reason = str(getattr(prediction, "reason", "") or "")
-    return float(2 <= len(reason.split()) <= 10 and len(reason) < 64)
+    """Custom metric: the reason is a short phrase that ended on its own. The grammar stops it after its
+    tenth word (REASON_WORDS), so a rambling reason is cut there; a complete one ends earlier."""
+    words = str(getattr(prediction, "reason", "") or "").split()
+    return float(2 <= len(words) < 10)
 
 
 @app.function
@@ -132,8 +133,7 @@ def triage_match(example, prediction, trace=None) -> float:
     ]
     if trace is None:
         return sum(right) / len(right)
-    reason = str(getattr(prediction, "reason", ""))
-    return all(right) and 2 <= len(reason.split()) <= 8 and len(reason) < 60
+    return all(right) and reason_complete(example, prediction) == 1.0 and len(prediction.reason.split()) <= 8
 
 
 @app.cell

@@ -45,6 +45,23 @@ def test_a_pattern_of_one_character_class_becomes_the_value_grammar():
         assert plan(schema) is None, pattern
 
 
+WORDS = "^[A-Za-z,.'-]{1,12}( [A-Za-z,.'-]{1,12}){1,5}$"
+
+
+def test_a_pattern_of_whole_words_becomes_a_word_count_grammar():
+    from llama_cpp import LlamaGrammar
+
+    reason = plan({**ENGLISH, "properties": {**ENGLISH["properties"],
+                                             "reason": {"type": "string", "pattern": WORDS}}})[-1]
+    assert reason.grammar == ('root ::= " "? "\\"" [A-Za-z,.\'-]{1,12} (" " [A-Za-z,.\'-]{1,12}){1,5} "\\""')
+    LlamaGrammar.from_string(reason.grammar, verbose=False)
+    # a space inside the word class, two different classes, or bounds out of order: the full-schema grammar
+    for pattern in ("^[a-z ]{1,3}( [a-z ]{1,3}){0,2}$", "^[a-z]{1,3}( [A-Z]{1,3}){0,2}$",
+                    "^[a-z]{3,1}( [a-z]{3,1}){0,2}$", "^[a-z]{1,3}( [a-z]{1,3}){0,2}$ "):
+        schema = {**ENGLISH, "properties": {**ENGLISH["properties"], "reason": {"type": "string", "pattern": pattern}}}
+        assert plan(schema) is None, pattern
+
+
 @pytest.mark.model
 def test_a_pattern_keeps_a_free_text_value_in_one_script(tiny_model_present):
     import re
@@ -60,6 +77,9 @@ def test_a_pattern_keeps_a_free_text_value_in_one_script(tiny_model_present):
         reason = json.loads(text)["reason"]
         assert re.fullmatch(ENGLISH["properties"]["reason"]["pattern"], reason), reason
         assert schema_problems(ENGLISH, text) == []
+        words = {**ENGLISH, "properties": {**ENGLISH["properties"], "reason": {"type": "string", "pattern": WORDS}}}
+        text, _, _, _ = engine.fill(messages, plan(words), temperature=0.0, max_tokens=64)
+        assert re.fullmatch(WORDS, json.loads(text)["reason"]) and schema_problems(words, text) == []
 
 
 names = st.text(alphabet="abcdefghij_", min_size=1, max_size=8)
