@@ -322,9 +322,10 @@ def _what_moved(row: dict) -> str:
 def slice_deltas_table(sliced: list[dict]) -> Table:
     """Per slice, each metric's paired Δ with its interval; green or red only where significant."""
     names = [d["metric"] for d in sliced[0]["metrics"]]
-    table = _table(("slice", "n", *names), "Metric deltas per slice (paired): Δ [95% CI]", right=("n", *names))
+    table = _table(("slice", "n", *names), "Metric deltas per slice (paired Δ; * significant, p < 0.05; "
+                   "intervals on the review page)", right=("n", *names))
     for row in sliced:
-        cells = [text(f"{d['delta']:+.2f} [{d['interval'][0]:+.2f}, {d['interval'][1]:+.2f}]",
+        cells = [text(f"{d['delta']:+.2f}{'*' if d['significant'] else ' '}",
                       "bold red" if d["significant"] and d["delta"] < 0 else "green" if d["significant"] else "")
                  for d in row["metrics"]]
         _row(table, row["slice"], str(row["n"]), *cells)

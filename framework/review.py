@@ -101,6 +101,8 @@ def metric_deltas(old: dict[str, dict], new: dict[str, dict], metric_items: list
     for item in metric_items:
         name = metric_name(item)
         kind, _, field = item.partition(":")
+        if kind != "macro_f1" and shared and not all(name in side[k]["scores"] for side in (old, new) for k in shared):
+            continue   # a metric declared after one of the checks ran: no pair to compare
         if kind == "macro_f1":
             def rows(records, _f=field):
                 return [(records[k]["expected"].get(_f), (records[k]["output"] or {}).get(_f)) for k in shared]
@@ -140,7 +142,7 @@ def regressions(old: dict[str, dict], new: dict[str, dict], shared: list[str]) -
     for key in shared:
         a, b = old[key], new[key]
         dropped = sorted(m for m, score in a["scores"].items() if b["scores"].get(m, 0.0) < score)
-        gained = [m for m, score in b["scores"].items() if score > a["scores"].get(m, 0.0)]
+        gained = [m for m, score in b["scores"].items() if m in a["scores"] and score > a["scores"][m]]
         if b["error"] and not a["error"]:
             dropped = dropped or ["error"]
         if dropped:

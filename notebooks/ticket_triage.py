@@ -13,7 +13,7 @@ with app.setup:
 
     CATEGORIES = ("billing", "bug", "account", "feature_request", "outage", "abuse")
     PRIORITIES = ("low", "medium", "high", "urgent")
-    REASON_WORDS = r"^[A-Za-z0-9,.'()/&+-]{1,24}( [A-Za-z0-9,.'()/&+-]{1,24}){1,9}$"
+    REASON_CHARS = 64
 
 
 @app.class_definition
@@ -40,10 +40,11 @@ class TriageTicket(dspy.Signature):
 
     ticket: str = dspy.InputField(desc="the customer's message, any language")
     category: Literal["billing", "bug", "account", "feature_request", "outage", "abuse"] = dspy.OutputField()
-    # The pattern becomes the grammar: 2 to 10 whole words of English letters, digits and plain punctuation,
-    # so the reason can neither ramble, nor stop mid-word, nor switch script mid-sentence.
+    # The grammar enforces both limits: at most 64 characters of English letters, digits and plain
+    # punctuation, so the reason can neither ramble nor switch script mid-sentence (`route` trims a
+    # reason cut at the limit back to its last whole word).
     reason: str = dspy.OutputField(desc='3 to 8 English words, like "card declined, workspace paused"',
-                                   pattern=REASON_WORDS)
+                                   max_length=REASON_CHARS, pattern=r"^[A-Za-z0-9 ,.'()/&+-]*$")
     priority: Literal["low", "medium", "high", "urgent"] = dspy.OutputField()
     needs_human: bool = dspy.OutputField()
 
@@ -58,10 +59,16 @@ def route(prediction):
     with the guide (109 of 124 bugs and 79 of 91 feature requests need no person; most of the rest are
     injections, which the `injection` guardrail routes to a person anyway). Billing and account tickets
     keep the model's judgement; abuse and outages always reach a person (guardrail rules in project.toml).
+    A reason the grammar cut at REASON_CHARS loses its broken last word.
     """
     if getattr(prediction, "category", None) in ("bug", "feature_request") and \
             getattr(prediction, "priority", None) != "urgent":
         prediction.needs_human = False
+    reason = str(getattr(prediction, "reason", "") or "")
+    if len(reason) > REASON_CHARS - 4 and " " in reason.strip():   # cut by the grammar (a token or so
+        reason = reason.strip()[: reason.strip().rindex(" ")]         # from the end): keep whole words
+        prediction.reason_cut = True
+    prediction.reason = reason.strip().rstrip(",;:-").strip()
     return prediction
 
 
@@ -112,10 +119,10 @@ def priority_band_match(example, prediction, trace=None) -> float:
 
 @app.function
 def reason_complete(example, prediction, trace=None) -> float:
-    """Custom metric: the reason is a short phrase that ended on its own. The grammar stops it after its
-    tenth word (REASON_WORDS), so a rambling reason is cut there; a complete one ends earlier."""
+    """Custom metric: the reason the model wrote ended on its own, before the grammar's REASON_CHARS limit
+    (`route` marks a reason it trimmed `reason_cut`), in 2 to 10 words."""
     words = str(getattr(prediction, "reason", "") or "").split()
-    return float(2 <= len(words) < 10)
+    return float(2 <= len(words) <= 10 and not getattr(prediction, "reason_cut", False))
 
 
 @app.function

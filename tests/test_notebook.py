@@ -64,3 +64,32 @@ def test_marimo_check_passes():
     result = subprocess.run([marimo, "check", str(REPO / "notebooks" / "ticket_triage.py")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _demo():
+    return import_notebook(load_project("ticket-triage", root=REPO).notebook_path)
+
+
+@pytest.mark.parametrize(("category", "priority", "model_says", "routed"), [
+    ("bug", "high", True, False),               # an ordinary bug goes to the normal queue
+    ("feature_request", "low", True, False),
+    ("bug", "urgent", True, True),              # data loss, a security incident: a person
+    ("billing", "medium", True, True),          # billing and account keep the model's judgement
+    ("account", "low", False, False),
+])
+def test_the_demo_routes_as_its_labelling_guide_says(category, priority, model_says, routed):
+    answer = _demo().route(dspy.Prediction(category=category, reason="card declined, workspace paused",
+                                           priority=priority, needs_human=model_says))
+    assert answer.needs_human is routed and answer.reason == "card declined, workspace paused"
+
+
+def test_a_reason_cut_by_the_grammar_keeps_whole_words_and_counts_as_incomplete():
+    demo = _demo()
+    cut = "time tracking report double-counts hours for tasks with subtask"   # stopped at the limit
+    assert len(cut) == demo.REASON_CHARS - 1
+    answer = demo.route(dspy.Prediction(category="bug", reason=cut, priority="high", needs_human=False))
+    assert answer.reason == "time tracking report double-counts hours for tasks with"
+    assert demo.reason_complete(None, answer) == 0.0
+    whole = demo.route(dspy.Prediction(category="bug", reason="app crashes on login,", priority="high",
+                                       needs_human=False))
+    assert whole.reason == "app crashes on login" and demo.reason_complete(None, whole) == 1.0

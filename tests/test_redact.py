@@ -159,6 +159,9 @@ def test_a_card_anywhere_in_any_text_is_always_redacted(data, before, after, car
 def test_a_card_between_words_is_one_card(data, before, after, card):
     assume(not stdnum_nir.is_valid(card))   # a 15-digit card that is also a French NIR is a national id
     written = split_groups(data.draw, card, [" ", "-"]) if data.draw(st.booleans()) else card
+    # grouped oddly, part of a card can read as a national id (the tail of 2000 010 10 0012 is a US SSN
+    # written 010 10 0012), and a national id outranks a card (PRECEDENCE): that is the national id's test
+    assume(not find_pii(written, ("national_id",)))
     out, counts = redact_pii(f"{before} {written} {after}")
     assert out == f"{before} [CARD] {after}" and counts == {"card": 1}
 

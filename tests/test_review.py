@@ -131,3 +131,12 @@ def test_a_forced_optimised_program_is_marked_on_the_review_page():
         "readiness": None, "comparison": {"shared": 0, "samples": 20, "note": ""}, "overrides": []})
     assert "id=optimized" in page and "BootstrapFewShot&lt;b&gt;, 8 demos" in page
     assert "FORCED: saved without a significant gain" in page and "p 0.200" in page
+
+
+def test_a_metric_the_baseline_never_scored_is_not_compared_as_zero():
+    old = {"a": record("a", "bug", "bug")}
+    new = {"a": record("a", "bug", "bug")}
+    new["a"]["scores"]["reason_complete"] = 1.0   # declared after the baseline's check ran
+    _, deltas = metric_deltas(old, new, [*METRICS, "notebook:reason_complete"], samples=20)
+    assert "reason_complete" not in {d["metric"] for d in deltas}
+    assert {d["metric"] for d in deltas} == {"category_accuracy", "category_macro_f1", "priority_accuracy"}
