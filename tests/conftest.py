@@ -118,7 +118,9 @@ def tiny_project(project_root, monkeypatch, keys):
     toml = project_root / "projects" / "ticket-triage" / "project.toml"
     write_signers(toml.parent, keys)
     edit_toml(toml, 'model = "qwen15"', 'model = "tiny"')
-    for metric in ("category_macro_f1", "category_accuracy", "priority_band_match", "format_validity"):
+    for metric in ("category_macro_f1", "category_accuracy", "priority_band_match", "format_validity",
+                   "needs_human_accuracy", '"category_accuracy[non_english]"', '"needs_human_accuracy[injection]"',
+                   "reason_complete"):
         text = toml.read_text()
         start = text.index(f"{metric} = ")
         end = text.index("\n", start)

@@ -55,6 +55,10 @@ def test_review_page_shows_diff_regressions_and_override(tiny_project, tiny_mode
     assert data["changes"]["eval_set"] == {"added": [], "removed": [], "changed": []}
     assert data["comparison"]["shared"] == 12
     assert data["regressed"], "answers cut at 3 tokens must lose metrics that scored before"
+    # the same paired comparison per tag of the 12 eval rows (tags stored with each result)
+    sliced = {row["slice"]: row for row in data["slices"]}
+    assert sliced["non_english"]["n"] == 3 and sliced["untagged"]["n"] == 2 and sliced["ambiguous"]["n"] == 3
+    assert {d["metric"] for d in sliced["non_english"]["metrics"]} == {d["metric"] for d in data["metrics"]}
     assert not data["summary"]["contract_passed"]
     assert data["overrides"][0]["reason"] == "hotfix <b>now</b>"
     error_rate = next(c for c in data["contract"]["clauses"] if c["name"] == "error_rate_max")
@@ -85,6 +89,7 @@ def test_review_page_shows_diff_regressions_and_override(tiny_project, tiny_mode
         assert override.is_visible() and "hotfix <b>now</b>" in override.inner_text()
         assert override.evaluate("e => getComputedStyle(e).borderColor") == "rgb(207, 34, 46)"
         assert page.locator("#deltas tr").count() == 1 + len(data["metrics"])
+        assert page.locator("#slice-deltas tr").count() == 1 + len(data["slices"])
         assert not errors
         assert all(url.startswith("file://") for url in requests), requests
         browser.close()
