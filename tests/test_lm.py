@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 import time
 
@@ -56,7 +57,10 @@ def test_typed_outputs_always_parse_under_the_grammar(lm, tiny_model_present):
             assert pred.category in ("billing", "bug", "account", "feature_request", "outage", "abuse")
             assert pred.priority in ("low", "medium", "high", "urgent")
             assert isinstance(pred.needs_human, bool)
-            assert len(pred.reason) <= 60  # max_length reaches the grammar
+            # max_length reaches the grammar (a cut reason is then trimmed to whole words), and so does the
+            # pattern: English letters, digits and plain punctuation only
+            assert len(pred.reason) <= 64
+            assert re.fullmatch(r"[A-Za-z0-9 ,.'()/&+-]*", pred.reason), pred.reason
 
 
 @pytest.mark.model
