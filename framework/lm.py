@@ -69,6 +69,9 @@ _meter: contextvars.ContextVar[list[CallStats] | None] = contextvars.ContextVar(
 
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("slipway_deadline", default=None)
+# Told each structured value as it completes (name, JSON text): the service's streaming endpoint.
+_on_value: contextvars.ContextVar[Callable[[str, str], None] | None] = contextvars.ContextVar(
+    "slipway_on_value", default=None)
 
 
 @contextlib.contextmanager
@@ -94,6 +97,17 @@ def _remaining() -> float | None:
 def _timed_out(waited_for: str) -> ModelTimeout:
     return ModelTimeout(f"model call timed out {waited_for}", field="serve.timeout_s",
                         hint="raise serve.timeout_s, add workers, or send fewer concurrent requests")
+
+
+@contextlib.contextmanager
+def on_values(callback: Callable[[str, str], None]) -> Iterator[None]:
+    """Inside the block, structured answers tell `callback(name, json_text)` each value as it completes.
+    The sequential engine tells them one by one while decoding; the batched engine when the answer is done."""
+    token = _on_value.set(callback)
+    try:
+        yield
+    finally:
+        _on_value.reset(token)
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -282,7 +296,8 @@ class LlamaCppEngine:
         with _holding(self._lock):
             start = time.perf_counter()
             result = structured.decode(self._llama, tokens, steps, max_tokens=max_tokens, temperature=temperature,
-                                       grammar_cache=self._grammars, stop_at=_deadline.get())
+                                       grammar_cache=self._grammars, stop_at=_deadline.get(),
+                                       on_value=_on_value.get())
             if result.finish == "deadline":
                 raise _timed_out(f"after {(time.perf_counter() - start):.1f} s of generation")
             latency_ms = (time.perf_counter() - start) * 1000
@@ -335,8 +350,11 @@ class LlamaCppEngine:
         outcome = self._submit(tokens, shared, parts, max_tokens=max_tokens or (1 << 20), temperature=temperature,
                                seed=self.settings["seed"])
         answer = ""
+        on_value = _on_value.get()
         for step, part in zip(steps, outcome.parts, strict=False):
             answer += step.prefix + (structured._close(part.text, step.kind) if part.finish == "length" else part.text)
+            if on_value is not None and part.finish != "length":
+                on_value(step.name, part.text)
         if outcome.finish == "length" and len(outcome.parts) < len(steps):
             answer += steps[len(outcome.parts)].prefix + "null"
         stats = _outcome_stats(outcome)

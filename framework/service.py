@@ -23,6 +23,7 @@ import bentoml
 from pydantic import BaseModel, Field, create_model, field_validator
 
 from framework import alerts
+from framework.admission import Admission, Shed, parse_step
 from framework.apikeys import KEYS_FILE, KeyFiles, KeyRefusal, bearer, verify_key
 from framework.budgets import Budgets, Reservation, budgets_path
 from framework.errors import NotebookError, SlipwayError
@@ -85,6 +86,9 @@ CONFIG: dict[str, Any] = json.loads((BENTO_DIR / "bento.json").read_text())
 SPEC = parse_spec((BENTO_DIR / "project.toml").read_text(), str(BENTO_DIR / "project.toml"))
 MODEL = SPEC.models[CONFIG["model_key"]]
 LABELS = CONFIG["labels"]
+# How many requests this worker takes on; past the bound, 429 at once (framework/admission.py).
+ADMISSION = Admission(capacity=MODEL.parallel, max_queue=SPEC.serve.max_queue, degrade_at=SPEC.serve.degrade_at,
+                      steps=tuple(parse_step(step) for step in SPEC.serve.degrade))
 
 
 def _program(name: str | None = None, file: str = "program.json"):
@@ -159,6 +163,9 @@ def _schemas():
                                "feature flags that chose this answer's program variant (docs/flags.md)"))))
     response = create_model("Response", **outputs, guardrails=(dict[str, str], Field(
         default_factory=dict, description="each guardrail that fired and its action; empty when none did")),
+        served=(dict[str, Any], Field(default_factory=dict, description=(
+            "how the answer was served when not by the model alone: `cache` (exact/semantic), `degraded` (steps "
+            "applied under load), `fallback` (the declared fallback answered); empty otherwise"))),
         request_id=(str, ...), version=(version, ...))
     return request, response, limit
 
@@ -169,8 +176,23 @@ def _desc(field) -> str:
 
 Request, Response, MAX_INPUT_CHARS = _schemas()
 ENDPOINT = "/" + SPEC.serve.endpoint.strip("/")
+STREAM = ENDPOINT + "/stream"   # the same answer as server-sent events (framework/stream.py)
 OUTPUT_TYPES = {name: field.annotation for name, field in Response.model_fields.items()
-                if name not in ("request_id", "version", "guardrails")}
+                if name not in ("request_id", "version", "guardrails", "served")}
+
+
+def _closed(annotation) -> bool:
+    """A value from a fixed set (a Literal, an Enum, a bool or a number): it cannot carry text from the ticket,
+    so it may be streamed before the output guardrails judge the whole answer."""
+    import enum
+    import typing
+
+    if typing.get_origin(annotation) is typing.Literal or annotation in (bool, int, float):
+        return True
+    return isinstance(annotation, type) and issubclass(annotation, enum.Enum)
+
+
+CLOSED_FIELDS = frozenset(name for name, annotation in OUTPUT_TYPES.items() if _closed(annotation))
 
 
 class FeedbackBody(bentoml.IODescriptor):
@@ -236,6 +258,10 @@ _errors = bentoml.metrics.Counter(name=alerts.ERRORS, documentation="Requests an
                                   labelnames=["bento_version", "status", "tenant"])
 
 
+_shed = bentoml.metrics.Counter(name="slipway_requests_shed", documentation="Requests refused with 429 because the "
+                                "worker's queue was full (serve.max_queue)", labelnames=["bento_version"])
+_degraded = bentoml.metrics.Counter(name="slipway_requests_degraded", documentation="Requests answered with a "
+                                    "degradation step (serve.degrade)", labelnames=["bento_version", "step"])
 _trace_errors = bentoml.metrics.Counter(name="slipway_trace_errors", documentation="Traces that could not be written",
                                         labelnames=["bento_version"])
 
@@ -293,12 +319,12 @@ class NotReadyAnswers:
 
     async def __call__(self, scope, receive, send):
         reason = NOT_READY["reason"]
-        if reason is None or scope["type"] != "http" or scope.get("path") not in ("/readyz", ENDPOINT):
+        if reason is None or scope["type"] != "http" or scope.get("path") not in ("/readyz", ENDPOINT, STREAM):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
         body = {"error": f"not ready: {reason}", "request_id": request_id, "version": VERSION, "ready": False}
-        if scope.get("path") == ENDPOINT:   # a request refused by a version that cannot answer is an error
+        if scope.get("path") in (ENDPOINT, STREAM):   # a request refused by a version that cannot answer is an error
             t0 = time.perf_counter()
             trace = _trace(request_id=request_id, started_at=utc_now(), t0=t0, t_valid=None, t_end=t0, status=503,
                            error_code="not-ready", error=body["error"])
@@ -308,6 +334,44 @@ class NotReadyAnswers:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                                 (b"x-request-id", request_id.encode("latin-1"))]})
         await send({"type": "http.response.body", "body": payload})
+
+
+class Shedding:
+    """Bounded admission to the endpoint: past `serve.max_queue` requests waiting for the model, a newcomer is
+    answered 429 with a Retry-After at once (traced, counted), before its body is read, instead of waiting
+    until its deadline and failing with a 5xx. Runs inside the key check, so only callers with a valid key
+    count. The admitted request's depth travels in its ASGI scope to `predict` (degradation steps)."""
+
+    PATHS = (ENDPOINT, STREAM)
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") not in self.PATHS or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        admitted = ADMISSION.enter()
+        if isinstance(admitted, Shed):
+            t0, started_at = time.perf_counter(), utc_now()
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+            request_id = headers.get("x-request-id") or uuid.uuid4().hex
+            caller = caller_of(headers, ENDPOINT)
+            who = ({"caller": caller.key_id, "tenant": caller.tenant}
+                   if caller is not None and not isinstance(caller, KeyRefusal) else {})
+            trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=None,
+                           t_end=time.perf_counter(), status=429, error_code="overloaded", error=admitted.message,
+                           served={"shed": {"depth": admitted.depth, "limit": admitted.limit}}, **who)
+            _observe(429, t0, trace, ())
+            _shed.labels(VERSION["bento"]).inc()
+            return await _send_json(send, 429, {"error": admitted.message, "request_id": request_id,
+                                                "version": VERSION, "retry_after": admitted.retry_after},
+                                    [(b"retry-after", str(admitted.retry_after).encode()),
+                                     (b"x-request-id", request_id.encode("latin-1"))])
+        scope["slipway.admitted"] = admitted
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ADMISSION.leave()
 
 
 def caller_of(headers, path: str):
@@ -327,15 +391,16 @@ class ApiKeys:
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
-        if scope["type"] != "http" or (path not in (ENDPOINT, "/feedback") and not path.startswith("/traces/")):
+        if scope["type"] != "http" or (path not in (ENDPOINT, STREAM, "/feedback") and not path.startswith("/traces/")):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
-        found = caller_of(headers, "traces" if path.startswith("/traces/") else path)
+        # streaming is the endpoint answered another way: the same key scope
+        found = caller_of(headers, "traces" if path.startswith("/traces/") else ENDPOINT if path == STREAM else path)
         if not isinstance(found, KeyRefusal):
             return await self.app(scope, receive, send)
         t0, started_at = time.perf_counter(), utc_now()
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
-        if scope["path"] == ENDPOINT:
+        if scope["path"] in (ENDPOINT, STREAM):
             trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=None,
                            t_end=time.perf_counter(), status=found.status, error_code=found.code,
                            error=found.message, caller=found.key_id)
@@ -395,7 +460,7 @@ class ValidationErrorsAs422:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") not in (ENDPOINT, "/feedback"):
+        if scope["type"] != "http" or scope.get("path") not in (ENDPOINT, STREAM, "/feedback"):
             return await self.app(scope, receive, send)
         t0, started_at = time.perf_counter(), utc_now()
         headers = dict(scope.get("headers") or [])
@@ -406,7 +471,7 @@ class ValidationErrorsAs422:
                     name.lower() == b"x-slipway-guardrail" for name, _ in message.get("headers", [])):
                 message = {**message, "status": 422,
                            "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]}
-                if scope.get("path") == ENDPOINT:
+                if scope.get("path") in (ENDPOINT, STREAM):
                     trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=None,
                                    t_end=time.perf_counter(), status=422, error_code="invalid-request",
                                    error="the request does not match the endpoint's schema")
@@ -421,8 +486,13 @@ class ValidationErrorsAs422:
 # take seconds) fires first, so the caller gets a 503 naming the request, not a bare 504. BentoML
 # runs a sync API on `threads` threads (default 1), so requests would queue inside BentoML where no
 # deadline applies; one thread per admitted request makes them queue on the engine's lock instead.
-@bentoml.service(name=CONFIG["service_name"], workers=SPEC.serve.workers, threads=SPEC.serve.max_concurrency,
-                 traffic={"timeout": SPEC.serve.timeout_s + 60, "max_concurrency": SPEC.serve.max_concurrency},
+# Slipway's own bound (`Shedding`, serve.max_queue) answers 429 with a Retry-After first; BentoML's max_concurrency
+# (a bare 429) and its threads sit above it, with room for /feedback and /traces calls.
+_THREADS = max(SPEC.serve.max_concurrency, ADMISSION.limit + 8)
+
+
+@bentoml.service(name=CONFIG["service_name"], workers=SPEC.serve.workers, threads=_THREADS,
+                 traffic={"timeout": SPEC.serve.timeout_s + 60, "max_concurrency": _THREADS * SPEC.serve.workers},
                  labels={k.replace("slipway.", "slipway-"): v for k, v in LABELS.items()})
 class SlipwayService:
     gguf = bentoml.models.BentoModel(CONFIG["model_tag"])
@@ -492,29 +562,47 @@ class SlipwayService:
         from framework.notebook import warm_up_inputs
 
         inputs = warm_up_inputs(self.program)
+        start = time.perf_counter()
         with deadline(SPEC.serve.startup_timeout_s), dspy.context(lm=self.lm, adapter=self.adapter):
             self.program(**inputs)
+        ADMISSION.seconds_per_answer = time.perf_counter() - start   # Retry-After's first estimate
 
     def __is_ready__(self) -> bool:
         return self.ready
 
     @bentoml.api(route=ENDPOINT, input_spec=Request)
     def predict(self, ctx: bentoml.Context, **inputs: Any) -> dict:
+        return self._answer(ctx.request, ctx.response, inputs)
+
+    @bentoml.api(route=STREAM, input_spec=Request)
+    def stream(self, ctx: bentoml.Context, **inputs: Any):
+        """The same answer as server-sent events: `field` events as closed-set values (categories, booleans,
+        numbers) complete, then one `answer` event with the whole body (request id and versions included), or
+        one `error` event. A request refused before the model runs gets its plain JSON error and status."""
+        from framework.stream import start
+
+        request = ctx.request
+        return start(lambda reply, emit: self._answer(request, reply, inputs, emit=emit), ctx.response, CLOSED_FIELDS)
+
+    def _answer(self, request, response, inputs: dict[str, Any], emit=None) -> dict:
+        """One request through the stages, in order: caller and variant → size → input guardrails → budget →
+        model (degraded under load) → output guardrails → trace. `response` takes the status and headers;
+        `emit(name, value)` (streaming) is told closed-set values as the model completes them."""
         import dspy
 
-        from framework.lm import deadline, metering, root_cause
+        from framework.lm import deadline, metering, on_values, root_cause
 
         t0, started_at = time.perf_counter(), utc_now()
-        request_id = ctx.request.headers.get("x-request-id") or uuid.uuid4().hex
-        ctx.response.headers["X-Request-ID"] = request_id
-        caller = caller_of(ctx.request.headers, ENDPOINT)   # the middleware refused bad keys; this names who
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        response.headers["X-Request-ID"] = request_id
+        caller = caller_of(request.headers, ENDPOINT)   # the middleware refused bad keys; this names who
         if isinstance(caller, KeyRefusal):   # revoked between the middleware and here
-            return self._error(ctx, caller.status, caller.code, request_id, caller.message, t0, started_at,
+            return self._error(response, caller.status, caller.code, request_id, caller.message, t0, started_at,
                                inputs=None, who={"caller": caller.key_id})
         who = {"caller": caller.key_id, "tenant": caller.tenant} if caller is not None else {}
         program, version, chosen, guard = self.program, VERSION, None, self.guard
         if PACKED_VARIANTS:
-            assigned = self._assigned(caller, ctx.request.headers.get(SUBJECT_HEADER) or request_id)
+            assigned = self._assigned(caller, request.headers.get(SUBJECT_HEADER) or request_id)
             if assigned:
                 chosen = next(iter(assigned.items()))
                 program, variant_hash = self.variants[chosen]
@@ -523,9 +611,9 @@ class SlipwayService:
                 who = {**who, "flags": assigned, "program_hash": variant_hash}
         size = sum(len(str(v)) for v in inputs.values())
         if size > MAX_INPUT_CHARS:
-            return self._error(ctx, 413, "input-too-large", request_id, f"input is {size} characters; the contract "
-                               f"allows {MAX_INPUT_CHARS} (contract.max_input_chars)", t0, started_at, inputs=None,
-                               who=who, version=version)
+            return self._error(response, 413, "input-too-large", request_id, f"input is {size} characters; the "
+                               f"contract allows {MAX_INPUT_CHARS} (contract.max_input_chars)", t0, started_at,
+                               inputs=None, who=who, version=version)
         from framework.guardrails import decision_rows, fired
 
         checked = guard.check_input(inputs)
@@ -534,31 +622,48 @@ class SlipwayService:
         inputs = checked.values
         if checked.blocked is not None:
             blocked = checked.blocked
-            ctx.response.headers["X-Slipway-Guardrail"] = blocked.check   # a declared refusal, not a bad body
-            return self._error(ctx, blocked.status, blocked.code, request_id, blocked.message, t0, started_at,
+            response.headers["X-Slipway-Guardrail"] = blocked.check   # a declared refusal, not a bad body
+            return self._error(response, blocked.status, blocked.code, request_id, blocked.message, t0, started_at,
                                inputs=inputs, decisions=decisions, who=who, version=version)
         held = None
         if caller is not None:
             held = budgets().reserve(caller.tenant, *self._worst_case(decisions, program, chosen))
             if not isinstance(held, Reservation):
-                ctx.response.headers["Retry-After"] = str(held.retry_after)
-                body = self._error(ctx, 429, held.to_dict()["error"], request_id, held.message, t0, started_at,
+                response.headers["Retry-After"] = str(held.retry_after)
+                body = self._error(response, 429, held.to_dict()["error"], request_id, held.message, t0, started_at,
                                    inputs=inputs, decisions=decisions, who=who, version=version)
                 return {**body, "limit": held.limit, "value": held.value, "used": held.used,
                         "retry_after": held.retry_after}
         t_valid = time.perf_counter()
+        served: dict[str, Any] = {}
+        lm = self.lm
+        admitted = request.scope.get("slipway.admitted")
+        for step in admitted.degraded if admitted is not None else ():
+            if step.kind == "max_tokens":
+                lm = lm.copy(max_tokens=min(int(step.value), MODEL.max_tokens))
+            served.setdefault("degraded", []).append(str(step))
+            _degraded.labels(VERSION["bento"], str(step)).inc()
         calls: list = []
+        first: list[float] = []
+
+        def told(name: str, text: str) -> None:
+            if emit is not None and name in CLOSED_FIELDS:
+                first.append(first[0] if first else time.perf_counter())
+                emit(name, json.loads(text))
+
         try:
-            with metering() as calls, deadline(SPEC.serve.timeout_s), dspy.context(lm=self.lm, adapter=self.adapter):
+            with metering() as calls, deadline(SPEC.serve.timeout_s), dspy.context(lm=lm, adapter=self.adapter), \
+                    on_values(told):
                 prediction = program(**inputs)
             outputs = {name: prediction.get(name) for name in OUTPUT_TYPES}
+            ADMISSION.answered(sum(c.latency_ms for c in calls) / 1000)
         except Exception as exc:  # a request never kills the worker; the caller gets its id to report
             self._settle(held, calls)
             cause = root_cause(exc)
             message = cause.render() if isinstance(cause, SlipwayError) else \
                 f"model error: {type(exc).__name__}: {str(exc)[:1000]}"
             code = cause.code if isinstance(cause, SlipwayError) else "model-error"
-            return self._error(ctx, 503, code, request_id, message, t0, started_at, inputs=inputs,
+            return self._error(response, 503, code, request_id, message, t0, started_at, inputs=inputs,
                                t_valid=t_valid, calls=calls, decisions=decisions, who=who,
                                version=version)
         self._settle(held, calls)
@@ -566,16 +671,19 @@ class SlipwayService:
         decisions += answer.decisions
         if answer.blocked is not None:
             blocked = answer.blocked
-            ctx.response.headers["X-Slipway-Guardrail"] = blocked.check
-            return self._error(ctx, blocked.status, blocked.code, request_id, blocked.message, t0, started_at,
+            response.headers["X-Slipway-Guardrail"] = blocked.check
+            return self._error(response, blocked.status, blocked.code, request_id, blocked.message, t0, started_at,
                                inputs=inputs, t_valid=t_valid, calls=calls, decisions=decisions, who=who,
                                version=version)
         outputs = answer.values
+        if first:
+            served["first_field_ms"] = round((first[0] - t0) * 1000, 1)
         trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
                        t_end=time.perf_counter(), status=200, inputs=inputs, outputs=outputs, calls=calls,
-                       decisions=decision_rows(decisions), **who)
+                       decisions=decision_rows(decisions), served=served, **who)
         _observe(200, t0, trace, calls)
-        return {**outputs, "guardrails": fired(decisions), "request_id": request_id, "version": version}
+        return {**outputs, "guardrails": fired(decisions), "served": served, "request_id": request_id,
+                "version": version}
 
     @staticmethod
     def _assigned(caller, subject: str) -> dict[str, str]:
@@ -611,12 +719,12 @@ class SlipwayService:
         generated = sum(c.tokens_out for c in calls)
         budgets().settle(held, new + generated, request_cost(MODEL, new, cached, generated) if calls else 0.0)
 
-    def _error(self, ctx, status: int, code: str, request_id: str, message: str, t0: float, started_at,
+    def _error(self, response, status: int, code: str, request_id: str, message: str, t0: float, started_at,
                *, inputs: dict | None, t_valid: float | None = None, calls=(), decisions=None, who=None,
                version: dict | None = None) -> dict:
         from framework.guardrails import decision_rows, fired
 
-        ctx.response.status_code = status
+        response.status_code = status
         trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
                        t_end=time.perf_counter(), status=status, inputs=inputs, calls=calls, error_code=code,
                        error=message, decisions=decision_rows(decisions or ()), **(who or {}))
@@ -679,3 +787,4 @@ SlipwayService.add_asgi_middleware(TraceReads)
 SlipwayService.add_asgi_middleware(ValidationErrorsAs422)
 SlipwayService.add_asgi_middleware(NotReadyAnswers)
 SlipwayService.add_asgi_middleware(ApiKeys)
+SlipwayService.add_asgi_middleware(Shedding)

@@ -285,9 +285,27 @@ class ServeSpec(_Strict):
         15, description="`serve --channel` proxy: an idle keep-alive connection is closed after this many seconds")
     max_connections: Annotated[int, Field(ge=1, le=100000)] = Field(
         256, description="`serve --channel` proxy: connections and requests at once; more are answered 503")
+    max_queue: Annotated[int, Field(ge=0, le=10000)] = Field(
+        8, description="requests a worker lets wait for its model beyond the `parallel` it answers at once; "
+                       "more are refused at once with 429 and a Retry-After (docs/serve.md, load shedding)")
+    degrade_at: Annotated[int, Field(ge=0, le=10000)] | None = Field(
+        None, description="from this many waiting requests on, `degrade` applies to newcomers (none: never)")
+    degrade: list[str] = Field(
+        default_factory=list, description="steps applied in order under load, each marked in the response: "
+                                          "`max_tokens=<N>` (shorter answers)")
     auth: Literal["api_key", "none"] = Field(
         "api_key", description="api_key: every call to the endpoint and /feedback needs a tenant's key "
                                "(`slipway keys create`); none: anyone who reaches the port may call")
+
+
+    @field_validator("degrade")
+    @classmethod
+    def _steps(cls, value: list[str]) -> list[str]:
+        from framework.admission import parse_step
+
+        for step in value:
+            parse_step(step)
+        return value
 
 
 class ProjectMeta(_Strict):

@@ -22,7 +22,7 @@ from typing import Any
 
 from framework.errors import StoreError
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -149,6 +149,7 @@ CREATE TABLE IF NOT EXISTS traces (
     redactions JSON,              -- rule -> how many replacements
     worker VARCHAR,
     flags JSON,                   -- {flag: variant} when a feature flag chose the program (docs/flags.md)
+    served JSON,                  -- how it was answered besides the model: cache, degraded, fallback (docs/serve.md)
     segment VARCHAR,              -- the segment file it was ingested from
     ingested_at TIMESTAMP
 );
@@ -183,7 +184,7 @@ CREATE TABLE IF NOT EXISTS audit_checkpoint (
 MIGRATIONS = [f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}"
               for table, columns in {"results": ("tokens_cached INTEGER", "guardrails JSON", "blocked VARCHAR",
                                                  "tags JSON"),
-                                     "traces": ("flags JSON",),
+                                     "traces": ("flags JSON", "served JSON"),
                                      "checks": ("report_sha256 VARCHAR", "statement JSON", "signer_key VARCHAR",
                                                 "signature VARCHAR"),
                                      "approvals": ("statement JSON", "signer_key VARCHAR", "signature VARCHAR"),
@@ -238,12 +239,12 @@ class Store:
             self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
             # 1 -> 2 added tables (SCHEMA creates them); 2 -> 3 added signature columns and results.tokens_cached;
             # 3 -> 4 added traces, feedback and segments (SCHEMA creates them); 4 -> 5 results.guardrails, .blocked;
-            # 5 -> 6 traces.flags; 6 -> 7 results.tags.
+            # 5 -> 6 traces.flags; 6 -> 7 results.tags; 7 -> 8 traces.served.
             # Rows from before signing stay readable but carry no signature, so no gate counts them.
             for sql in MIGRATIONS:
                 self.con.execute(sql)
-            self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND value IN "
-                             "('1', '2', '3', '4', '5')", [str(SCHEMA_VERSION)])
+            self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND CAST(value AS INTEGER) < ?",
+                             [str(SCHEMA_VERSION), SCHEMA_VERSION])
         version = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if version and int(version[0]) != SCHEMA_VERSION:
             raise StoreError(f"schema version {version[0]}, this slipway knows {SCHEMA_VERSION}", path=str(path),
@@ -584,7 +585,7 @@ def duckdb_statements(sql: str) -> list:
 
 
 def _decode_trace(row: dict[str, Any]) -> dict[str, Any]:
-    for key in ("inputs", "outputs", "calls", "stages", "decisions", "redactions", "flags"):
+    for key in ("inputs", "outputs", "calls", "stages", "decisions", "redactions", "flags", "served"):
         if row.get(key) is not None:
             row[key] = json.loads(row[key])
     return row

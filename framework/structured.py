@@ -214,11 +214,12 @@ class Decoded:
 
 
 def decode(llama, prompt: list[int], steps: list[Step], *, max_tokens: int | None, temperature: float,
-           grammar_cache: dict, stop_at: float | None = None) -> Decoded:
+           grammar_cache: dict, stop_at: float | None = None, on_value=None) -> Decoded:
     """Fill the steps on `llama` (a llama_cpp.Llama) after the token prompt `prompt`.
 
     `stop_at` is a `time.monotonic()` deadline: generation stops at the next token past it and the
-    finish reason is "deadline" (the caller turns that into a timeout error).
+    finish reason is "deadline" (the caller turns that into a timeout error). `on_value(name, text)` is
+    told each value as soon as it is complete (its JSON text), so a streamed answer can send it on.
 
     Each step extends the previous step's tokens (prompt, forced skeleton, sampled ids), so
     llama.cpp's prefix cache evaluates only the new skeleton text. The skeleton is tokenized as
@@ -259,6 +260,8 @@ def decode(llama, prompt: list[int], steps: list[Step], *, max_tokens: int | Non
         answer += value
         if finish == "length":
             break
+        if on_value is not None:
+            on_value(step.name, value)
     cached = cached or 0
     return Decoded(answer + ("}" if finish != "deadline" else ""), finish, generated,
                    len(prompt) + skeleton - cached, cached)

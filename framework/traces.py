@@ -40,7 +40,7 @@ TRACE_COLUMNS = {
     "status": "INTEGER", "error_code": "VARCHAR", "error": "VARCHAR",
     "tokens_in_new": "INTEGER", "tokens_in_cached": "INTEGER", "tokens_out": "INTEGER", "cost": "DOUBLE",
     "inputs": "JSON", "outputs": "JSON", "calls": "JSON", "stages": "JSON", "decisions": "JSON",
-    "redactions": "JSON", "worker": "VARCHAR", "flags": "JSON",
+    "redactions": "JSON", "worker": "VARCHAR", "flags": "JSON", "served": "JSON",
 }
 FEEDBACK_COLUMNS = {
     "feedback_id": "VARCHAR", "request_id": "VARCHAR", "trace_id": "VARCHAR", "bento": "VARCHAR",
@@ -356,7 +356,7 @@ class Tracer:
                status: int, inputs: dict | None = None, outputs: dict | None = None, calls=(),
                error_code: str | None = None, error: str | None = None, caller: str | None = None,
                tenant: str | None = None, decisions: list[dict] | None = None, flags: dict[str, str] | None = None,
-               program_hash: str | None = None) -> dict[str, Any] | None:
+               program_hash: str | None = None, served: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Build, redact and append the trace of one request; returns it (None when tracing is off).
         Times are `time.perf_counter()` readings: t0 at arrival, t_valid after validation, t_end at answer."""
         if not self.spec.enabled:
@@ -403,7 +403,7 @@ class Tracer:
             "inputs": self.redactor.value(inputs, counts) if keep and inputs is not None else None,
             "outputs": self.redactor.value(outputs, counts) if keep and outputs is not None else None,
             "calls": call_rows, "stages": stages, "decisions": decisions or [], "redactions": counts,
-            "worker": self._worker(), "flags": flags or {},
+            "worker": self._worker(), "flags": flags or {}, "served": served or {},
         }
         if program_hash is not None:   # a flag variant answered: its program, not the pipeline's
             trace["program_hash"] = program_hash

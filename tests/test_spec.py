@@ -217,3 +217,14 @@ def test_a_slice_clause_is_a_quoted_key_of_contract_eval():
                                    '">= 0.5 @ lower95"\n', 1))
     assert spec.contract.eval["category_accuracy[short]"].basis == "lower95"
     assert spec.contract.eval["category_accuracy[non_english]"].value == 0.5   # the demo's own slice clause
+
+
+def test_a_degradation_step_is_checked_where_it_is_declared(toml_path):
+    edit_toml(toml_path, "timeout_s = 60",
+              'timeout_s = 60\nmax_queue = 2\ndegrade_at = 1\ndegrade = ["max_tokens=lots"]')
+    with pytest.raises(SpecError) as info:
+        load_project(str(toml_path))
+    assert "serve.degrade" in str(info.value) and "whole number" in str(info.value)
+    edit_toml(toml_path, 'degrade = ["max_tokens=lots"]', 'degrade = ["max_tokens=32"]')
+    serve = load_project(str(toml_path)).spec.serve
+    assert (serve.max_queue, serve.degrade_at, serve.degrade) == (2, 1, ["max_tokens=32"])
