@@ -6,7 +6,8 @@ project.toml → `load_project` → `load_program` (from the notebook) →
 `error_analysis` (slices, confusion, misclassified) → `optimize` →
 `build` (a BentoML bento, refused unless the check passed) → `review` (against the baseline) →
 `approve` → `deploy` / `rollback` (channels) → `slipway serve` → traces (`ingest_traces`) → the live
-contract (`slo`), feedback back into the eval set (`harvest`, `accept_harvest`) and `drift`.
+contract (`slo`), feedback back into the eval set (`harvest`, `accept_harvest`), `drift`, and the requests a
+failed model handed to a person (`human_queue`, `resolve_handoff`).
 Approvals, deploys and rollbacks are signed with the person's SSH key (`key=`, a path; see
 framework/signing.py and docs/trust.md).
 Heavy libraries (dspy, llama_cpp, duckdb) are imported only when used.
@@ -27,6 +28,7 @@ from framework.errors import (
     BentoTampered,
     ContractFailed,
     DatasetError,
+    HandoffError,
     IdentityError,
     ModelError,
     NotebookError,
@@ -52,6 +54,7 @@ __all__ = [
     "BentoTampered",
     "ContractFailed",
     "DatasetError",
+    "HandoffError",
     "IdentityError",
     "ModelError",
     "NotReady",
@@ -71,6 +74,7 @@ __all__ = [
     "drift",
     "error_analysis",
     "harvest",
+    "human_queue",
     "ingest_traces",
     "judge",
     "language_model",
@@ -80,6 +84,7 @@ __all__ = [
     "optimize",
     "parse_spec",
     "project_for_notebook",
+    "resolve_handoff",
     "review",
     "rollback",
     "run_eval",
@@ -150,3 +155,17 @@ def accept_harvest(project: Project, **kwargs):
 
     return accept(project, **kwargs)
 
+
+def human_queue(project: Project, *, everything: bool = False):
+    """Requests the served bento handed to a person (`[fallback] action = "human"`), after ingesting new ones:
+    the open ones, or with `everything` the resolved ones too (framework/handoff.py)."""
+    from framework.handoff import queue
+
+    return queue(project, everything=everything)
+
+
+def resolve_handoff(project: Project, ident: str, labels: dict, **kwargs):
+    """Record a person's answer to a request in the human queue, signed (`key=`; needs the queue role)."""
+    from framework.handoff import resolve
+
+    return resolve(project, ident, labels, **kwargs)

@@ -1,5 +1,6 @@
 """The audit log: a hash-chained, append-only record of every signed check, build, approval, deploy,
-rollback, override, prune and addition of served requests to the eval set (harvest-accept).
+rollback, override, prune, addition of served requests to the eval set (harvest-accept) and answer a
+person gave to a request the service handed over (queue-resolve).
 
 Each row records one signed statement (framework/signing.py: who, by key, did which action to which
 target, with which details, when) and carries sha256(previous row's hash + its own canonical content,
@@ -170,7 +171,8 @@ def append(store: Store, signed: signing.Signed, actor: str) -> dict:
 # Rows that only count when a key listed in signers.toml (and not revoked) signed them. Checks and builds
 # may be signed by anyone (their author is named); the deploy gate decides whether it trusts those.
 LISTED_ONLY = {"approve": "approve", "deploy": None, "rollback": None, "prune": "audit",
-               "harvest-accept": "curate", "flag-approve": "approve", "flag-on": "flags", "flag-off": "flags"}
+               "harvest-accept": "curate", "flag-approve": "approve", "flag-on": "flags", "flag-off": "flags",
+               "queue-resolve": "queue"}
 
 
 def policy_problem(rows: list[dict[str, Any]], signers: signing.SignersSpec) -> Problem | None:

@@ -27,6 +27,7 @@ from framework.check import check, failed_clauses, verified_check
 from framework.content import content_hashes, contract_hash
 from framework.errors import ContractFailed, ReleaseRefused
 from framework.evaluate import git_commit, store_path
+from framework.fallback import validate_project
 from framework.notebook import load_program, program_state
 from framework.release import CHECK_FILE
 from framework.spec import Project
@@ -77,6 +78,7 @@ def gate(project: Project, *, run_check: bool = False, key: Path | None = None) 
     the report file is the one signed (check.verified_check): inserting a row opens nothing.
     """
     program = load_program(project)
+    validate_project(project, program)   # the [fallback] answer must fit what this program answers
     hashes = content_hashes(project, program, "eval", project.spec.pipeline.model, None)
     hashes["contract_hash"] = contract_hash(project)
     found, forged = None, []
@@ -137,15 +139,17 @@ def checked_variants(project: Project) -> tuple[list[dict], list[dict]]:
 
 
 def bento_version(passing: dict, project: Project, variants: list[dict] = ()) -> str:
-    """Deterministic: the checked content, the contract, the [serve] settings baked into the bento
-    (endpoint, workers, timeout) and the framework code that packs and serves them. Changing any of
-    them must give a new version, or a rebuild would keep serving the old settings under the old tag."""
+    """Deterministic: the checked content, the contract, the [serve] and [fallback] settings baked into the
+    bento (endpoint, workers, timeout; the fallback answer) and the framework code that packs and serves
+    them. Changing any of them must give a new version, or a rebuild would keep serving the old settings
+    under the old tag."""
     from framework.content import json_hash, versions
 
     package = {p.relative_to(PACKAGE_DIR).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                for p in sorted(PACKAGE_DIR.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
     key = {"content": passing["content_hash"], "contract": passing["contract_hash"],
-           "serve": project.spec.serve.model_dump(mode="json"), "slipway": versions()["slipway"], "code": package}
+           "serve": project.spec.serve.model_dump(mode="json"), "slipway": versions()["slipway"], "code": package,
+           "fallback": project.spec.fallback.model_dump(mode="json")}
     if variants:   # a newly checked variant is a new version (older bentos never had it)
         key["variants"] = sorted(f"{v['flag']}={v['variant']}:{v['content_hash']}" for v in variants)
     return json_hash(key)[:20]

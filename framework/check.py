@@ -38,10 +38,12 @@ class CheckResult:
 def check(project: Project, *, model_key: str | None = None, limit: int | None = None, fresh: bool = False,
           progress: Progress | None = None, key: Path | None = None) -> CheckResult:
     """Judge the project's contract on the eval split; reuse a complete run of identical content."""
+    from framework.fallback import validate_project
     from framework.notebook import load_program
 
     model_key = model_key or project.spec.pipeline.model
     key_path = signing.find_key(key, create=True)  # before minutes of eval: a missing key fails now
+    validate_project(project)   # so does a [fallback] answer that does not fit the program's output fields
     run = None
     if not fresh and store_path(project).exists():
         program = load_program(project)

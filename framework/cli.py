@@ -130,6 +130,10 @@ harvest_app = typer.Typer(cls=HarvestGroup, no_args_is_help=True, rich_markup_mo
                           help="Served requests with negative feedback or corrected labels → candidate eval rows: "
                                "`slipway harvest <project>` writes the review file, `accept` adds reviewed rows.")
 app.add_typer(harvest_app, name="harvest")
+queue_app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=True, rich_markup_mode=None,
+                        help="Requests the service handed to a person ([fallback] action = \"human\"): `slipway queue "
+                             "<project>` lists the open ones; `resolve` records a person's signed answer.")
+app.add_typer(queue_app, name="queue")
 
 ProjectArg = Annotated[str, typer.Argument(help="project name (projects/<name>) or path to its project.toml")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of tables")]
@@ -645,7 +649,7 @@ def signers_show(key: KeyOpt = None) -> None:
 def signers_add(project: ProjectArg, name: Annotated[str, typer.Argument(help="the person's name")],
                 public: Annotated[str, typer.Option("--public-key", help="their .pub file, or the key line itself")],
                 roles: Annotated[str, typer.Option(help="comma-separated: approve, deploy:prod, rollback:prod, "
-                                                        "override, audit, curate, keys")] = "") -> None:
+                                                        "override, audit, curate, keys, flags, queue")] = "") -> None:
     """Add a person to projects/<name>/signers.toml; commit it (who may act is a reviewed change).
 
     Example: slipway signers add ticket-triage bob --public-key ~/bob.pub --roles approve
@@ -1013,6 +1017,54 @@ def harvest_accept(project: ProjectArg,
             console.print(text(message))
     if not result.ok:
         raise typer.Exit(1)
+
+
+@queue_app.command("list")
+def queue_list(project: ProjectArg,
+               everything: Annotated[bool, typer.Option("--all", help="resolved entries too, each marked verified "
+                                                                       "or not")] = False,
+               as_json: JsonOpt = False) -> None:
+    """Requests handed to a person, oldest first (ingests new handoff segments into the store first).
+
+    Example: slipway queue ticket-triage --all
+    """
+    from framework.handoff import queue
+    from framework.spec import load_project
+
+    loaded = load_project(project)
+    listing = queue(loaded, everything=everything)
+    for problem in listing.skipped:
+        _echo(f"warning: skipped {problem}")
+    if as_json:
+        _print_json(listing.to_dict()["entries"])
+    elif not listing.entries:
+        console.print(f"no {'' if everything else 'open '}requests in the human queue of {loaded.name}")
+    else:
+        console.print(report.queue_table(listing.entries))
+
+
+@queue_app.command("resolve")
+def queue_resolve(project: ProjectArg,
+                  request_id: Annotated[str, typer.Argument(help="the entry's request id (X-Request-ID) or handoff "
+                                                                 "id")],
+                  labels: Annotated[list[str], typer.Option("--labels", "--label", "-l",
+                                                            help="the answer, <output field>=<value> (repeatable)")],
+                  note: Annotated[str | None, typer.Option("--note", help="what the person did")] = None,
+                  key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Record a person's answer to a request handed to them, signed (needs the `queue` role). Each entry is
+    resolved once.
+
+    Example: slipway queue resolve ticket-triage 3f2a9c… -l category=billing -l priority=high --note "refunded"
+    """
+    from framework.handoff import parse_labels, resolve
+    from framework.spec import load_project
+
+    result = resolve(load_project(project), request_id, parse_labels(labels), note=note, key=_key(key))
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        for message in result.lines():
+            console.print(text(message))
 
 
 @app.command()

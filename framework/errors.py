@@ -97,6 +97,14 @@ class ReleaseRefused(SlipwayError):
     exit_code = 1
 
 
+class HandoffError(SlipwayError):
+    """A human-queue entry cannot be resolved as asked: no such entry, a request id that names several, or
+    labels that do not fit the program's output fields (`slipway queue resolve`)."""
+
+    code = "handoff-invalid"
+    exit_code = 2
+
+
 class IdentityError(SlipwayError):
     """No signing key, an unreadable key, or ssh-keygen missing: nobody can be identified to act."""
 

@@ -741,3 +741,23 @@ def slo_table(result) -> Table:
              text(burn, "bold red" if (live.burn_rate or 0) > 1 else ""), "; ".join(
                  x for x in (clause.note, live.note) if x))
     return table
+
+
+def queue_table(rows: list[dict]) -> Table:
+    """`slipway queue list`: requests handed to a person, oldest first; a resolution whose row no longer says
+    what its resolver signed is shown in red as NOT VERIFIED."""
+    table = _table(("handed over (UTC)", "request_id", "tenant", "failure", "input", "state", "answer"))
+    for column in table.columns:   # the request id is what a person copies into `queue resolve`: kept whole
+        column.no_wrap = column.header in ("handed over (UTC)", "request_id", "state")
+    for r in rows:
+        if r.get("resolved_at") is None:
+            state = text("open", "bold yellow")
+        elif r.get("verified"):
+            state = text(f"resolved: {r.get('resolved_by')}", "green")
+        else:
+            state = text("NOT VERIFIED", "bold red")
+        labels = ", ".join(f"{k}={_value(v)}" for k, v in (r.get("labels") or {}).items())
+        _row(table, str(r["created_at"])[:23], r["request_id"], r.get("tenant") or "",
+             r.get("failure") or r.get("error_code") or "", _clip(_first_input(r.get("inputs") or {}), 60), state,
+             labels)
+    return table

@@ -23,11 +23,13 @@ import bentoml
 from pydantic import BaseModel, Field, create_model, field_validator
 
 from framework import alerts
+from framework import fallback as fallbacks
 from framework.admission import Admission, Shed, parse_step
 from framework.apikeys import KEYS_FILE, KeyFiles, KeyRefusal, bearer, verify_key
 from framework.budgets import Budgets, Reservation, budgets_path
 from framework.errors import NotebookError, SlipwayError
 from framework.flags import FLAGS_FILE, SUBJECT_HEADER, FlagFiles, assign, load_flags
+from framework.handoff import HandoffWriter
 from framework.lm import load_engine
 from framework.metrics import request_cost
 from framework.spec import parse_spec
@@ -218,6 +220,7 @@ TRACE_IDENTITY = {"project": CONFIG["project"], "channel": os.environ.get("SLIPW
 TRACE_DIR = trace_dir_for_bento(CONFIG["project"])
 TRACER = Tracer(SPEC.tracing, TRACE_DIR, TRACE_IDENTITY, MODEL)
 REQUESTS = RequestIndex(TRACE_DIR)
+HANDOFFS = HandoffWriter(TRACER)   # the human queue: one line per request handed to a person (framework/handoff.py)
 # Callers: the project's live keys file (a revocation holds on the next request), checked against the
 # signers.toml and project.toml this version was built with; budgets shared by every worker.
 STATE_DIR = Path(os.environ.get("SLIPWAY_STATE_DIR") or TRACE_DIR.parent)
@@ -262,6 +265,8 @@ _shed = bentoml.metrics.Counter(name="slipway_requests_shed", documentation="Req
                                 "worker's queue was full (serve.max_queue)", labelnames=["bento_version"])
 _degraded = bentoml.metrics.Counter(name="slipway_requests_degraded", documentation="Requests answered with a "
                                     "degradation step (serve.degrade)", labelnames=["bento_version", "step"])
+_fallbacks = bentoml.metrics.Counter(name="slipway_fallbacks", documentation="Failed model calls answered by the "
+                                     "declared [fallback]", labelnames=["bento_version", "action", "reason"])
 _trace_errors = bentoml.metrics.Counter(name="slipway_trace_errors", documentation="Traces that could not be written",
                                         labelnames=["bento_version"])
 
@@ -526,13 +531,17 @@ class SlipwayService:
                 self.guards[key] = guard_for(SPEC.guardrails, program, engine=self.engine,
                                              adapter=self.adapter or dspy.ChatAdapter(), model=MODEL)
                 self.prompt_tokens[key] = self.guards[key].prompt_tokens
+            # the declared fallback answer must fit the program (and each variant) this bento serves
+            for program in (self.program, *(p for p, _ in self.variants.values())):
+                fallbacks.validate(SPEC.fallback, fallbacks.output_fields(program), path=BENTO_DIR / "project.toml",
+                                   text=(BENTO_DIR / "project.toml").read_text())
             prefix = BENTO_DIR / "prefix.kv"
             if self.engine.batcher is not None and prefix.exists():
                 # computed at build time on this exact model file (framework/build.py); refused otherwise.
                 # The warm-up answer below then evaluates only its own few tokens, not the instructions.
                 self.engine.load_prefix(prefix, MODEL.sha256)
             self._warm_up()
-            if SPEC.tracing.enabled:
+            if SPEC.tracing.enabled or SPEC.fallback.action == "human":
                 TRACE_DIR.mkdir(parents=True, exist_ok=True)
                 if not os.access(TRACE_DIR, os.W_OK):
                     raise PermissionError(f"cannot write traces to {TRACE_DIR}: set SLIPWAY_TRACE_DIR to a "
@@ -663,9 +672,14 @@ class SlipwayService:
             message = cause.render() if isinstance(cause, SlipwayError) else \
                 f"model error: {type(exc).__name__}: {str(exc)[:1000]}"
             code = cause.code if isinstance(cause, SlipwayError) else "model-error"
-            return self._error(response, 503, code, request_id, message, t0, started_at, inputs=inputs,
-                               t_valid=t_valid, calls=calls, decisions=decisions, who=who,
-                               version=version)
+            fallback = fallbacks.decide(SPEC.fallback, code)
+            if fallback is not None and fallback.answers:
+                return self._fallback(response, fallback, message, request_id, t0, started_at, inputs=inputs,
+                                      t_valid=t_valid, calls=calls, decisions=decisions, who=who, version=version,
+                                      served=served)
+            body = self._error(response, 503, code, request_id, message, t0, started_at, inputs=inputs,
+                               t_valid=t_valid, calls=calls, decisions=decisions, who=who, version=version)
+            return {**body, "served": {**served, "fallback": fallback.marker}} if fallback is not None else body
         self._settle(held, calls)
         answer = guard.check_output(json.loads(json.dumps(outputs, default=str)), decisions)
         decisions += answer.decisions
@@ -684,6 +698,33 @@ class SlipwayService:
         _observe(200, t0, trace, calls)
         return {**outputs, "guardrails": fired(decisions), "served": served, "request_id": request_id,
                 "version": version}
+
+    def _fallback(self, response, fallback, message: str, request_id: str, t0: float, started_at, *, inputs,
+                  t_valid, calls, decisions, who, version, served) -> dict:
+        """Answer the declared fallback for a failed model call (framework/fallback.py). A person's queue entry is
+        written before the answer leaves; when it cannot be written the caller gets the 503, never a promise of a
+        person that nobody will keep. Traced with status 200 and the failure's error code."""
+        from framework.guardrails import decision_rows, fired
+
+        if fallback.handoff:
+            try:
+                HANDOFFS.write(request_id, fallback, error=message, inputs=inputs, **who)
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                logger.error("could not hand request %s to a person (%s: %s); answering 503", request_id,
+                             type(exc).__name__, exc)
+                return self._error(response, 503, fallback.code, request_id, message, t0, started_at, inputs=inputs,
+                                   t_valid=t_valid, calls=calls, decisions=decisions, who=who, version=version)
+        response.status_code = fallback.status
+        response.headers[fallbacks.HEADER] = fallback.action
+        served = {**served, "fallback": fallback.marker}
+        trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid, t_end=time.perf_counter(),
+                       status=fallback.status, inputs=inputs, outputs=fallback.answer, calls=calls,
+                       error_code=fallback.code, error=message, decisions=decision_rows(decisions), served=served,
+                       **who)
+        _observe(fallback.status, t0, trace, calls)
+        _fallbacks.labels(VERSION["bento"], fallback.action, fallback.failure).inc()
+        body = fallback.body(request_id=request_id, version=version, guardrails=fired(decisions))
+        return {**body, "served": served}
 
     @staticmethod
     def _assigned(caller, subject: str) -> dict[str, str]:

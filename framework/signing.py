@@ -15,8 +15,10 @@ or deploy is itself a reviewed change:
 Roles: `approve`, `deploy:<channel>`, `rollback:<channel>` (`*` for every channel), `override`,
 `audit` (anchor and prune the audit log), `curate` (add served requests to the eval set,
 framework/harvest.py), `keys` (create and revoke the API keys callers of the served bento present,
-framework/apikeys.py). Anyone may sign a check or a build (the result names their key), but a deploy
-counts only checks, builds and approvals signed by keys listed here and not revoked. A signed
+framework/apikeys.py), `flags` (switch pipeline variants on and off, framework/flags.py), `queue`
+(resolve requests the service handed to a person, framework/handoff.py). Anyone may sign a check or a
+build (the result names their key), but a deploy counts only checks, builds and approvals signed by keys
+listed here and not revoked. A signed
 *statement* is canonical JSON of what the action acts on (project, action, target, content hash,
 channel, reason, time); the gates re-verify statements, never plain rows.
 docs/trust.md compares this with the alternatives (OpenSSF model-signing, GPG, raw Ed25519).
@@ -39,7 +41,7 @@ from framework.errors import IdentityError, SpecError
 
 NAMESPACE = "slipway"
 SIGNERS_FILE = "signers.toml"
-ROLE_PATTERN = r"^(approve|override|audit|curate|keys|flags|(deploy|rollback):([a-z][a-z0-9_-]*|\*))$"
+ROLE_PATTERN = r"^(approve|override|audit|curate|keys|flags|queue|(deploy|rollback):([a-z][a-z0-9_-]*|\*))$"
 KEY_TYPES = ("ssh-ed25519", "ssh-rsa")  # what sshsig verifies; ed25519 is what `ssh-keygen -t ed25519` makes
 
 
@@ -332,5 +334,5 @@ def add_signer(project_dir: Path, name: str, key: str, roles: list[str]) -> Path
 _HEADER = """\
 # Who may act on this project, by SSH public key (docs/trust.md). This file lives in git beside
 # project.toml: adding a reviewer or a deployer is a change that is itself reviewed.
-# Roles: approve, deploy:<channel>, rollback:<channel> (or :*), override, audit, curate, keys.
+# Roles: approve, deploy:<channel>, rollback:<channel> (or :*), override, audit, curate, keys, flags, queue.
 """

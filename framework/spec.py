@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -371,6 +371,46 @@ class TracingSpec(_Strict):
                                                         "e.g. http://127.0.0.1:4318/v1/traces")
 
 
+# The failures a served request may fall back on (framework/fallback.py maps the service's error codes to them).
+FailureKind = Literal["model-error", "timeout", "exhausted"]
+
+
+class FallbackSpec(_Strict):
+    """What a served request that fails answers instead of an error (framework/fallback.py, docs/fallback.md).
+
+    `error` (the default) answers 503 with the request id, as before; `static` answers `answer` (200, marked
+    as a fallback); `human` answers `answer` too and puts the request in the human queue for a person
+    (`slipway queue`). Whether `answer` fits the program's output fields is checked where the program is
+    known: `slipway check`, `slipway build` and the service at start."""
+
+    action: Literal["human", "static", "error"] = Field(
+        "error", description="human: answer `answer` and queue the request for a person; static: answer `answer`; "
+                             "error: 503 with the request id")
+    on: list[FailureKind] = Field(
+        default_factory=lambda: list(get_args(FailureKind)),
+        description="which failures fall back: model-error (the model or program raised), timeout "
+                    "(serve.timeout_s passed), exhausted (every tier escalated to failed); default all")
+    answer: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], Any] = Field(
+        default_factory=dict, description="the safe answer: a value for every output field of the program")
+    message: str = Field("", max_length=500, description="said to the caller with a fallback answer or error")
+
+    @field_validator("on")
+    @classmethod
+    def _some_failures(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError('an empty list falls back on nothing; leave `on` out (all), or set action = "error"')
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _answer_goes_with_the_action(self) -> FallbackSpec:
+        if self.action in ("human", "static") and not self.answer:
+            raise ValueError(f'action = "{self.action}" answers `answer`: set answer = {{ <output field> = '
+                             "<value>, … }} with every output field of the program")
+        if self.action == "error" and self.answer:
+            raise ValueError('answer is given only by action = "static" or "human"; with "error" remove it')
+        return self
+
+
 TENANT_NAME = r"^[a-z0-9][a-z0-9_-]*$"
 CHANNEL_NAME = r"^[a-z][a-z0-9_-]*$"
 # Routes of a served bento that take an API key besides `[serve] endpoint` (framework/service.py).
@@ -540,6 +580,7 @@ class ProjectSpec(_Strict):
     serve: ServeSpec = Field(default_factory=ServeSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
     tracing: TracingSpec = Field(default_factory=TracingSpec)
+    fallback: FallbackSpec = Field(default_factory=FallbackSpec)
     tenants: dict[Annotated[str, Field(pattern=TENANT_NAME)], TenantSpec] = Field(
         default_factory=dict, description="callers of the served bento, by name: `[tenants.<name>]`")
     guardrails: GuardrailsSpec = Field(default_factory=GuardrailsSpec)

@@ -173,6 +173,35 @@ CREATE TABLE IF NOT EXISTS segments (
     lines_skipped BIGINT NOT NULL,
     updated_at TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS human_queue (
+    handoff_id VARCHAR PRIMARY KEY, -- one per request a served worker handed to a person (framework/handoff.py)
+    request_id VARCHAR NOT NULL,  -- X-Request-ID as sent, or generated
+    created_at TIMESTAMP NOT NULL, -- UTC, when the worker handed it over
+    project VARCHAR,
+    channel VARCHAR,
+    bento VARCHAR,                -- project:version that failed to answer
+    version VARCHAR,
+    program_hash VARCHAR,
+    caller VARCHAR,
+    tenant VARCHAR,
+    flags JSON,                   -- {flag: variant} when a feature flag chose the program that failed
+    failure VARCHAR,              -- model-error | timeout | exhausted
+    error_code VARCHAR,           -- the service's code: model-timeout | model-error | …
+    error VARCHAR,                -- redacted
+    inputs JSON,                  -- redacted as traces are; null when [tracing] keep_text = false
+    answer JSON,                  -- the fallback answer the caller got meanwhile
+    redactions JSON,
+    worker VARCHAR,
+    segment VARCHAR,
+    ingested_at TIMESTAMP,
+    resolved_at TIMESTAMP,        -- null while open
+    resolved_by VARCHAR,          -- the signer's name in signers.toml (display only)
+    labels JSON,                  -- the person's answer: output field -> value
+    note VARCHAR,
+    statement JSON,               -- what the resolver signed (action queue-resolve)
+    signer_key VARCHAR,
+    signature VARCHAR
+);
 CREATE TABLE IF NOT EXISTS audit_checkpoint (
     seq BIGINT PRIMARY KEY,      -- last pruned row
     hash VARCHAR NOT NULL,       -- its hash: the next kept row's prev_hash
@@ -239,7 +268,7 @@ class Store:
             self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
             # 1 -> 2 added tables (SCHEMA creates them); 2 -> 3 added signature columns and results.tokens_cached;
             # 3 -> 4 added traces, feedback and segments (SCHEMA creates them); 4 -> 5 results.guardrails, .blocked;
-            # 5 -> 6 traces.flags; 6 -> 7 results.tags; 7 -> 8 traces.served.
+            # 5 -> 6 traces.flags; 6 -> 7 results.tags; 7 -> 8 traces.served and human_queue (SCHEMA creates it).
             # Rows from before signing stay readable but carry no signature, so no gate counts them.
             for sql in MIGRATIONS:
                 self.con.execute(sql)
@@ -403,7 +432,7 @@ class Store:
     def add_segment_rows(self, kind: str, segment: str, rows: list[dict[str, Any] | bytes], *, start: int,
                          end: int, skipped: int) -> int:
         """Insert a segment's new rows and move its offset in one transaction; returns rows added.
-        Rows already present (same trace_id / feedback_id) are ignored, so this is idempotent. A row may be
+        Rows already present (same trace_id / feedback_id / handoff_id) are ignored, so this is idempotent. A row may be
         the segment's own JSON line (bytes, already validated by traces.read_chunk): it is copied as is,
         and DuckDB reads only the table's columns from it."""
         import os
@@ -411,10 +440,10 @@ class Store:
 
         import orjson
 
-        from framework.traces import KINDS
+        from framework.traces import KINDS, TABLES
 
         columns = KINDS[kind][0]
-        table = kind
+        table = TABLES[kind]
         added = 0
         with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as tmp:
             for row in rows:
@@ -524,6 +553,33 @@ class Store:
                f"min(started_at) AS first, max(started_at) AS last{slow} "
                f"FROM traces WHERE {' AND '.join(clauses)}")
         return self._rows(sql, params)[0]
+
+    # -- the human queue (framework/handoff.py) ---------------------------------
+    def handoffs(self, *, ident: str | None = None, open_only: bool = False) -> list[dict[str, Any]]:
+        """Human-queue entries, oldest first: all, the open ones (`open_only`), or those whose handoff_id or
+        request_id is `ident` (a client may reuse a request id: several can match)."""
+        clauses, params = ["TRUE"], []
+        if ident is not None:
+            clauses.append("(handoff_id = ? OR request_id = ?)")
+            params += [ident, ident]
+        if open_only:
+            clauses.append("resolved_at IS NULL")
+        rows = self._rows(f"SELECT * FROM human_queue WHERE {' AND '.join(clauses)} ORDER BY created_at, handoff_id",
+                          params)
+        for row in rows:
+            for key in ("inputs", "answer", "labels", "redactions", "flags"):
+                if row.get(key) is not None:
+                    row[key] = json.loads(row[key])
+        return rows
+
+    def resolve_handoff(self, handoff_id: str, resolution: dict[str, Any]) -> int:
+        """Record who resolved an open entry with what (`resolved_at`, `resolved_by`, `labels`, `note`, and the
+        signed `statement`, `signer_key`, `signature`); returns the rows changed: 0 when it is resolved already.
+        Call inside `transaction()` with the audit row that logs it."""
+        row = {k: json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v for k, v in resolution.items()}
+        sets = ", ".join(f"{name} = ?" for name in row)
+        return int(self.con.execute(f"UPDATE human_queue SET {sets} WHERE handoff_id = ? AND resolved_at IS NULL",
+                                    [*row.values(), handoff_id]).fetchone()[0])
 
     # -- dashboard (framework/dashboard.py) -------------------------------------
     def served_over_time(self, *, since: datetime, bucket: timedelta, channel: str | None = None

@@ -48,7 +48,17 @@ FEEDBACK_COLUMNS = {
     "correct_labels": "JSON", "received_at": "TIMESTAMP",
 }
 FEEDBACK_REQUIRED = ("feedback_id", "request_id", "score", "received_at")
-KINDS = {"traces": (TRACE_COLUMNS, REQUIRED), "feedback": (FEEDBACK_COLUMNS, FEEDBACK_REQUIRED)}
+# Requests handed to a person by `[fallback] action = "human"` (framework/handoff.py): table human_queue.
+HANDOFF_COLUMNS = {
+    "handoff_id": "VARCHAR", "request_id": "VARCHAR", "created_at": "TIMESTAMP", "project": "VARCHAR",
+    "channel": "VARCHAR", "bento": "VARCHAR", "version": "VARCHAR", "program_hash": "VARCHAR", "caller": "VARCHAR",
+    "tenant": "VARCHAR", "flags": "JSON", "failure": "VARCHAR", "error_code": "VARCHAR", "error": "VARCHAR",
+    "inputs": "JSON", "answer": "JSON", "redactions": "JSON", "worker": "VARCHAR",
+}
+HANDOFF_REQUIRED = ("handoff_id", "request_id", "created_at", "error_code")
+KINDS = {"traces": (TRACE_COLUMNS, REQUIRED), "feedback": (FEEDBACK_COLUMNS, FEEDBACK_REQUIRED),
+         "handoff": (HANDOFF_COLUMNS, HANDOFF_REQUIRED)}
+TABLES = {"traces": "traces", "feedback": "feedback", "handoff": "human_queue"}   # kind → store table
 # A segment whose writer is gone (dead pid on this host, or silent this long) has its cut-off last line skipped.
 ABANDONED_AFTER_S = 300
 
@@ -252,6 +262,7 @@ def read_chunk(path: Path, kind: str, start: int, *, name: str | None = None,
 class Ingested:
     traces: int = 0
     feedback: int = 0
+    handoff: int = 0
     skipped: list[str] = field(default_factory=list)
     deleted: int = 0
 
@@ -288,7 +299,8 @@ def ingest(project, *, store=None) -> Ingested:
 def retain(project, store, cutoff: datetime) -> int:
     """Delete traces and feedback older than `cutoff` from the store, and segment files wholly ingested
     whose last write is older than it. A writer moves to a new file every day and whenever its file is
-    gone, so deleting an old day's file never loses a later line."""
+    gone, so deleting an old day's file never loses a later line. Human-queue entries stay in the store
+    (a person has yet to answer them, or did and signed it); only their ingested segment files go."""
     deleted = store.delete_traces_before(cutoff)
     for kind in KINDS:
         for path in segments(project.trace_dir, kind):
@@ -453,7 +465,7 @@ class RequestIndex:
             time.sleep(wait)
         with self._lock:
             self._refreshed = time.monotonic()
-            for kind in KINDS:
+            for kind in ("traces", "feedback"):
                 for path in segments(self.directory, kind):
                     key = (kind, path.name)
                     try:

@@ -6,7 +6,7 @@ import duckdb
 import pytest
 
 from framework import StoreError
-from framework.store import SCHEMA_VERSION, Store
+from framework.store import SCHEMA_VERSION, Store, now
 
 
 def _record(i):
@@ -82,3 +82,40 @@ def test_a_parquet_export_to_an_unwritable_place_names_the_file(tmp_path):
     (tmp_path / "taken").write_text("a file, not a folder")
     with Store(tmp_path / "store.duckdb") as store, pytest.raises(StoreError, match="cannot write the Parquet"):
         store.export_traces_parquet(tmp_path / "taken" / "x.parquet")
+
+
+@pytest.mark.parametrize("old", ["6", "7"])
+def test_an_older_store_upgrades_in_place_with_the_human_queue(tmp_path, old):
+    path = tmp_path / "store.duckdb"
+    Store(path).close()
+    con = duckdb.connect(str(path))
+    con.execute("DROP TABLE human_queue")
+    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [old])
+    con.close()
+    with pytest.raises(StoreError, match=f"schema version {old}"):   # a reader does not upgrade
+        Store(path, read_only=True)
+    with Store(path) as store:
+        assert store.handoffs() == []
+    con = duckdb.connect(str(path), read_only=True)
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+    assert SCHEMA_VERSION == 8
+    con.close()
+
+
+def test_a_resolution_is_recorded_once(tmp_path):
+    with Store(tmp_path / "store.duckdb") as store:
+        store.add_segment_rows("handoff", "handoff/w.jsonl", [
+            {"handoff_id": "h1", "request_id": "r1", "created_at": "2026-11-26T10:00:00", "error_code": "model-timeout",
+             "inputs": {"ticket": "t"}, "answer": {"category": "billing"}}], start=0, end=10, skipped=0)
+        assert store.add_segment_rows("handoff", "handoff/w.jsonl", [
+            {"handoff_id": "h1", "request_id": "r1", "created_at": "2026-11-26T10:00:00",
+             "error_code": "model-timeout"}], start=0, end=10, skipped=0) == 0   # same handoff_id: ignored
+        [row] = store.handoffs(open_only=True)
+        assert row["inputs"] == {"ticket": "t"} and row["answer"] == {"category": "billing"}
+        assert store.resolve_handoff("h1", {"resolved_at": now(), "resolved_by": "carol",
+                                            "labels": {"category": "bug"}, "note": None}) == 1
+        assert store.resolve_handoff("h1", {"resolved_at": now(), "resolved_by": "mallory",
+                                            "labels": {"category": "abuse"}, "note": None}) == 0
+        assert store.handoffs(open_only=True) == []
+        [row] = store.handoffs(ident="r1")
+        assert (row["resolved_by"], row["labels"]) == ("carol", {"category": "bug"})
