@@ -39,6 +39,15 @@ def flat(output: str) -> str:
 
 
 # -- [fallback] in project.toml ---------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _undeclared(toml_path):
+    """These tests declare their own [fallback]: take the demo's out (from its header to the next table)."""
+    text = toml_path.read_text()
+    start = text.index("\n[fallback]\n")
+    end = text.index("\n[", start + 1)
+    toml_path.write_text(text[:start] + text[end:])
+
+
 def test_the_default_is_todays_error_on_every_failure(toml_path):
     spec = load_project(str(toml_path)).spec.fallback
     assert (spec.action, spec.on, spec.answer, spec.message) == ("error", list(FAILURES), {}, "")

@@ -100,3 +100,50 @@ def test_a_burst_over_the_queue_is_shed_with_429_and_admitted_ones_degrade_and_s
     traces = json.loads(ok(["traces", "ticket-triage", "--json", "--limit", "1000"]).stdout)
     overloaded = [t for t in traces if t.get("error_code") == "overloaded"]
     assert len(overloaded) == len(shed) and all(t["status"] == 429 for t in overloaded)
+
+
+@pytest.mark.model
+def test_a_model_timeout_answers_the_declared_fallback_and_a_person_resolves_the_queued_ticket(
+        tiny_project, tiny_model_present, keys, monkeypatch):
+    """The injected fault lives in this test's copy of the notebook: a ticket saying SLOW-ON-PURPOSE sleeps past
+    serve.timeout_s before the model call, so the engine's deadline fires as it would on an overloaded host."""
+    from tests.conftest import act_as, write_signers
+
+    loosen_latency(tiny_project)
+    notebook = tiny_project.parents[2] / "notebooks" / "ticket_triage.py"
+    edit_toml(notebook, "    def forward(self, ticket: str):\n",
+              "    def forward(self, ticket: str):\n        import time\n\n"
+              "        if 'SLOW-ON-PURPOSE' in ticket:\n            time.sleep(6)\n")
+    edit_toml(tiny_project, "timeout_s = 60", "timeout_s = 4")
+    write_signers(tiny_project.parent, keys, {"alice": [], "bob": ["approve"], "carol": ["queue"]})
+    assert json.loads(ok(["check", "ticket-triage", "--json"]).stdout)["passed"]
+    server, base = serving(tiny_project)
+    try:
+        fine = httpx.post(f"{base}/triage", json={"ticket": "I cannot log in to my account"}, timeout=120)
+        assert fine.status_code == 200 and "fallback" not in fine.json()["served"]
+        slow = httpx.post(f"{base}/triage", json={"ticket": "SLOW-ON-PURPOSE my invoice is wrong, mail a@b.example"},
+                          headers={"X-Request-ID": "c-slow"}, timeout=120)
+        assert slow.status_code == 200, slow.text   # an answer, not a 503 or a 500
+        body = slow.json()
+        assert body["served"]["fallback"]["action"] == "human" and body["served"]["fallback"]["reason"] == "timeout"
+        assert slow.headers["x-slipway-fallback"] == "human"
+        assert (body["category"], body["needs_human"]) == ("bug", True) and body["request_id"] == "c-slow"
+    finally:
+        _stop(server)
+
+    from typer.testing import CliRunner
+
+    from framework.cli import app
+
+    entries = json.loads(ok(["queue", "list", "ticket-triage", "--json"]).stdout)
+    entry = next(e for e in entries if e["request_id"] == "c-slow")
+    assert entry["error_code"] == "model-timeout" and "a@b.example" not in json.dumps(entry)   # redacted like traces
+    act_as(monkeypatch, keys, "bob")   # no `queue` role: refused, nothing recorded
+    refused = CliRunner().invoke(app, ["queue", "resolve", "ticket-triage", "c-slow", "-l", "category=billing"])
+    assert refused.exit_code == 1 and "bob lacks the role 'queue'" in " ".join(refused.output.split())
+    act_as(monkeypatch, keys, "carol")
+    ok(["queue", "resolve", "ticket-triage", "c-slow", "-l", "category=billing", "-l", "priority=medium",
+        "-l", "needs_human=false", "--note", "checked the invoice"])
+    closed = json.loads(ok(["queue", "list", "ticket-triage", "--all", "--json"]).stdout)
+    done = next(e for e in closed if e["request_id"] == "c-slow")
+    assert done["resolved_by"] == "carol" and done["verified"] is True and done["labels"]["category"] == "billing"
