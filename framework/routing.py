@@ -132,6 +132,16 @@ class Routed:
         last = self.attempts[-1]
         return f"{EXHAUSTED}: every tier failed ({len(self.attempts)} tried); last, {last.tier}: {last.detail}"
 
+    def raise_if_exhausted(self) -> None:
+        """Raise `TiersExhausted` (code `tiers-exhausted`) for an exhausted request: the service's error path,
+        where `[fallback]` maps the code to the failure `exhausted`."""
+        if self.outcome == "exhausted":
+            from framework.errors import TiersExhausted
+
+            raise TiersExhausted(self.error or EXHAUSTED, field="pipeline.tiers",
+                                 hint="see the request's routing attempts; declare [fallback] on = [\"exhausted\"] "
+                                      "to answer such requests")
+
     def to_dict(self) -> dict[str, Any]:
         answer = self.answer
         return {"outcome": self.outcome, "tier": answer.tier if answer else None,
