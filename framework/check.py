@@ -67,7 +67,8 @@ def judge_run(project: Project, run: EvalRun, *, key: Path | None = None) -> Che
                          "reused_run": run.reused, "content_hash": run.content_hash,
                          "contract_hash": contract, "engine": engine_note(project.model(run.model_key)),
                          "detectors": detectors, "variant": project.variant,
-                         "tiers": project.tier_keys if run.measurements.routing else None, **run.hashes})
+                         "tiers": project.tier_keys if getattr(run.measurements, "routing", None) else None,
+                         **run.hashes})
     check_id = new_id("check")
     report_json, report_html = write_reports(project, check_id, run, verdict)
     report_sha256 = file_hash(Path(report_json))

@@ -136,11 +136,12 @@ def score_example(example: Example, output: dict | None, error: str | None, metr
 
 
 def is_routed(project: Project, model_key: str | None, routed: bool | None = None) -> bool:
-    """Does a run on `model_key` run the routed pipeline? A tiered project routes unless a single model is
-    asked for: another key than pipeline.model, or `routed=False` (calibration runs tiers alone)."""
+    """Does a run on `model_key` run the routed pipeline? A tiered project routes unless one model is asked
+    for by key (`--model`, the top tier's included: optimize scores the model it compiles on) or
+    `routed=False` (calibration runs tiers alone)."""
     if routed is not None:
         return routed and bool(project.spec.pipeline.tiers)
-    return bool(project.spec.pipeline.tiers) and model_key in (None, project.spec.pipeline.model)
+    return bool(project.spec.pipeline.tiers) and model_key is None
 
 
 def run_eval(project: Project, *, split: str = "eval", limit: int | None = None, program=None,

@@ -75,7 +75,7 @@ def print_check(console: Console, err: Console, result, project_name: str) -> No
     title = (f"Contract verdict: {project_name}{f' (variant {variant})' if variant else ''} on {result.run.n} eval "
              f"examples, model {result.run.model_key}")
     console.print(verdict_table(verdict, title))
-    if result.run.measurements.routing:
+    if getattr(result.run.measurements, "routing", None):
         console.print(tiers_table(result.run.measurements))
     if result.run.measurements.slices:
         console.print(slices_table(result.run.measurements))
@@ -196,7 +196,7 @@ def metrics_table(run: EvalRun) -> Table:
 def print_run(console: Console, run: EvalRun) -> None:
     """`slipway runs show`: the measurements, then each example that errored or missed a field."""
     console.print(metrics_table(run))
-    if run.measurements.routing:
+    if getattr(run.measurements, "routing", None):
         console.print(tiers_table(run.measurements))
     if run.measurements.slices:
         console.print(slices_table(run.measurements))
