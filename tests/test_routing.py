@@ -352,3 +352,20 @@ def test_calibration_runs_tier_1_and_the_top_tier_on_dev_and_scores_each_bar(tie
     assert cal.rows[-1]["kept"] == 0 and cal.rows[-1]["escalated_share"] == 1.0
     assert cal.recommended == recommend(cal.rows, cal.top_value)
     assert not (project.state_dir / "store.duckdb").exists()   # calibration records nothing
+
+
+def test_the_calibration_printout_names_the_recommended_bar_and_the_rule():
+    from rich.console import Console
+
+    from framework.report import print_calibration
+    from framework.routing import Calibration
+
+    rows = bar_table([_dev(0.9, 1.0), _dev(0.4, 0.0)], [_dev(0.9, 1.0), _dev(0.9, 1.0)], "category_accuracy",
+                     [0.0, 0.5], RoutingSpec())
+    cal = Calibration(metric="category_accuracy", n=2, first="qwen05", top="qwen15", top_value=1.0, rows=rows,
+                      recommended=recommend(rows, 1.0), rule="the lowest bar at which …")
+    console = Console(record=True, width=160)
+    print_calibration(console, cal)
+    out = console.export_text()
+    assert cal.recommended == 0.5 and "min_confidence = 0.5" in out and "qwen05" in out
+    assert json.loads(json.dumps(cal.to_dict()))["recommended"] == 0.5
