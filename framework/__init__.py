@@ -37,11 +37,13 @@ from framework.errors import (
     SlipwayError,
     SpecError,
     StoreError,
+    TiersExhausted,
 )
 from framework.harvest import harvest
 from framework.optimize import optimize
 from framework.release import approve, deploy, rollback
 from framework.review import review
+from framework.routing import calibrate
 from framework.slo import slo
 from framework.spec import Project, ProjectSpec, load_project, parse_spec, project_for_notebook
 
@@ -65,10 +67,12 @@ __all__ = [
     "SlipwayError",
     "SpecError",
     "StoreError",
+    "TiersExhausted",
     "accept_harvest",
     "adapter",
     "approve",
     "build",
+    "calibrate",
     "check",
     "deploy",
     "drift",

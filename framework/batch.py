@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from framework.confidence import Branch, confidence, value_of
 from framework.errors import ModelError, ModelTimeout
 
 logger = logging.getLogger("slipway.batch")
@@ -56,6 +57,7 @@ class Choice:
     """A closed set of allowed value texts (an enum's JSON strings, `true`/`false`)."""
 
     options: list[str]
+    score: bool = True  # record the model's probability of the picked value (framework/confidence.py)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Part:
 class PartResult:
     text: str
     finish: str  # stop | length
+    confidence: float | None = None  # a closed-set value's probability among the allowed values
 
 
 @dataclass
@@ -94,19 +97,22 @@ class Outcome:
 
 
 class _Node:
-    __slots__ = ("children", "option")
+    __slots__ = ("children", "option", "values")
 
     def __init__(self) -> None:
         self.children: dict[int, _Node] = {}
         self.option: str | None = None
+        self.values: frozenset[str] = frozenset()  # the JSON values reachable from here (confidence.value_of)
 
 
 def _trie(options: list[str], tokenize) -> _Node:
     root = _Node()
     for option in options:
         node = root
+        root.values |= {value_of(option)}
         for token in tokenize(option):
             node = node.children.setdefault(token, _Node())
+            node.values |= {value_of(option)}
         node.option = option
     return root
 
@@ -142,6 +148,7 @@ class _Job:
     cached: int = 0
     reserve: int = 0
     rng: np.random.Generator | None = None
+    branches: list = field(default_factory=list)   # confidence.Branch at each pick of the current Choice
     evaluated: list[int] = field(default_factory=list)  # every token this sequence put into llama.cpp
 
 
@@ -444,6 +451,7 @@ class Batcher:
         job.pending += forced
         job.new += len(forced)
         job.ids = []
+        job.branches = []
         if isinstance(part.value, Choice):
             key = tuple(part.value.options)
             if key not in self._tries:
@@ -471,8 +479,7 @@ class Batcher:
             job.new += 1  # forced, like the skeleton: evaluated as input, never sampled
         job.node = node
         if not node.children:  # a complete option
-            job.results.append(PartResult(node.option or "", "stop"))
-            self._next_part(job)
+            self._chosen(job, node.option or "")
         else:
             job.wants_logits = True
 
@@ -488,9 +495,12 @@ class Batcher:
             if node.option is not None:  # an option that is also the start of a longer one
                 allowed.append(eog)
             token = self._pick(job, logits, np.array(allowed))
+            if part.value.score:   # after the pick, from the same logits: it cannot change the choice
+                reaches = [node.children[t].values if t in node.children else frozenset({value_of(node.option or "")})
+                           for t in allowed]
+                job.branches.append(Branch.of(logits[np.array(allowed)].astype(np.float64).tolist(), reaches))
             if token == eog and node.option is not None and token not in node.children:
-                job.results.append(PartResult(node.option, "stop"))
-                self._next_part(job)
+                self._chosen(job, node.option)
                 return
             job.node = node.children[token]
             job.pending.append(token)
@@ -514,6 +524,15 @@ class Batcher:
             return
         job.pending.append(token)
         job.wants_logits = True
+
+    def _chosen(self, job: _Job, option: str) -> None:
+        """A closed-set value is complete: keep it with its probability and start the next part."""
+        part = job.parts[job.part]
+        score = None
+        if isinstance(part.value, Choice) and part.value.score:
+            score = confidence(job.branches, value_of(option))
+        job.results.append(PartResult(option, "stop", score))
+        self._next_part(job)
 
     def _end_free(self, job: _Job, finish: str) -> None:
         text = self._text(job.ids)

@@ -15,7 +15,7 @@ from pathlib import Path
 from framework import audit, signing
 from framework.content import content_hashes, contract_hash, file_hash
 from framework.contract import Verdict, judge
-from framework.evaluate import EvalRun, Progress, load_run, run_eval, store_path
+from framework.evaluate import EvalRun, Progress, is_routed, load_run, run_eval, store_path
 from framework.report import write_reports
 from framework.spec import Project
 from framework.store import Store, new_id
@@ -41,19 +41,20 @@ def check(project: Project, *, model_key: str | None = None, limit: int | None =
     from framework.fallback import validate_project
     from framework.notebook import load_program
 
+    routed = is_routed(project, model_key)   # a tiered project checks the routed pipeline
     model_key = model_key or project.spec.pipeline.model
     key_path = signing.find_key(key, create=True)  # before minutes of eval: a missing key fails now
     validate_project(project)   # so does a [fallback] answer that does not fit the program's output fields
     run = None
     if not fresh and store_path(project).exists():
         program = load_program(project)
-        wanted = content_hashes(project, program, "eval", model_key, limit)["content_hash"]
+        wanted = content_hashes(project, program, "eval", model_key, limit, routed=routed)["content_hash"]
         with Store(store_path(project)) as store:
             found = store.find_complete_run(wanted)
         if found:
             run = load_run(project, found)
     if run is None:
-        run = run_eval(project, split="eval", limit=limit, model_key=model_key, progress=progress)
+        run = run_eval(project, split="eval", limit=limit, model_key=model_key, progress=progress, routed=routed)
     return judge_run(project, run, key=key_path)
 
 
@@ -66,6 +67,7 @@ def judge_run(project: Project, run: EvalRun, *, key: Path | None = None) -> Che
                          "reused_run": run.reused, "content_hash": run.content_hash,
                          "contract_hash": contract, "engine": engine_note(project.model(run.model_key)),
                          "detectors": detectors, "variant": project.variant,
+                         "tiers": project.tier_keys if getattr(run.measurements, "routing", None) else None,
                          **run.hashes})
     check_id = new_id("check")
     report_json, report_html = write_reports(project, check_id, run, verdict)

@@ -236,6 +236,32 @@ def eval_cmd(project: ProjectArg,
 
 
 @app.command()
+def calibrate(project: ProjectArg, limit: LimitOpt = None,
+              metric: Annotated[str | None, typer.Option(
+                  help="per-example metric the bar must hold (default: the first exact_match metric, e.g. "
+                       "category_accuracy)")] = None,
+              as_json: JsonOpt = False) -> None:
+    """Score confidence bars for a tiered pipeline on the dev split, and recommend one.
+
+    Runs tier 1 and the top tier, each alone, on the dev split (never eval) and, for each candidate
+    `[routing] min_confidence`, reports the share escalated and tier 1's quality on the answers it keeps;
+    recommends the lowest bar whose kept answers score at least the top tier's. Records and writes nothing:
+    copy the bar into project.toml yourself.
+    Example: slipway calibrate ticket-triage --limit 40
+    """
+    from framework.routing import calibrate as run_calibrate
+    from framework.spec import load_project
+
+    loaded = load_project(project)
+    result = _with_progress("calibrate (dev: tier 1, then the top tier)",
+                            lambda progress: run_calibrate(loaded, limit=limit, metric=metric, progress=progress))
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        report.print_calibration(console, result)
+
+
+@app.command()
 def check(project: ProjectArg, model: ModelOpt = None, limit: LimitOpt = None,
           fresh: Annotated[bool, typer.Option("--fresh", help="always run, never reuse an identical run")] = False,
           variant: Annotated[str | None, typer.Option(help="check a flag's variant of the pipeline: FLAG=VARIANT "

@@ -13,6 +13,7 @@ only then (a needless change costs a re-check; a missed one lets a stale verdict
 | `settings_hash`   | model sha256 (weights, tokenizer, chat template) and load/decode settings|
 | `code_hash`       | Slipway's modules on the answer and scoring path (ANSWER_PATH_MODULES)   |
 | `guardrails_hash` | the `[guardrails]` table: checks, actions, rules (they change answers)    |
+| `routing_hash`    | a routed run's tiers (each model's settings and prices) and `[routing]`   |
 | `versions`        | slipway, dspy and llama-cpp-python releases (adapter code, llama.cpp)     |
 | split, limit, metrics, adapter, prices | which examples, metric declarations, adapter; prices of a recorded cost |
 
@@ -32,8 +33,8 @@ from framework.spec import ModelSpec, Project
 
 # Modules whose code decides what the model is sent, how its output is decoded, or how it is scored.
 # A name without .py is a sub-package: every .py file in it counts.
-ANSWER_PATH_MODULES = ("content.py", "dataset.py", "evaluate.py", "guardrails.py", "injection", "lm.py",
-                       "metrics.py", "notebook.py", "redact.py", "structured.py")
+ANSWER_PATH_MODULES = ("confidence.py", "content.py", "dataset.py", "evaluate.py", "guardrails.py", "injection",
+                       "lm.py", "metrics.py", "notebook.py", "redact.py", "routing.py", "structured.py")
 LIBRARIES = ("slipway", "dspy", "llama_cpp_python")
 PROBE = "Slipway probe input ({field}): the rendered prompt around this text is part of the content hash."
 
@@ -100,8 +101,19 @@ def versions() -> dict[str, str]:
     return found
 
 
-def content_hashes(project: Project, program, split: str, model_key: str, limit: int | None) -> dict[str, str]:
-    """Every named part and the `content_hash` over all of them."""
+def routing_hash(project: Project) -> str:
+    """The routed pipeline's tiers, in order, with each model's settings and prices, and `[routing]` (the bar
+    and the reasons): changing any of them changes which model answers which request, and its cost."""
+    tiers = [{"key": key, "settings": project.model(key).load_settings(),
+              "prices": [project.model(key).price_per_1k_input, project.model(key).price_per_1k_cached_input,
+                         project.model(key).price_per_1k_output]} for key in project.tier_keys]
+    return json_hash({"tiers": tiers, "routing": project.routing.model_dump(mode="json")})
+
+
+def content_hashes(project: Project, program, split: str, model_key: str, limit: int | None, *,
+                   routed: bool | None = None) -> dict[str, str]:
+    """Every named part and the `content_hash` over all of them. `routed` (default: the project has tiers
+    and `model_key` is pipeline.model, as framework/evaluate.py `is_routed` decides) adds `routing_hash`."""
     from framework.evaluate import adapter
 
     parts = {
@@ -117,6 +129,10 @@ def content_hashes(project: Project, program, split: str, model_key: str, limit:
     prices = {"input": model.price_per_1k_input, "cached_input": model.price_per_1k_cached_input,
               "output": model.price_per_1k_output}  # a run's recorded cost was priced with these
     parts["guardrails_hash"] = json_hash(project.spec.guardrails.model_dump(mode="json"))
+    if routed is None:
+        routed = bool(project.spec.pipeline.tiers) and model_key == project.spec.pipeline.model
+    if routed:
+        parts["routing_hash"] = routing_hash(project)
     # The program's name too: two classes of one notebook with the same predictors (a subclass that only
     # changes forward()) hash alike in program_hash and notebook_hash, and must not share a check.
     key = {**parts, "split": split, "limit": limit, "metrics": project.spec.eval.metrics,

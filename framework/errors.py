@@ -63,6 +63,14 @@ class ModelTimeout(ModelError):
     exit_code = 1
 
 
+class TiersExhausted(ModelError):
+    """Every tier of a routed pipeline failed to answer a request (framework/routing.py): the last tier's
+    output was invalid too. The service's `[fallback]` answers it when `on` lists `exhausted`."""
+
+    code = "tiers-exhausted"
+    exit_code = 1
+
+
 class NotebookError(SlipwayError):
     """The pipeline notebook cannot be imported or lacks the declared program."""
 

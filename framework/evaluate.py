@@ -24,6 +24,7 @@ from framework.guardrails import decision_rows
 from framework.lm import make_lm, metering
 from framework.metrics import Measurements, exact_match, measure, metric_name, request_cost
 from framework.notebook import input_fields, load_program, notebook_function, output_fields
+from framework.routing import answer_confidence
 from framework.spec import Project
 from framework.store import Store, new_id
 
@@ -134,13 +135,31 @@ def score_example(example: Example, output: dict | None, error: str | None, metr
     return scores
 
 
+def is_routed(project: Project, model_key: str | None, routed: bool | None = None) -> bool:
+    """Does a run on `model_key` run the routed pipeline? A tiered project routes unless one model is asked
+    for by key (`--model`, the top tier's included: optimize scores the model it compiles on) or
+    `routed=False` (calibration runs tiers alone)."""
+    if routed is not None:
+        return routed and bool(project.spec.pipeline.tiers)
+    return bool(project.spec.pipeline.tiers) and model_key is None
+
+
 def run_eval(project: Project, *, split: str = "eval", limit: int | None = None, program=None,
-             model_key: str | None = None, record: bool = True, progress: Progress | None = None) -> EvalRun:
-    """Score every example of `split` (or the first `limit`) on the real model."""
+             model_key: str | None = None, record: bool = True, progress: Progress | None = None,
+             routed: bool | None = None) -> EvalRun:
+    """Score every example of `split` (or the first `limit`) on the real model; on a tiered project, the
+    routed pipeline (framework/routing.py) unless `is_routed` says a single model was asked for."""
     import dspy
 
+    routed = is_routed(project, model_key, routed)
     model_key = model_key or project.spec.pipeline.model
     model = project.model(model_key)
+    tiers = None
+    if routed:
+        from framework.routing import tiers_for
+
+        tiers = tiers_for(project)
+        model = max((t.model for t in tiers), key=lambda m: m.parallel)   # the pool's width below
     lm = language_model(project, model_key)
     program = program if program is not None else load_program(project)
     examples = load_split(project, split, program)[: limit or None]
@@ -148,7 +167,7 @@ def run_eval(project: Project, *, split: str = "eval", limit: int | None = None,
     metric_items = project.spec.eval.metrics
     custom = _custom_metrics(project)
     guard = project_guard(project, program, model_key)
-    hashes = content_hashes(project, program, split, model_key, limit)
+    hashes = content_hashes(project, program, split, model_key, limit, routed=routed)
     run_id = new_id("run")
     path = store_path(project)
     if record:  # the store is opened per write: a check that runs for minutes never locks out a deploy
@@ -162,8 +181,12 @@ def run_eval(project: Project, *, split: str = "eval", limit: int | None = None,
     lock = threading.Lock()
 
     def one(position: int, example: Example) -> None:
-        with dspy.context(lm=lm, adapter=adapter(project)):
-            result = _run_one(program, example, position, outputs, metric_items, custom, model, guard)
+        if tiers is not None:
+            result = _run_routed(program, example, position, outputs, metric_items, custom, tiers, project.routing,
+                                 guard, adapter(project))
+        else:
+            with dspy.context(lm=lm, adapter=adapter(project)):
+                result = _run_one(program, example, position, outputs, metric_items, custom, model, guard)
         with lock:  # each result is recorded as soon as it is known: an interrupted run keeps what it did
             records.append(result)
             if record:
@@ -236,6 +259,60 @@ def _run_one(program, example: Example, position: int, outputs: tuple[str, ...],
         "latency_ms": latency_ms, "tokens_in": new + cached, "tokens_cached": cached, "tokens_out": generated,
         "cost": request_cost(model, new, cached, generated), "error": error,
         "guardrails": decision_rows(decisions), "blocked": blocked.check if blocked else None,
+        # not stored: what calibration (framework/routing.py) needs of an unrouted run
+        "confidence": answer_confidence(calls), "raw_valid": all(c.raw_valid is not False for c in calls),
+    }
+
+
+def _run_routed(program, example: Example, position: int, outputs: tuple[str, ...], metric_items: list[str],
+                custom: dict[str, Callable], tiers, routing, guard, answer_adapter) -> dict[str, Any]:
+    """One example through the routed pipeline, as the served bento answers it: input guardrails once, then
+    tier after tier (framework/routing.py). The record is the routed request's: the answer of the tier that
+    kept it (scored on that tier's calls), latency, tokens and cost over every attempt, each tier's calls
+    priced at its own prices, and `routing` saying which tier answered and why each escalation happened.
+    An exhausted request has no answer: it is an error (`tiers-exhausted`), scoring 0, as an unrouted model
+    error is; the served bento's [fallback] answers it."""
+    from framework.routing import route
+
+    decisions: list = []
+    blocked = routed = None
+    error = None
+    start = time.perf_counter()
+    try:
+        checked = guard.check_input(example.inputs)
+        decisions += checked.decisions
+        blocked = checked.blocked
+        if blocked is None:
+            routed = route(program, checked.values, tiers, routing, guard=guard, outputs=outputs,
+                           adapter=answer_adapter, earlier=checked.decisions)
+    except Exception as exc:  # a timeout, or a guardrail that raised: a measurement, not a crash
+        error = f"{type(exc).__name__}: {str(exc)[:500]}"
+    latency_ms = (time.perf_counter() - start) * 1000
+    answer = routed.answer if routed is not None else None
+    output = prediction = None
+    if answer is not None:
+        decisions += answer.decisions
+        blocked = answer.blocked
+        output, prediction = answer.output, answer.prediction
+        if output is not None:
+            for name, value in output.items():
+                prediction[name] = value
+    if routed is not None and error is None:
+        error = routed.error
+    attempts = routed.attempts if routed is not None else []
+    new = sum(a.tokens_in_new for a in attempts)
+    cached = sum(a.tokens_in_cached for a in attempts)
+    return {
+        "example_id": example.id, "position": position, "inputs": example.inputs, "expected": example.expected,
+        "tags": list(example.tags),
+        "output": json.loads(json.dumps(output, default=str)) if output is not None else None,
+        "scores": score_example(example, output, error, metric_items, custom, prediction,
+                                answer.calls if answer is not None else []),
+        "latency_ms": latency_ms, "tokens_in": new + cached, "tokens_cached": cached,
+        "tokens_out": sum(a.tokens_out for a in attempts), "cost": sum(a.cost for a in attempts), "error": error,
+        "guardrails": decision_rows(decisions), "blocked": blocked.check if blocked else None,
+        "routing": routed.to_dict() if routed is not None else None,
+        "confidence": answer.confidence if answer is not None else None,
     }
 
 

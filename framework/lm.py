@@ -53,11 +53,19 @@ class CallStats:
     messages: list[dict] | None = None        # the rendered chat prompt (for traces; redacted before written)
     started: float | None = None              # time.perf_counter() when the call was made, before any wait
     waited_ms: float = 0.0                    # of the call's time, spent waiting for the model (lock, tokenizing)
+    # enum/boolean output field → the probability the model gave its value among the allowed values
+    # (framework/confidence.py); None: the call decoded no closed-set value with the skeleton decoder
+    confidence: dict[str, float] | None = None
 
     @property
     def tokens_in(self) -> int:
         """Every prompt token, cached or not (what an API would bill as input)."""
         return self.tokens_in_new + self.tokens_in_cached
+
+    @property
+    def answer_confidence(self) -> float | None:
+        """The lowest probability over the call's closed-set fields; None when none was measured."""
+        return min(self.confidence.values()) if self.confidence else None
 
     @property
     def raw_valid(self) -> bool | None:
@@ -168,6 +176,8 @@ class LlamaCppEngine:
         self._lock = threading.Lock()
         self._grammars: dict[str, Any] = {}
         self.skeleton = skeleton  # see framework/structured.py; False = llama.cpp's full-schema grammar
+        # keep each closed-set value's probability on CallStats.confidence (reads logits, changes no choice)
+        self.score = True
         self._llama = self._load(verbose)
         self._formatter = self._chat_formatter()
         # parallel > 1: requests decode together (framework/batch.py); 1: the sequential engine, one at a time
@@ -297,13 +307,13 @@ class LlamaCppEngine:
             start = time.perf_counter()
             result = structured.decode(self._llama, tokens, steps, max_tokens=max_tokens, temperature=temperature,
                                        grammar_cache=self._grammars, stop_at=_deadline.get(),
-                                       on_value=_on_value.get())
+                                       on_value=_on_value.get(), score=self.score)
             if result.finish == "deadline":
                 raise _timed_out(f"after {(time.perf_counter() - start):.1f} s of generation")
             latency_ms = (time.perf_counter() - start) * 1000
         stats = CallStats(latency_ms=latency_ms, tokens_in_new=result.prompt_new,
                           tokens_in_cached=result.prompt_cached, tokens_out=result.generated,
-                          finish_reason=result.finish)
+                          finish_reason=result.finish, confidence=result.confidence or None)
         return result.text, _usage(stats), result.finish, stats
 
     # -- the saved prefix state (framework/batch.py) ---------------------------------
@@ -345,8 +355,8 @@ class LlamaCppEngine:
         from framework.batch import Choice, Free, Part
 
         tokens, shared = self.prompt_split(messages)
-        parts = [Part(step.prefix, Choice(list(step.options)) if step.options else Free(step.grammar), step.kind)
-                 for step in steps]
+        parts = [Part(step.prefix, Choice(list(step.options), score=self.score) if step.options else
+                      Free(step.grammar), step.kind) for step in steps]
         outcome = self._submit(tokens, shared, parts, max_tokens=max_tokens or (1 << 20), temperature=temperature,
                                seed=self.settings["seed"])
         answer = ""
@@ -358,6 +368,8 @@ class LlamaCppEngine:
         if outcome.finish == "length" and len(outcome.parts) < len(steps):
             answer += steps[len(outcome.parts)].prefix + "null"
         stats = _outcome_stats(outcome)
+        stats.confidence = {step.name: part.confidence for step, part in zip(steps, outcome.parts, strict=False)
+                            if part.confidence is not None} or None
         return answer + "}", _usage(stats), outcome.finish, stats
 
     def _submit(self, tokens: list[int], shared: int, parts: list, **kwargs):

@@ -196,6 +196,7 @@ class Measurements:
     # per tag: {"n", "metrics", "intervals"} (framework.metrics.slices); empty when no example has a tag
     slices: dict[str, dict[str, Any]] = field(default_factory=dict)
     confusion: dict[str, dict] = field(default_factory=dict)   # closed-set field → expected → predicted → n
+    routing: dict[str, Any] = field(default_factory=dict)      # a tiered pipeline's per-tier figures (routing.summary)
 
     def projected_monthly_cost(self, requests_per_day: float) -> float:
         return self.cost_per_request * requests_per_day * 30
@@ -273,6 +274,9 @@ def slices(records: Sequence[dict], metric_items: Sequence[str], *, bootstrap_sa
 
 
 NONE_LABEL = "(no answer)"
+# A routed run's share of requests escalated past tier 1, among its metrics (Wilson 95% interval), so a
+# contract can bound it: [contract.eval] escalated_share = "<= 0.4 @ upper95".
+ROUTING_METRIC = "escalated_share"
 
 
 def closed_set_fields(metric_items: Sequence[str]) -> list[str]:
@@ -311,6 +315,13 @@ def measure(records: Sequence[dict], metric_items: Sequence[str], *, bootstrap_s
             seed: int = 0) -> Measurements:
     """Aggregate per-example records (see evaluate.score_example) into `Measurements`."""
     metrics, intervals = quality(records, metric_items, bootstrap_samples=bootstrap_samples, seed=seed)
+    routed: dict[str, Any] = {}
+    if any(r.get("routing") for r in records):   # a tiered pipeline: per-tier figures, the share escalated
+        from framework.routing import summary
+
+        routed = summary(records, metric_items, bootstrap_samples=bootstrap_samples, seed=seed)
+        metrics[ROUTING_METRIC] = routed["escalated_share"]
+        intervals[ROUTING_METRIC] = tuple(routed["escalated_interval"])
     latencies = [r["latency_ms"] for r in records]
     # tokens_in counts the whole prompt; a record without tokens_cached (older stores) had none measured
     cached = [r.get("tokens_cached") or 0 for r in records]
@@ -331,4 +342,5 @@ def measure(records: Sequence[dict], metric_items: Sequence[str], *, bootstrap_s
         slices=slices(records, metric_items, bootstrap_samples=bootstrap_samples, seed=seed)
         if any(r.get("tags") for r in records) else {},
         confusion=confusion(records, closed_set_fields(metric_items)),
+        routing=routed,
     )

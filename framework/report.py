@@ -75,6 +75,8 @@ def print_check(console: Console, err: Console, result, project_name: str) -> No
     title = (f"Contract verdict: {project_name}{f' (variant {variant})' if variant else ''} on {result.run.n} eval "
              f"examples, model {result.run.model_key}")
     console.print(verdict_table(verdict, title))
+    if getattr(result.run.measurements, "routing", None):
+        console.print(tiers_table(result.run.measurements))
     if result.run.measurements.slices:
         console.print(slices_table(result.run.measurements))
     engine = verdict.meta.get("engine")
@@ -109,6 +111,72 @@ def slices_table(m: Measurements, title: str = "Per slice (tag): value and 95% i
     return table
 
 
+def tier_rows(measurements: dict) -> dict[str, Any]:
+    """A routed run's per-tier figures (metrics.Measurements.routing, framework/routing.py `summary`) beside the
+    routed pipeline overall, as rows for the terminal table and the HTML report. Tier rows: the tier's own
+    attempts (latency, tokens, cost per attempt) and quality on the requests it answered; the overall row: the
+    routed requests end to end, what the contract judges."""
+    routing = measurements.get("routing") or {}
+    names = [name for name in measurements["metrics"] if name != "escalated_share"
+             and not name.endswith(("_precision", "_recall"))]
+    rows = []
+    for tier in routing.get("tiers", []):
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(tier["reasons"].items())) or "–"
+        rows.append({"tier": f"{tier['index'] + 1}. {tier['tier']}", "ran": tier["attempts"],
+                     "answered": tier["answered"], "answered_share": tier["answered_share"], "escalated": reasons,
+                     "metrics": [tier["metrics"].get(name, math.nan) for name in names],
+                     "p50": tier["latency_p50_ms"], "p95": tier["latency_p95_ms"],
+                     "tokens": tier["tokens_per_attempt"], "cost": tier["cost_per_attempt"]})
+    n = routing.get("n", 0)
+    rows.append({"tier": "overall (routed)", "ran": n, "answered": n - routing.get("exhausted", 0),
+                 "answered_share": (n - routing.get("exhausted", 0)) / n if n else math.nan,
+                 "escalated": f"{routing.get('escalated', 0)} of {n}",
+                 "metrics": [measurements["metrics"].get(name, math.nan) for name in names],
+                 "p50": measurements["latency_p50_ms"], "p95": measurements["latency_p95_ms"],
+                 "tokens": measurements["tokens_per_request"], "cost": measurements["cost_per_request"]})
+    low, high = routing.get("escalated_interval") or (math.nan, math.nan)
+    share = routing.get("escalated_share", math.nan)
+    exhausted = routing.get("exhausted_share", math.nan)
+    note = (f"escalated {share:.1%} [{low:.1%}, {high:.1%}] (Wilson 95%); exhausted {exhausted:.1%} "
+            "(no tier answered: errors here, the served [fallback] answers them)")
+    return {"names": names, "rows": rows, "note": note}
+
+
+def tiers_table(m: Measurements) -> Table:
+    """Per tier and overall: who answered, why tiers escalated, quality, latency, tokens and cost."""
+    data = tier_rows(m.to_dict())
+    table = _table(("tier", "ran", "answered", "escalated", *data["names"], "p50 / p95 ms", "tokens", "cost"),
+                   f"Tiers: {data['note']}", right=("ran", "answered", *data["names"], "p50 / p95 ms", "tokens",
+                                                    "cost"))
+    for row in data["rows"]:
+        _row(table, row["tier"], str(row["ran"]), f"{row['answered']} ({row['answered_share']:.0%})",
+             row["escalated"], *(f"{v:.3f}" for v in row["metrics"]), f"{row['p50']:,.0f} / {row['p95']:,.0f}",
+             f"{row['tokens']:,.0f}", f"{row['cost']:.7f}")
+    return table
+
+
+def print_calibration(console: Console, cal) -> None:
+    """`slipway calibrate`: one row per candidate bar, then the recommendation and the rule behind it."""
+    table = _table(("min_confidence", "escalated", "kept", f"{cal.metric} kept", f"{cal.metric} routed (est.)",
+                    "cost / request (est.)"),
+                   f"dev split, {cal.n} examples: tier 1 {cal.first} kept or escalated to {cal.top} "
+                   f"({cal.metric} {cal.top_value:.3f} alone)",
+                   right=("min_confidence", "escalated", "kept", f"{cal.metric} kept", f"{cal.metric} routed (est.)",
+                          "cost / request (est.)"))
+    for row in cal.rows:
+        style = "green" if row["bar"] == cal.recommended else ""
+        _row(table, text(f"{row['bar']:g}", style), f"{row['escalated_share']:.0%}", str(row["kept"]),
+             f"{row['kept_value']:.3f}", f"{row['routed_value']:.3f}", f"{row['routed_cost']:.7f}")
+    console.print(table)
+    if cal.recommended is None:
+        console.print(line(("no bar", "yellow"), f" meets the rule ({cal.rule}): tier 1 is not good enough on its "
+                           "kept answers at any bar; keep the top tier alone, or try more dev examples"),
+                      soft_wrap=True)
+    else:
+        console.print(line(("recommended", "green"), f": [routing] min_confidence = {cal.recommended:g}  ({cal.rule}; "
+                           "the routed estimate sends each escalation straight to the top tier)"), soft_wrap=True)
+
+
 def metrics_table(run: EvalRun) -> Table:
     m = run.measurements
     table = _table(("metric", "value", "95% interval"),
@@ -128,6 +196,8 @@ def metrics_table(run: EvalRun) -> Table:
 def print_run(console: Console, run: EvalRun) -> None:
     """`slipway runs show`: the measurements, then each example that errored or missed a field."""
     console.print(metrics_table(run))
+    if getattr(run.measurements, "routing", None):
+        console.print(tiers_table(run.measurements))
     if run.measurements.slices:
         console.print(slices_table(run.measurements))
     for r in run.records:
@@ -483,6 +553,7 @@ def report_data(run: EvalRun, verdict: Verdict) -> dict:
                 "reused": run.reused, "hashes": run.hashes},
         "measurements": run.measurements.to_dict(),
         "errors": [{"example_id": r["example_id"], "error": r["error"]} for r in errors],
+        "routing": [{"example_id": r["example_id"], **r["routing"]} for r in run.records if r.get("routing")],
         "misses": [{"example_id": r["example_id"], "inputs": r["inputs"], "expected": r["expected"],
                     "output": r["output"], "scores": r["scores"], "tags": r.get("tags") or []} for r in misses],
         "guardrails": guardrail_summary(run, verdict),
@@ -584,6 +655,7 @@ def render_html(project_name: str, check_id: str, data: dict) -> str:
         content_hash=str(run["hashes"].get("content_hash", ""))[:12], clauses=verdict["clauses"],
         metrics=metrics, errors=data["errors"][:100], n_errors=len(data["errors"]), misses=misses,
         n_misses=len(data["misses"]), guardrails=data.get("guardrails") or {}, slice_metrics=slice_metrics,
+        tiers=tier_rows(measurements) if measurements.get("routing") else None,
         slices=slice_rows, confusion={f: confusion_rows(m) for f, m in (measurements.get("confusion") or {}).items()})
 
 

@@ -32,6 +32,35 @@ class PipelineSpec(_Strict):
     model: str = Field(description="key of the [models.*] table the pipeline runs on")
     adapter: Literal["json", "chat"] = "json"
     saved_program: str = Field("program.json", description="DSPy save file, relative to the project dir")
+    tiers: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="model keys the request is routed through, cheapest first; the last one must be "
+                          "`model` (the top tier). Absent: every request runs on `model` (framework/routing.py)")
+
+
+ROUTING_REASONS = ("invalid", "rule", "confidence")
+RoutingReason = Literal["invalid", "rule", "confidence"]
+
+
+class RoutingSpec(_Strict):
+    """How a tiered pipeline (`[pipeline] tiers`) decides that a cheaper tier's answer is not good enough
+    (framework/routing.py, docs/project-toml.md "[routing]")."""
+
+    min_confidence: Annotated[float, Field(ge=0, le=2)] | None = Field(
+        None, description="escalate a tier's answer whose confidence (the lowest probability the model gave a "
+                          "chosen enum/boolean value, among the allowed values) is below this; none: no bar. "
+                          "Above 1 every answer escalates. `slipway calibrate` recommends one from the dev split")
+    escalate_on: list[RoutingReason] = Field(
+        default_factory=lambda: list(ROUTING_REASONS),
+        description="invalid: the answer failed its schema or the program raised; rule: an output guardrail "
+                    "(business rule, blocklist) fired with action block or human; confidence: below min_confidence")
+
+    @field_validator("escalate_on")
+    @classmethod
+    def _some_reasons(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("an empty list never escalates: every request would stop at the first tier; "
+                             "leave pipeline.tiers out to run one model")
+        return list(dict.fromkeys(value))
 
 
 class ModelSource(_Strict):
@@ -586,12 +615,45 @@ class ProjectSpec(_Strict):
     guardrails: GuardrailsSpec = Field(default_factory=GuardrailsSpec)
     flags: dict[Annotated[str, Field(pattern=FLAG_NAME)], FlagSpec] = Field(
         default_factory=dict, description="feature flags: pipeline variants switched on per tenant, approved")
+    routing: RoutingSpec | None = Field(None, description="escalation between `[pipeline] tiers`; absent with "
+                                                          "tiers: the defaults of RoutingSpec")
 
     @model_validator(mode="after")
     def _pipeline_model_exists(self) -> ProjectSpec:
         if self.pipeline.model not in self.models:
             raise ValueError(f"pipeline.model {self.pipeline.model!r} is not one of the [models.*] tables: "
                              f"{', '.join(sorted(self.models))}")
+        return self
+
+    @model_validator(mode="after")
+    def _tiers_are_models(self) -> ProjectSpec:
+        """Each tier is a declared model and the last is `pipeline.model`: the top tier is the model the
+        program was written and optimised for, the one guardrails count tokens with and a build names.
+        A key may repeat (the same model asked again, which only a test wants). Errors name the item."""
+        from pydantic_core import InitErrorDetails, PydanticCustomError
+
+        tiers = self.pipeline.tiers
+        problems: list[tuple[tuple, str, Any]] = []
+        if tiers is None:
+            if self.routing is not None:
+                problems.append((("routing",), "[routing] applies to a tiered pipeline: set [pipeline] tiers = "
+                                 '["<cheap model>", "<pipeline.model>"], or remove [routing]',
+                                 self.routing.model_dump()))
+        else:
+            if len(tiers) < 2:
+                problems.append((("pipeline", "tiers"), "tiers needs at least two models, cheapest first and "
+                                 "pipeline.model last; for one model leave tiers out", tiers))
+            for index, key in enumerate(tiers):
+                if key not in self.models:
+                    problems.append((("pipeline", "tiers", index), f"{key!r} is not one of the [models.*] tables: "
+                                     f"{', '.join(sorted(self.models))}", key))
+            if tiers and tiers[-1] != self.pipeline.model:
+                problems.append((("pipeline", "tiers", len(tiers) - 1), f"the last tier must be pipeline.model "
+                                 f"({self.pipeline.model!r}), the top tier every escalation ends on", tiers[-1]))
+        if problems:
+            raise ValidationError.from_exception_data("ProjectSpec", [
+                InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=value)
+                for loc, message, value in problems])
         return self
 
     @model_validator(mode="after")
@@ -647,6 +709,16 @@ class Project(BaseModel):
             raise SpecError(f"no [eval].{split} split is declared", path=str(self.toml_path), field=f"eval.{split}",
                             hint=f"add `{split} = \"data/{split}.jsonl\"` under [eval]")
         return self.dir / rel
+
+    @property
+    def tier_keys(self) -> list[str]:
+        """The model keys a request may run on, cheapest first: `[pipeline] tiers`, or just the model."""
+        return list(self.spec.pipeline.tiers or [self.spec.pipeline.model])
+
+    @property
+    def routing(self) -> RoutingSpec:
+        """`[routing]`, or its defaults."""
+        return self.spec.routing or RoutingSpec()
 
     def model(self, key: str | None = None) -> ModelSpec:
         key = key or self.spec.pipeline.model

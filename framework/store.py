@@ -22,7 +22,7 @@ from typing import Any
 
 from framework.errors import StoreError
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS results (
     guardrails JSON,             -- every guardrail decision on the example: [{check, stage, action, ms, detail}]
     blocked VARCHAR,             -- the check that blocked it (no answer); null when answered
     tags JSON,                   -- the example's tags in its split file: the slices it is measured in
+    routing JSON,                -- a tiered pipeline: the tier that answered, each escalation and attempt
     PRIMARY KEY (run_id, example_id)
 );
 CREATE TABLE IF NOT EXISTS checks (
@@ -212,7 +213,7 @@ CREATE TABLE IF NOT EXISTS audit_checkpoint (
 
 MIGRATIONS = [f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}"
               for table, columns in {"results": ("tokens_cached INTEGER", "guardrails JSON", "blocked VARCHAR",
-                                                 "tags JSON"),
+                                                 "tags JSON", "routing JSON"),
                                      "traces": ("flags JSON", "served JSON"),
                                      "checks": ("report_sha256 VARCHAR", "statement JSON", "signer_key VARCHAR",
                                                 "signature VARCHAR"),
@@ -268,7 +269,8 @@ class Store:
             self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
             # 1 -> 2 added tables (SCHEMA creates them); 2 -> 3 added signature columns and results.tokens_cached;
             # 3 -> 4 added traces, feedback and segments (SCHEMA creates them); 4 -> 5 results.guardrails, .blocked;
-            # 5 -> 6 traces.flags; 6 -> 7 results.tags; 7 -> 8 traces.served and human_queue (SCHEMA creates it).
+            # 5 -> 6 traces.flags; 6 -> 7 results.tags; 7 -> 8 traces.served and human_queue (SCHEMA creates it);
+            # 8 -> 9 results.routing.
             # Rows from before signing stay readable but carry no signature, so no gate counts them.
             for sql in MIGRATIONS:
                 self.con.execute(sql)
@@ -309,13 +311,14 @@ class Store:
     def add_result(self, run_id: str, record: dict[str, Any]) -> None:
         self.con.execute(
             "INSERT INTO results (run_id, example_id, position, inputs, expected, output, scores, latency_ms, "
-            "tokens_in, tokens_out, cost, error, created_at, tokens_cached, guardrails, blocked, tags) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "tokens_in, tokens_out, cost, error, created_at, tokens_cached, guardrails, blocked, tags, routing) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [run_id, record["example_id"], record["position"], json.dumps(record["inputs"]),
              json.dumps(record["expected"]), json.dumps(record["output"]) if record["output"] is not None else None,
              json.dumps(record["scores"]), record["latency_ms"], record["tokens_in"], record["tokens_out"],
              record["cost"], record["error"], now(), record.get("tokens_cached"),
-             json.dumps(record.get("guardrails") or []), record.get("blocked"), json.dumps(record.get("tags") or [])])
+             json.dumps(record.get("guardrails") or []), record.get("blocked"), json.dumps(record.get("tags") or []),
+             json.dumps(record["routing"]) if record.get("routing") else None])
 
     def finish_run(self, run_id: str, status: str, measurements: dict | None) -> None:
         self.con.execute("UPDATE runs SET status = ?, finished_at = ?, measurements = ? WHERE run_id = ?",
@@ -342,7 +345,7 @@ class Store:
         out = []
         for row in cursor.fetchall():
             data = dict(zip(names, row, strict=True))
-            for key in ("inputs", "expected", "output", "scores", "guardrails", "tags"):
+            for key in ("inputs", "expected", "output", "scores", "guardrails", "tags", "routing"):
                 data[key] = json.loads(data[key]) if data[key] is not None else None
             out.append(data)
         return out

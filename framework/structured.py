@@ -152,13 +152,16 @@ class Generation:
 
 def generate(llama, tokens: list[int], *, max_tokens: int, temperature: float, grammar=None,
              top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
-             stop_at: float | None = None) -> Generation:
+             stop_at: float | None = None, rows: list | None = None) -> Generation:
     """Sample up to `max_tokens` after the token prompt `tokens` (the caller holds the model's lock).
 
     The prompt goes in as token ids, never as text: text would be tokenized again with special
     tokens parsed, and a ticket containing `<|im_start|>` would become a control token.
     Generation ends at an end-of-generation token ("stop"), at a `stop` string (cut off, "stop"),
     after `max_tokens` ("length") or past `stop_at`, a `time.monotonic()` deadline ("deadline").
+    `rows`, if given, receives a copy of the logits row each token (the end-of-generation one included)
+    was sampled from: the raw logits, before the grammar masked them (framework/confidence.py). Reading
+    them changes nothing: llama.cpp's sampler works on its own copy.
     """
     import llama_cpp
 
@@ -173,6 +176,8 @@ def generate(llama, tokens: list[int], *, max_tokens: int, temperature: float, g
     finish = "length"
     for token in llama.generate(tokens, temp=temperature, top_p=0.95 if top_p is None else top_p,
                                 grammar=grammar):
+        if rows is not None:
+            rows.append(_last_logits(llama))
         if llama_cpp.llama_vocab_is_eog(vocab, token):
             finish = "stop"
             break
@@ -193,6 +198,15 @@ def generate(llama, tokens: list[int], *, max_tokens: int, temperature: float, g
     return Generation(ids=ids, text=text, finish=finish, prompt_new=new, prompt_cached=len(tokens) - new)
 
 
+def _last_logits(llama):
+    """A copy of the logits of the last evaluated position: what `Llama.generate` just sampled from
+    (llama-cpp-python 0.3.x keeps no `scores` without logits_all; the context still has the row)."""
+    import numpy as np
+
+    pointer = llama._ctx.get_logits_ith(-1)
+    return np.ctypeslib.as_array(pointer, shape=(llama.n_vocab(),)).copy()
+
+
 def _detokenize(llama, ids: list[int]) -> str:
     return llama.detokenize(ids).decode("utf-8", errors="ignore")
 
@@ -211,15 +225,18 @@ class Decoded:
     generated: int
     prompt_new: int
     prompt_cached: int
+    confidence: dict[str, float] | None = None  # enum/boolean field → probability of its value (confidence.py)
 
 
 def decode(llama, prompt: list[int], steps: list[Step], *, max_tokens: int | None, temperature: float,
-           grammar_cache: dict, stop_at: float | None = None, on_value=None) -> Decoded:
+           grammar_cache: dict, stop_at: float | None = None, on_value=None, score: bool = True) -> Decoded:
     """Fill the steps on `llama` (a llama_cpp.Llama) after the token prompt `prompt`.
 
     `stop_at` is a `time.monotonic()` deadline: generation stops at the next token past it and the
     finish reason is "deadline" (the caller turns that into a timeout error). `on_value(name, text)` is
     told each value as soon as it is complete (its JSON text), so a streamed answer can send it on.
+    `score`: keep each complete enum/boolean value's probability among the allowed values
+    (framework/confidence.py) in `Decoded.confidence`; it reads logits and never changes a choice.
 
     Each step extends the previous step's tokens (prompt, forced skeleton, sampled ids), so
     llama.cpp's prefix cache evaluates only the new skeleton text. The skeleton is tokenized as
@@ -234,6 +251,7 @@ def decode(llama, prompt: list[int], steps: list[Step], *, max_tokens: int | Non
     cached: int | None = None
     finish = "stop"
     budget = max_tokens if max_tokens is not None else 1 << 30
+    scores: dict[str, float] = {}
     for step in steps:
         prefix = llama.tokenize(step.prefix.encode(), add_bos=False, special=False)
         tokens += prefix
@@ -244,8 +262,9 @@ def decode(llama, prompt: list[int], steps: list[Step], *, max_tokens: int | Non
         if stop_at is not None and time.monotonic() > stop_at:
             finish = "deadline"
             break
+        rows: list | None = [] if score and step.options else None
         result = generate(llama, tokens, max_tokens=max(budget - generated, 1), temperature=temperature,
-                          grammar=grammar_cache[step.grammar], stop_at=stop_at)
+                          grammar=grammar_cache[step.grammar], stop_at=stop_at, rows=rows)
         if cached is None:  # later steps re-use everything up to the new skeleton text by construction
             cached = result.prompt_cached
         tokens += result.ids
@@ -260,11 +279,33 @@ def decode(llama, prompt: list[int], steps: list[Step], *, max_tokens: int | Non
         answer += value
         if finish == "length":
             break
+        if rows is not None and value in step.options:
+            scores[step.name] = _value_confidence(llama, step, result.ids, rows, grammar_cache)
         if on_value is not None:
             on_value(step.name, value)
     cached = cached or 0
     return Decoded(answer + ("}" if finish != "deadline" else ""), finish, generated,
-                   len(prompt) + skeleton - cached, cached)
+                   len(prompt) + skeleton - cached, cached, scores if score else None)
+
+
+def _value_confidence(llama, step: Step, ids: list[int], rows: list, cache: dict) -> float:
+    """The probability of the value the grammar let the model write, among the step's options."""
+    import llama_cpp
+
+    from framework.confidence import confidence, sequence_branches, value_of
+
+    def tokenize(text: str) -> list[int]:
+        return llama.tokenize(text.encode(), add_bos=False, special=False)
+
+    canonical = {}
+    for option in step.options:
+        if ("canonical", option) not in cache:
+            cache[("canonical", option)] = tokenize(option)
+        canonical[option] = cache[("canonical", option)]
+    eog = llama_cpp.llama_vocab_eos(llama._model.vocab)
+    branches = sequence_branches(step.options, canonical, ids, rows, text=lambda part: _detokenize(llama, list(part)),
+                                 tokenize=tokenize, eog=eog)
+    return confidence(branches, value_of(_detokenize(llama, ids)))
 
 
 def _close(value: str, kind: str) -> str:

@@ -228,3 +228,67 @@ def test_a_degradation_step_is_checked_where_it_is_declared(toml_path):
     edit_toml(toml_path, 'degrade = ["max_tokens=lots"]', 'degrade = ["max_tokens=32"]')
     serve = load_project(str(toml_path)).spec.serve
     assert (serve.max_queue, serve.degrade_at, serve.degrade) == (2, 1, ["max_tokens=32"])
+
+
+# -- [pipeline] tiers and [routing] (issue 16) -------------------------------------------------------------
+
+DEMO_TOML = (REPO / "projects" / "ticket-triage" / "project.toml").read_text()
+
+
+def _tiered(tiers: list[str] | None, routing: str = "") -> str:
+    text = DEMO_TOML
+    if tiers is not None:
+        text = text.replace('adapter = "json"', f"tiers = {tiers!r}\nadapter = \"json\"".replace("'", '"'), 1)
+    return text + (f"\n[routing]\n{routing}\n" if routing else "")
+
+
+def test_tiers_cheapest_first_ending_on_the_pipeline_model_validate():
+    routing = 'min_confidence = 0.6\nescalate_on = ["invalid", "confidence"]'
+    spec = parse_spec(_tiered(["qwen05", "qwen15"], routing))
+    assert spec.pipeline.tiers == ["qwen05", "qwen15"]
+    assert spec.routing.min_confidence == 0.6 and spec.routing.escalate_on == ["invalid", "confidence"]
+    assert parse_spec(_tiered(["qwen05", "qwen15"])).routing is None   # the defaults apply
+
+
+@given(st.lists(st.sampled_from(["qwen05", "qwen15", "tiny", "ghost"]), max_size=4))
+def test_tiers_are_declared_models_at_least_two_and_end_on_the_pipeline_model(tiers):
+    valid = len(tiers) >= 2 and all(k != "ghost" for k in tiers) and tiers[-1] == "qwen15"
+    try:
+        spec = parse_spec(_tiered(tiers))
+    except SpecError as exc:
+        assert not valid
+        assert "pipeline.tiers" in str(exc)      # every problem names the field (and the item)
+        if "ghost" in tiers:
+            assert f"pipeline.tiers.{tiers.index('ghost')}" in str(exc) and "'ghost' is not one of" in str(exc)
+    else:
+        assert valid and spec.pipeline.tiers == tiers
+
+
+@given(st.floats(min_value=-5, max_value=5, allow_nan=False))
+def test_the_confidence_bar_is_between_0_and_2(bar):
+    text = _tiered(["tiny", "qwen15"], f"min_confidence = {bar!r}")
+    if 0 <= bar <= 2:
+        assert parse_spec(text).routing.min_confidence == bar
+    else:
+        with pytest.raises(SpecError, match="routing.min_confidence"):
+            parse_spec(text)
+
+
+def test_routing_without_tiers_and_an_empty_escalate_on_are_errors_naming_the_field():
+    with pytest.raises(SpecError, match=r"routing: \[routing\] applies to a tiered pipeline") as info:
+        parse_spec(_tiered(None, "min_confidence = 0.6"))
+    assert info.value.field == "routing"
+    with pytest.raises(SpecError, match="never escalates") as info:
+        parse_spec(_tiered(["qwen05", "qwen15"], "escalate_on = []"))
+    assert info.value.field == "routing.escalate_on"
+    with pytest.raises(SpecError, match="Input should be 'invalid', 'rule' or 'confidence'"):
+        parse_spec(_tiered(["qwen05", "qwen15"], 'escalate_on = ["slow"]'))
+
+
+def test_every_routing_key_is_documented():
+    from framework.spec import RoutingSpec
+
+    doc = (REPO / "docs" / "project-toml.md").read_text()
+    assert "## [routing]" in doc and "`tiers`" in doc
+    for key in RoutingSpec.model_fields:
+        assert f"`{key}`" in doc, f"RoutingSpec.{key} missing from docs"

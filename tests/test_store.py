@@ -84,7 +84,7 @@ def test_a_parquet_export_to_an_unwritable_place_names_the_file(tmp_path):
         store.export_traces_parquet(tmp_path / "taken" / "x.parquet")
 
 
-@pytest.mark.parametrize("old", ["6", "7"])
+@pytest.mark.parametrize("old", ["6", "7", "8"])
 def test_an_older_store_upgrades_in_place_with_the_human_queue(tmp_path, old):
     path = tmp_path / "store.duckdb"
     Store(path).close()
@@ -98,7 +98,7 @@ def test_an_older_store_upgrades_in_place_with_the_human_queue(tmp_path, old):
         assert store.handoffs() == []
     con = duckdb.connect(str(path), read_only=True)
     assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
-    assert SCHEMA_VERSION == 8
+    assert SCHEMA_VERSION == 9
     con.close()
 
 
@@ -119,3 +119,24 @@ def test_a_resolution_is_recorded_once(tmp_path):
         assert store.handoffs(open_only=True) == []
         [row] = store.handoffs(ident="r1")
         assert (row["resolved_by"], row["labels"]) == ("carol", {"category": "bug"})
+
+
+def test_a_version_8_store_gains_results_routing(tmp_path):
+    """Schema 9 adds results.routing (a tiered pipeline's tier and escalations): an older file upgrades in place,
+    and a routed result round-trips."""
+    path = tmp_path / "store.duckdb"
+    Store(path).close()
+    con = duckdb.connect(str(path))
+    con.execute("ALTER TABLE results DROP COLUMN routing")
+    con.execute("UPDATE meta SET value = '8' WHERE key = 'schema_version'")
+    con.close()
+    routing = {"outcome": "answered", "tier": "qwen15", "tier_index": 1,
+               "escalations": [{"tier": "qwen05", "reason": "confidence", "detail": "0.41 < 0.6"}], "attempts": []}
+    record = {"example_id": "e1", "position": 0, "inputs": {"ticket": "t"}, "expected": {}, "output": None,
+              "scores": {}, "latency_ms": 1.0, "tokens_in": 3, "tokens_out": 1, "cost": 0.0, "error": None,
+              "routing": routing}
+    with Store(path) as store:
+        store.add_result("run-1", record)
+        store.add_result("run-1", {**record, "example_id": "e2", "routing": None})
+        rows = store.results("run-1")
+    assert [r["routing"] for r in rows] == [routing, None]
