@@ -184,6 +184,9 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
     name = project.name
     tag = f"{name}:{version}"
     model_tag = _ensure_model(project, model_key)
+    # `[pipeline] tiers`: every tier's GGUF is packed as its own BentoML model, pinned by sha256 like the pipeline's
+    tiers = [{"key": k, "model_tag": model_tag if k == model_key else _ensure_model(project, k),
+              "sha256": project.model(k).sha256} for k in dict.fromkeys(project.spec.pipeline.tiers or ())]
     try:
         existing = bentoml.get(tag)
     except bentoml.exceptions.NotFound:
@@ -201,15 +204,18 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
         "slipway.build_time": datetime.now(UTC).isoformat(timespec="seconds"),
         "slipway.author_key": signing.fingerprint(signing.public_key(key)),
     }
+    if tiers:
+        labels["slipway.tiers"] = ",".join(t["key"] for t in tiers)
     if override and passing["failed"]:
         labels["slipway.override"] = override
     with tempfile.TemporaryDirectory(prefix="slipway-build-") as ctx:
-        _write_context(Path(ctx), project, model_key, model_tag, labels, passing, version, variants)
+        _write_context(Path(ctx), project, model_key, model_tag, labels, passing, version, variants, tiers)
         os.environ["SLIPWAY_BENTO_DIR"] = str(Path(ctx) / "slipway")  # bentoml imports the service to build
         bento = bentoml.bentos.build(
             "framework.service:SlipwayService", name=name, version=version, labels=labels,
             description=f"{name}: {project.spec.project.description}", build_ctx=ctx,
-            include=["framework/**", "slipway/**"], models=[model_tag],
+            include=["framework/**", "slipway/**"],
+            models=list(dict.fromkeys([model_tag, *(t["model_tag"] for t in tiers)])),
             python={"packages": RUNTIME_REQUIREMENTS},
         )
     root = Path(bento.path)
@@ -307,7 +313,7 @@ def optimize_provenance(project: Project) -> dict | None:
 
 
 def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels: dict, passing: dict,
-                   version: str, variants: list[dict] = ()) -> None:
+                   version: str, variants: list[dict] = (), tiers: list[dict] = ()) -> None:
     shutil.copytree(PACKAGE_DIR, ctx / "framework", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = ctx / "slipway"
     out.mkdir()
@@ -341,7 +347,7 @@ def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels
             json.dumps(variant["signed"].to_dict(), indent=1, sort_keys=True))
     config = {"project": project.name, "service_name": project.name.replace("-", "_"), "model_key": key,
               "model_tag": model_tag, "program": project.spec.pipeline.program, "labels": labels,
-              "bento_version": version,
+              "bento_version": version, "tiers": list(tiers),
               "variants": [{k: v[k] for k in ("flag", "variant", "program", "program_hash", "content_hash",
                                                "check_id", "file")} for v in variants]}
     (out / "bento.json").write_text(json.dumps(config, indent=2))

@@ -32,7 +32,7 @@ from framework.flags import FLAGS_FILE, SUBJECT_HEADER, FlagFiles, assign, load_
 from framework.handoff import HandoffWriter
 from framework.lm import load_engine
 from framework.metrics import request_cost
-from framework.spec import parse_spec
+from framework.spec import RoutingSpec, parse_spec
 from framework.traces import RequestIndex, Tracer, feedback_id, is_negative, iso, trace_dir_for_bento, utc_now
 
 
@@ -89,6 +89,8 @@ SPEC = parse_spec((BENTO_DIR / "project.toml").read_text(), str(BENTO_DIR / "pro
 MODEL = SPEC.models[CONFIG["model_key"]]
 LABELS = CONFIG["labels"]
 # How many requests this worker takes on; past the bound, 429 at once (framework/admission.py).
+# [routing]: when a cheaper tier's answer is kept (framework/routing.py); used when the bento packs tiers.
+ROUTING = SPEC.routing or RoutingSpec()
 ADMISSION = Admission(capacity=MODEL.parallel, max_queue=SPEC.serve.max_queue, degrade_at=SPEC.serve.degrade_at,
                       steps=tuple(parse_step(step) for step in SPEC.serve.degrade))
 
@@ -511,6 +513,7 @@ class SlipwayService:
         weights.verify(MODEL, path, field=f"models.{CONFIG['model_key']}.sha256")
         self.lm = make_lm(MODEL, path)
         self.engine = load_engine(MODEL, path)
+        self.tiers = self._tiers(path) if CONFIG.get("tiers") else []
         self.program = _program()
         self.variants: dict = {}
         self.guards: dict = {}
@@ -558,6 +561,24 @@ class SlipwayService:
             return
         self.ready = True
 
+    def _tiers(self, top_path: Path) -> list:
+        """The bento's tiers, cheapest first (`[pipeline] tiers`): each GGUF packed as its own BentoML model by
+        `slipway build`, verified against its pinned sha256 before it may answer; the last is the pipeline's."""
+        from framework import weights
+        from framework.lm import make_lm
+        from framework.routing import Tier
+
+        tiers = []
+        for entry in CONFIG["tiers"]:
+            spec = SPEC.models[entry["key"]]
+            if entry["key"] == CONFIG["model_key"]:
+                tiers.append(Tier(entry["key"], self.lm, spec))
+                continue
+            path = Path(bentoml.models.get(entry["model_tag"]).path) / "model.gguf"
+            weights.verify(spec, path, field=f"models.{entry['key']}.sha256")
+            tiers.append(Tier(entry["key"], make_lm(spec, path), spec))
+        return tiers
+
     def _warm_up(self) -> None:
         """One answer before /readyz says yes, which must succeed: it proves the model and program answer
         (a version that cannot answer must never take traffic), pages the weights in and fills llama.cpp's
@@ -575,6 +596,9 @@ class SlipwayService:
         with deadline(SPEC.serve.startup_timeout_s), dspy.context(lm=self.lm, adapter=self.adapter):
             self.program(**inputs)
         ADMISSION.seconds_per_answer = time.perf_counter() - start   # Retry-After's first estimate
+        for tier in self.tiers[:-1]:   # every cheaper tier must answer too before this version takes traffic
+            with deadline(SPEC.serve.startup_timeout_s), dspy.context(lm=tier.lm, adapter=self.adapter):
+                self.program(**inputs)
 
     def __is_ready__(self) -> bool:
         return self.ready
@@ -654,6 +678,8 @@ class SlipwayService:
             _degraded.labels(VERSION["bento"], str(step)).inc()
         calls: list = []
         first: list[float] = []
+        routed = None
+        cost = None   # priced per tier when routed; else at the model's prices
 
         def told(name: str, text: str) -> None:
             if emit is not None and name in CLOSED_FIELDS:
@@ -661,13 +687,21 @@ class SlipwayService:
                 emit(name, json.loads(text))
 
         try:
-            with metering() as calls, deadline(SPEC.serve.timeout_s), dspy.context(lm=lm, adapter=self.adapter), \
-                    on_values(told):
-                prediction = program(**inputs)
-            outputs = {name: prediction.get(name) for name in OUTPUT_TYPES}
+            if self.tiers:
+                routed = self._route(program, inputs, guard, decisions, admitted, told)
+                calls, cost = routed.calls, routed.cost
+                served["tier"] = routed.tier
+                if routed.escalated:
+                    served["escalations"] = routed.to_dict()["escalations"]
+                routed.raise_if_exhausted()
+            else:
+                with metering() as calls, deadline(SPEC.serve.timeout_s), \
+                        dspy.context(lm=lm, adapter=self.adapter), on_values(told):
+                    prediction = program(**inputs)
+                outputs = {name: prediction.get(name) for name in OUTPUT_TYPES}
             ADMISSION.answered(sum(c.latency_ms for c in calls) / 1000)
         except Exception as exc:  # a request never kills the worker; the caller gets its id to report
-            self._settle(held, calls)
+            self._settle(held, calls, cost)
             cause = root_cause(exc)
             message = cause.render() if isinstance(cause, SlipwayError) else \
                 f"model error: {type(exc).__name__}: {str(exc)[:1000]}"
@@ -676,31 +710,55 @@ class SlipwayService:
             if fallback is not None and fallback.answers:
                 return self._fallback(response, fallback, message, request_id, t0, started_at, inputs=inputs,
                                       t_valid=t_valid, calls=calls, decisions=decisions, who=who, version=version,
-                                      served=served)
+                                      served=served, cost=cost)
             body = self._error(response, 503, code, request_id, message, t0, started_at, inputs=inputs,
-                               t_valid=t_valid, calls=calls, decisions=decisions, who=who, version=version)
+                               t_valid=t_valid, calls=calls, decisions=decisions, who=who, version=version,
+                               cost=cost, served=served)
             return {**body, "served": {**served, "fallback": fallback.marker}} if fallback is not None else body
-        self._settle(held, calls)
-        answer = guard.check_output(json.loads(json.dumps(outputs, default=str)), decisions)
-        decisions += answer.decisions
-        if answer.blocked is not None:
-            blocked = answer.blocked
+        self._settle(held, calls, cost)
+        if routed is not None:   # the kept tier's answer went through the output guardrails inside `route`
+            kept = routed.answer
+            found, blocked, outputs = kept.decisions, kept.blocked, kept.output
+        else:
+            checked = guard.check_output(json.loads(json.dumps(outputs, default=str)), decisions)
+            found, blocked, outputs = checked.decisions, checked.blocked, checked.values
+        decisions += found
+        if blocked is not None:
             response.headers["X-Slipway-Guardrail"] = blocked.check
             return self._error(response, blocked.status, blocked.code, request_id, blocked.message, t0, started_at,
                                inputs=inputs, t_valid=t_valid, calls=calls, decisions=decisions, who=who,
-                               version=version)
-        outputs = answer.values
+                               version=version, cost=cost, served=served)
         if first:
             served["first_field_ms"] = round((first[0] - t0) * 1000, 1)
         trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
                        t_end=time.perf_counter(), status=200, inputs=inputs, outputs=outputs, calls=calls,
-                       decisions=decision_rows(decisions), served=served, **who)
+                       decisions=decision_rows(decisions), served=served, cost=cost, **who)
         _observe(200, t0, trace, calls)
         return {**outputs, "guardrails": fired(decisions), "served": served, "request_id": request_id,
                 "version": version}
 
+    def _route(self, program, inputs: dict, guard, decisions: list, admitted, told):
+        """The tiers, cheapest first (framework/routing.py): each tier's answer through the output guardrails,
+        escalated when invalid, refused by a rule or below the confidence bar. A streamed request is told only
+        the kept tier's values, after routing: an escalated tier's values were never the answer."""
+        from framework.lm import deadline
+        from framework.routing import Tier, route
+
+        tiers = self.tiers
+        for step in admitted.degraded if admitted is not None else ():
+            if step.kind == "max_tokens":
+                tiers = [Tier(t.key, t.lm.copy(max_tokens=min(int(step.value), t.model.max_tokens)), t.model)
+                         for t in tiers]
+        with deadline(SPEC.serve.timeout_s):
+            routed = route(program, inputs, tiers, ROUTING, guard=guard, outputs=tuple(OUTPUT_TYPES),
+                           adapter=self.adapter, earlier=decisions)
+        if routed.outcome == "answered" and routed.answer.output is not None:
+            for name in CLOSED_FIELDS & set(routed.answer.output):
+                told(name, json.dumps(routed.answer.output[name]))
+        return routed
+
     def _fallback(self, response, fallback, message: str, request_id: str, t0: float, started_at, *, inputs,
-                  t_valid, calls, decisions, who, version, served) -> dict:
+                  t_valid, calls, decisions, who, version, served, cost=None) -> dict:
         """Answer the declared fallback for a failed model call (framework/fallback.py). A person's queue entry is
         written before the answer leaves; when it cannot be written the caller gets the 503, never a promise of a
         person that nobody will keep. Traced with status 200 and the failure's error code."""
@@ -713,14 +771,15 @@ class SlipwayService:
                 logger.error("could not hand request %s to a person (%s: %s); answering 503", request_id,
                              type(exc).__name__, exc)
                 return self._error(response, 503, fallback.code, request_id, message, t0, started_at, inputs=inputs,
-                                   t_valid=t_valid, calls=calls, decisions=decisions, who=who, version=version)
+                                   t_valid=t_valid, calls=calls, decisions=decisions, who=who, version=version,
+                                   cost=cost, served=served)
         response.status_code = fallback.status
         response.headers[fallbacks.HEADER] = fallback.action
         served = {**served, "fallback": fallback.marker}
         trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid, t_end=time.perf_counter(),
                        status=fallback.status, inputs=inputs, outputs=fallback.answer, calls=calls,
                        error_code=fallback.code, error=message, decisions=decision_rows(decisions), served=served,
-                       **who)
+                       cost=cost, **who)
         _observe(fallback.status, t0, trace, calls)
         _fallbacks.labels(VERSION["bento"], fallback.action, fallback.failure).inc()
         body = fallback.body(request_id=request_id, version=version, guardrails=fired(decisions))
@@ -747,28 +806,34 @@ class SlipwayService:
         calls = max(1, len(program.predictors()))
         around = self.prompt_tokens[chosen] if chosen is not None else self.guard.prompt_tokens
         prompt = calls * (around + size)
-        generated = calls * MODEL.max_tokens
-        return prompt + generated, request_cost(MODEL, prompt, 0, generated)
+        # routed: every tier may run (the prompt counted with the top tier's tokenizer, an estimate for the others)
+        models = [tier.model for tier in self.tiers] or [MODEL]
+        generated = [calls * model.max_tokens for model in models]
+        return (len(models) * prompt + sum(generated),
+                sum(request_cost(model, prompt, 0, out) for model, out in zip(models, generated, strict=True)))
 
     @staticmethod
-    def _settle(held, calls) -> None:
+    def _settle(held, calls, cost: float | None = None) -> None:
         """Charge what the request used (as tokens_per_request and cost count it) and free the rest."""
         if held is None:
             return
         new = sum(c.tokens_in_new for c in calls)
         cached = sum(c.tokens_in_cached for c in calls)
         generated = sum(c.tokens_out for c in calls)
-        budgets().settle(held, new + generated, request_cost(MODEL, new, cached, generated) if calls else 0.0)
+        if cost is None:
+            cost = request_cost(MODEL, new, cached, generated) if calls else 0.0
+        budgets().settle(held, new + generated, cost)
 
     def _error(self, response, status: int, code: str, request_id: str, message: str, t0: float, started_at,
                *, inputs: dict | None, t_valid: float | None = None, calls=(), decisions=None, who=None,
-               version: dict | None = None) -> dict:
+               version: dict | None = None, cost: float | None = None, served: dict | None = None) -> dict:
         from framework.guardrails import decision_rows, fired
 
         response.status_code = status
         trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
                        t_end=time.perf_counter(), status=status, inputs=inputs, calls=calls, error_code=code,
-                       error=message, decisions=decision_rows(decisions or ()), **(who or {}))
+                       error=message, decisions=decision_rows(decisions or ()), cost=cost, served=served,
+                       **(who or {}))
         _observe(status, t0, trace, calls)
         return ErrorBody(error=message, request_id=request_id, version=version or VERSION,
                          guardrails=fired(decisions or ()) if decisions is not None else None).model_dump()

@@ -368,9 +368,11 @@ class Tracer:
                status: int, inputs: dict | None = None, outputs: dict | None = None, calls=(),
                error_code: str | None = None, error: str | None = None, caller: str | None = None,
                tenant: str | None = None, decisions: list[dict] | None = None, flags: dict[str, str] | None = None,
-               program_hash: str | None = None, served: dict[str, Any] | None = None) -> dict[str, Any] | None:
+               program_hash: str | None = None, served: dict[str, Any] | None = None,
+               cost: float | None = None) -> dict[str, Any] | None:
         """Build, redact and append the trace of one request; returns it (None when tracing is off).
-        Times are `time.perf_counter()` readings: t0 at arrival, t_valid after validation, t_end at answer."""
+        Times are `time.perf_counter()` readings: t0 at arrival, t_valid after validation, t_end at answer.
+        `cost`: what the calls cost when they ran on several models (tiers); else priced at this model's prices."""
         if not self.spec.enabled:
             return None
         from framework.metrics import request_cost
@@ -411,7 +413,8 @@ class Tracer:
             "duration_ms": ms(t_end), **self.identity, "caller": caller, "tenant": tenant, "status": status,
             "error_code": error_code, "error": self.redactor.text(error, counts) if error else None,
             "tokens_in_new": new, "tokens_in_cached": cached, "tokens_out": generated,
-            "cost": request_cost(self.model, new, cached, generated) if self.model is not None and calls else 0.0,
+            "cost": cost if cost is not None else request_cost(self.model, new, cached, generated)
+            if self.model is not None and calls else 0.0,
             "inputs": self.redactor.value(inputs, counts) if keep and inputs is not None else None,
             "outputs": self.redactor.value(outputs, counts) if keep and outputs is not None else None,
             "calls": call_rows, "stages": stages, "decisions": decisions or [], "redactions": counts,
