@@ -596,9 +596,12 @@ class SlipwayService:
         with deadline(SPEC.serve.startup_timeout_s), dspy.context(lm=self.lm, adapter=self.adapter):
             self.program(**inputs)
         ADMISSION.seconds_per_answer = time.perf_counter() - start   # Retry-After's first estimate
-        for tier in self.tiers[:-1]:   # every cheaper tier must answer too before this version takes traffic
-            with deadline(SPEC.serve.startup_timeout_s), dspy.context(lm=tier.lm, adapter=self.adapter):
-                self.program(**inputs)
+        if self.tiers:   # and routed: the cheap tier runs (it may escalate, as it will in traffic), the route answers
+            from framework.routing import route
+
+            with deadline(SPEC.serve.startup_timeout_s):
+                route(self.program, inputs, self.tiers, ROUTING, guard=self.guard, outputs=tuple(OUTPUT_TYPES),
+                      adapter=self.adapter).raise_if_exhausted()
 
     def __is_ready__(self) -> bool:
         return self.ready
@@ -692,7 +695,8 @@ class SlipwayService:
                 calls, cost = routed.calls, routed.cost
                 served["tier"] = routed.tier
                 if routed.escalated:
-                    served["escalations"] = routed.to_dict()["escalations"]
+                    served["escalations"] = [{"tier": e["tier"], "reason": e["reason"]}
+                                             for e in routed.to_dict()["escalations"]]
                 routed.raise_if_exhausted()
             else:
                 with metering() as calls, deadline(SPEC.serve.timeout_s), \

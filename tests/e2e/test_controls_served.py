@@ -147,3 +147,34 @@ def test_a_model_timeout_answers_the_declared_fallback_and_a_person_resolves_the
     closed = json.loads(ok(["queue", "list", "ticket-triage", "--all", "--json"]).stdout)
     done = next(e for e in closed if e["request_id"] == "c-slow")
     assert done["resolved_by"] == "carol" and done["verified"] is True and done["labels"]["category"] == "billing"
+
+
+@pytest.mark.model
+def test_a_cheap_tier_whose_answer_fails_validation_escalates_to_the_next(tiny_project, tiny_model_present):
+    """Two tiers of the same GGUF: the cheap one may write 3 tokens, so its JSON is cut and fails validation on
+    every request (a forced failure); the request escalates and the top tier answers, both priced and traced."""
+    loosen_latency(tiny_project)
+    text = tiny_project.read_text()
+    start = text.index("[models.tiny]")
+    table = text[start:text.index("\n\n", start)]
+    cut = table.replace("[models.tiny]", "[models.tiny_cut]").replace("max_tokens = 96", "max_tokens = 3")
+    assert "max_tokens = 3" in cut
+    tiny_project.write_text(text.replace(table, table + "\n\n" + cut, 1))
+    edit_toml(tiny_project, 'model = "tiny"', 'model = "tiny"\ntiers = ["tiny_cut", "tiny"]')
+    checked = json.loads(ok(["check", "ticket-triage", "--json"]).stdout)
+    assert checked["passed"], checked
+    server, base = serving(tiny_project)
+    try:
+        answered = httpx.post(f"{base}/triage", json={"ticket": "The app crashes when I open settings"},
+                              headers={"X-Request-ID": "c-tier"}, timeout=120)
+        assert answered.status_code == 200, answered.text
+        served = answered.json()["served"]
+        assert served["tier"] == "tiny" and served["escalations"] == [{"tier": "tiny_cut", "reason": "invalid"}]
+        streamed = httpx.post(f"{base}/triage/stream", json={"ticket": "I was charged twice"}, timeout=120)
+        events = sse(streamed.text)
+        assert events[-1][0] == "answer" and events[-1][1]["served"]["tier"] == "tiny"
+        assert {d["name"] for k, d in events if k == "field"} <= {"category", "priority", "needs_human"}
+    finally:
+        _stop(server)
+    trace = json.loads(ok(["trace", "c-tier", "--json"]).stdout)
+    assert trace["served"]["tier"] == "tiny" and len(trace["calls"]) >= 2   # both tiers' calls, in one trace
