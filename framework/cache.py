@@ -30,7 +30,7 @@ import numpy as np
 from cachetools import LRUCache, TTLCache
 
 if TYPE_CHECKING:
-    from framework.spec import CacheSpec, Project
+    from framework.spec import CacheSpec, ModelSpec, Project
 
 Kind = Literal["exact", "semantic"]
 
@@ -86,11 +86,15 @@ def embed_text(inputs: Mapping[str, Any]) -> str:
 
 
 class Embedder(Protocol):
-    """Texts → an (n, dim) float32 array of L2-normalised rows. `name` identifies the model and pooling."""
+    """Texts → an (n, dim) float32 array of L2-normalised rows. `name` identifies the model and pooling.
+    `fits(text)`: can the text be embedded whole? One that cannot is kept out of the semantic layer (two
+    long tickets that differ only past the cut must never match)."""
 
     name: str
 
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def fits(self, text: str) -> bool: ...
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -109,14 +113,15 @@ class LlamaEmbedder:
     """A GGUF in llama.cpp's embedding mode: one context, one text at a time under a lock (a llama.cpp
     context is not safe under concurrent decode). `pooling` picks how token states become one vector:
     `mean` averages them, `last` takes the final token's (a causal model has read the whole text there).
-    `template` wraps each text ("{text}" leaves it as it is). Texts longer than the context are cut.
+    `template` wraps each text ("{text}" leaves it as it is). A text longer than the context is cut, and
+    `fits` says so beforehand (the cache then leaves it to the exact layer).
 
     The context returns every token's last-layer state (pooling type none) and the pooling is done here:
     llama.cpp's own mean/last pooling gives the same vectors but measured 5-10x slower per text with
-    llama-cpp-python 0.3.36 on 2 CPU cores (docs/cache.md)."""
+    llama-cpp-python 0.3.36 on 2 CPU cores, and so is a context larger than tickets need (docs/cache.md)."""
 
     def __init__(self, model_path: str | Path, *, pooling: Literal["mean", "last"] = "mean",
-                 template: str = "{text}", context_size: int = 2048, threads: int | None = None,
+                 template: str = "{text}", context_size: int = 512, threads: int | None = None,
                  name: str = "", verbose: bool = False):
         import llama_cpp
 
@@ -138,8 +143,13 @@ class LlamaEmbedder:
                              hint="is it a GGUF file for this llama-cpp-python version?") from None
         self.pooling = pooling
         self.template = template
+        self.context_size = context_size
         self.name = f"{name or Path(model_path).name}:{pooling}"
         self._lock = threading.Lock()
+
+    def fits(self, text: str) -> bool:
+        tokens = self._llama.tokenize(self.template.format(text=text).encode("utf-8"))
+        return len(tokens) <= self.context_size
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         rows = []
@@ -151,13 +161,16 @@ class LlamaEmbedder:
         return unit_rows(np.stack(rows))
 
 
+# Tokens an embedding context holds: tickets run to ~400 tokens; a larger context made each embedding
+# slower (attention over the whole cache), and a longer text stays out of the semantic layer (`fits`).
+EMBED_CONTEXT = 512
 _EMBEDDERS: dict[tuple, LlamaEmbedder] = {}
 _EMBEDDERS_LOCK = threading.Lock()
 
 
 def load_embedder(project: Project, spec: CacheSpec | None = None) -> LlamaEmbedder:
-    """The project's `[cache].embedding_model`, sha256-verified (framework/weights.py), loaded once per
-    process and settings. Raises ModelError when the file is missing or not the pinned one."""
+    """The project's `[cache].embedding_model` from the local model cache (framework/weights.py), sha256-
+    verified. Raises SpecError when none is named, ModelError when the file is missing or not the pinned one."""
     from framework.weights import ensure
 
     spec = spec or project.spec.cache
@@ -167,8 +180,18 @@ def load_embedder(project: Project, spec: CacheSpec | None = None) -> LlamaEmbed
         raise SpecError("[cache] names no embedding_model", path=str(project.toml_path),
                         field="cache.embedding_model", hint='name a key of [models.*], e.g. embedding_model = "qwen05"')
     model = project.model(spec.embedding_model)
-    path = ensure(model, project.dir, toml=str(project.toml_path), field=f"models.{spec.embedding_model}")
-    key = (str(path), spec.pooling, spec.template, min(model.context_size, 2048), model.threads)
+    field = f"models.{spec.embedding_model}"
+    path = ensure(model, project.dir, toml=str(project.toml_path), field=field)
+    return open_embedder(spec, model, path, field=field)
+
+
+def open_embedder(spec: CacheSpec, model: ModelSpec, path: Path, *, field: str = "models") -> LlamaEmbedder:
+    """The embedder `[cache]` declares, over the GGUF at `path` (e.g. a served bento's copy), after checking
+    its sha256 against `model` (ModelError otherwise); loaded once per process and settings."""
+    from framework.weights import verify
+
+    verify(model, Path(path), field=f"{field}.sha256")
+    key = (str(path), spec.pooling, spec.template, min(model.context_size, EMBED_CONTEXT), model.threads)
     with _EMBEDDERS_LOCK:
         if key not in _EMBEDDERS:
             _EMBEDDERS[key] = LlamaEmbedder(path, pooling=spec.pooling, template=spec.template,
@@ -231,7 +254,7 @@ class AnswerCache:
     `threshold`: cosine similarity in (0, 1] a semantic hit needs. `ttl_s`: seconds an answer is served.
     `max_entries`: answers each scope keeps, per layer. `clock`: seconds, monotonic (tests pass a fake).
     Counters (`stats()`) count lookups: every `get` is an exact hit or miss; each exact miss with the
-    semantic layer on is then a semantic hit or miss.
+    semantic layer on is then a semantic hit or miss, or skipped (a text too long to embed whole).
     """
 
     def __init__(self, *, exact: bool = True, embedder: Embedder | None = None, threshold: float = 0.95,
@@ -252,7 +275,8 @@ class AnswerCache:
         # get() embeds a missed request and put() stores the same one after the model answered: the
         # vector is kept here between the two, so a miss costs one embedding, not two
         self._vectors: LRUCache = LRUCache(maxsize=256)
-        self._counts = {"exact_hits": 0, "exact_misses": 0, "semantic_hits": 0, "semantic_misses": 0, "puts": 0}
+        self._counts = {"exact_hits": 0, "exact_misses": 0, "semantic_hits": 0, "semantic_misses": 0,
+                        "semantic_skipped": 0, "puts": 0}
 
     @classmethod
     def from_spec(cls, spec: CacheSpec, embedder: Embedder | None = None,
@@ -281,6 +305,10 @@ class AnswerCache:
         if not self.semantic:
             return None
         vector = self._vector(inputs)
+        if vector is None:   # too long to embed whole: the exact layer alone answers it
+            with self._lock:
+                self._counts["semantic_skipped"] += 1
+            return None
         with self._lock:
             index = self._semantic.get(scope)
             best = index.best(vector, now - self.ttl_s) if index is not None else None
@@ -310,12 +338,15 @@ class AnswerCache:
                     index = self._semantic[scope] = _Index(vector.shape[0], self.max_entries)
                 index.add(vector, entry)
 
-    def _vector(self, inputs: Mapping[str, Any]) -> np.ndarray:
+    def _vector(self, inputs: Mapping[str, Any]) -> np.ndarray | None:
+        """The inputs' unit vector, or None when the embedder cannot take the text whole."""
         assert self.embedder is not None
         text = embed_text(inputs)
         with self._lock:
             vector = self._vectors.get(text)
         if vector is None:
+            if not self.embedder.fits(text):
+                return None
             vector = unit_rows(self.embedder.embed([text]))[0]
             with self._lock:
                 self._vectors[text] = vector
@@ -343,8 +374,8 @@ class AnswerCache:
                        for i in self._semantic.values())
 
     def stats(self) -> dict[str, int]:
-        """Lookup counters since start (exact_hits, exact_misses, semantic_hits, semantic_misses, puts)
-        and the scopes held, for the service's metrics."""
+        """Lookup counters since start (exact_hits, exact_misses, semantic_hits, semantic_misses,
+        semantic_skipped, puts) and the scopes held, for the service's metrics."""
         with self._lock:
             return {**self._counts, "scopes": len(set(self._exact) | set(self._semantic))}
 

@@ -32,9 +32,13 @@ class FakeEmbedder:
 
     name = "fake-bag-of-words"
 
-    def __init__(self, dim: int = 64):
+    def __init__(self, dim: int = 64, max_words: int = 1000):
         self.dim = dim
+        self.max_words = max_words
         self.calls = 0
+
+    def fits(self, text):
+        return len(text.split()) <= self.max_words
 
     def embed(self, texts):
         self.calls += len(texts)
@@ -112,7 +116,7 @@ def test_exact_repeat_hits_with_a_copy_its_origin_and_age():
     hit.answer["category"] = "changed by a caller"
     assert cache.get(SCOPE, {"ticket": "refund pls"}).answer == ANSWER
     assert cache.stats() == {"exact_hits": 2, "exact_misses": 1, "semantic_hits": 0, "semantic_misses": 0,
-                             "puts": 1, "scopes": 1}
+                             "semantic_skipped": 0, "puts": 1, "scopes": 1}
 
 
 @settings(max_examples=60, deadline=None)
@@ -203,6 +207,17 @@ def test_a_miss_then_put_embeds_the_request_once():
     assert cache.get(SCOPE, {"ticket": "sso is broken"}) is None
     cache.put(SCOPE, {"ticket": "sso is broken"}, ANSWER, request_id="req-1")
     assert embedder.calls == 1
+
+
+def test_a_text_too_long_to_embed_whole_is_left_to_the_exact_layer():
+    """Two long tickets that differ only past the embedder's cut must never match."""
+    embedder = FakeEmbedder(max_words=5)
+    cache = AnswerCache(embedder=embedder, threshold=0.01)
+    long = {"ticket": "one two three four five six seven"}
+    cache.put(SCOPE, long, ANSWER, request_id="req-1")
+    assert cache.get(SCOPE, {"ticket": "one two three four five six eight"}) is None
+    assert cache.get(SCOPE, long).kind == "exact"
+    assert embedder.calls == 0 and cache.stats()["semantic_skipped"] == 1
 
 
 def test_exact_off_answers_only_from_the_semantic_layer():
@@ -332,3 +347,40 @@ def test_real_embedder_at_the_demo_threshold():
 
 HITTING = "pp-001"
 NEAR_MISSES = ("pp-029", "pp-030", "pp-031")
+
+
+def test_check_adds_the_cache_figures_to_the_run_like_the_detectors(project_root, monkeypatch):
+    """`slipway check` measures the project's [cache] on its paraphrase set (here with the fake embedder
+    in place of the GGUF) and the contract judges the figures like any metric."""
+    from types import SimpleNamespace
+
+    from framework import cache as cache_module
+    from framework import load_project
+    from framework.check import with_cache
+    from framework.contract import judge
+    from framework.metrics import Measurements
+
+    monkeypatch.setattr(cache_module, "load_embedder", lambda project, spec=None: FakeEmbedder(dim=4096))
+    project = load_project("ticket-triage", root=project_root)
+    def fresh_run():
+        return SimpleNamespace(measurements=Measurements(
+            n=1, metrics={}, intervals={}, latency_p50_ms=1, latency_p95_ms=1, latency_p99_ms=1, error_rate=0,
+            tokens_per_request=1, tokens_per_request_p95=1, cost_per_request=0))
+
+    run = fresh_run()
+    found = with_cache(project, run)
+    n = len(load_paraphrases(project.dir / project.spec.cache.paraphrases))
+    assert found["n_same"] + found["n_different"] == n and found["path"] == project.spec.cache.paraphrases
+    assert found["model"] == "fake-bag-of-words" and len(found["sha256"]) == 64
+    assert run.measurements.metrics["cache_hit_rate"] == found["hits"] / found["n_same"]
+    assert run.measurements.metrics["cache_wrong_hit_rate"] == found["wrong_hits"] / found["n_different"]
+    lo, hi = run.measurements.intervals["cache_wrong_hit_rate"]
+    assert 0 <= lo <= found["cache_wrong_hit_rate"]["value"] <= hi <= 1
+    clause = next(c for c in judge(project.spec.contract, run.measurements).clauses
+                  if c.name == "cache_wrong_hit_rate")
+    assert clause.passed == (found["wrong_hits"] == 0)
+    # a second check (a reused run) takes the kept measurement: nothing is embedded again
+    monkeypatch.setattr(cache_module, "load_embedder", lambda project, spec=None: pytest.fail("embedded again"))
+    again = fresh_run()
+    assert with_cache(project, again) == found
+    assert again.measurements.intervals == run.measurements.intervals
