@@ -384,3 +384,12 @@ def test_check_adds_the_cache_figures_to_the_run_like_the_detectors(project_root
     again = fresh_run()
     assert with_cache(project, again) == found
     assert again.measurements.intervals == run.measurements.intervals
+
+
+def test_the_public_entry_builds_the_declared_cache():
+    import framework
+
+    cache = framework.answer_cache(framework.load_project("ticket-triage", root=REPO))
+    spec = framework.load_project("ticket-triage", root=REPO).spec.cache
+    assert (cache.exact, cache.semantic, cache.threshold, cache.ttl_s) == (spec.exact, spec.semantic,
+                                                                           spec.threshold, spec.ttl_s)
