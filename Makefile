@@ -27,7 +27,6 @@ demo: install
 
 test: install browser promtool
 	$(BIN)/slipway models pull $(PROJECT) --model tiny
-	$(BIN)/slipway models pull $(PROJECT) --model qwen05   # [cache].embedding_model: tests/test_cache.py
 	$(BIN)/python -m pytest -q
 
 install: $(VENV)/.installed

@@ -4,7 +4,8 @@
    scope holding 10,000 answers: normalising, the lookup and the answer's copy. Goal < 1 ms.
 2. Semantic hit: `get` on a dev ticket whose stored twin differs in punctuation only (the exact layer
    misses, the embedding matches), with the demo's embedder (`[cache]` of projects/ticket-triage): the
-   exact lookup, embedding the ticket (llama.cpp), the search and the copy.
+   exact lookup, embedding the ticket (llama.cpp), the search and the copy. The cost does not depend on
+   the threshold; 0.9 here lets the twins hit (at the demo's 0.999 most of them do not: docs/cache.md).
 3. Miss with the semantic layer on: `get` on train tickets none of which is stored (exact miss,
    embedding, search, nothing at the threshold). The model call that follows a miss is not included.
 4. The search alone (no embedding) over 1,000 and 10,000 stored vectors of the embedder's width.
@@ -39,6 +40,7 @@ DATA = REPO / "projects" / "ticket-triage" / "data"
 ANSWER = {"category": "billing", "priority": "medium", "needs_human": False,
           "reason": "Customer was charged twice for the same invoice"}
 SCOPE = Scope(version="ticket-triage:bench", program="program-hash", tenant="acme")
+HIT_THRESHOLD = 0.9
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -93,7 +95,9 @@ def exact_hits(texts: list[str], calls: int) -> dict:
     ms = []
     for _ in range(calls):
         text = rng.choice(stored)
-        took, hit = timed(cache.get, SCOPE, {"ticket": "  " + text.upper().replace(" ", "  ")})
+        # ASCII letters only: casefold is not locale-aware (Turkish "ı".upper() is "I", which folds to "i")
+        shouted = "".join(c.upper() if c.isascii() else c for c in text)
+        took, hit = timed(cache.get, SCOPE, {"ticket": "  " + shouted.replace(" ", "  ") + "\n"})
         assert hit is not None and hit.kind == "exact"
         ms.append(took)
     return {**summary(ms), "stored": len(stored), "mean_ticket_chars": statistics.fmean(len(t) for t in stored)}
@@ -110,7 +114,7 @@ def semantic(project, n: int) -> dict:
     embedder = load_embedder(project)
     embedder.embed(["warm-up"])
     dev = [t for t in tickets("dev") if unpunctuated(t) != t][:n]
-    cache = AnswerCache(embedder=embedder, threshold=spec.threshold, max_entries=10_000)
+    cache = AnswerCache(embedder=embedder, threshold=HIT_THRESHOLD, max_entries=10_000)
     for i, text in enumerate(dev):
         cache.put(SCOPE, {"ticket": text}, ANSWER, request_id=f"req-{i}")
     hit_ms, hits, misses_at_threshold = [], 0, 0
@@ -121,14 +125,16 @@ def semantic(project, n: int) -> dict:
             hits += 1
         else:
             misses_at_threshold += 1
+    cache.threshold = spec.threshold   # the demo's: unrelated tickets miss at it
     miss_ms = []
     for text in tickets("train")[:n]:
         took, hit = timed(cache.get, SCOPE, {"ticket": text})
         if hit is None:
             miss_ms.append(took)
-    return {"embedder": embedder.name, "threshold": spec.threshold, "stored": len(dev),
+    return {"embedder": embedder.name, "hit_threshold": HIT_THRESHOLD, "miss_threshold": spec.threshold,
+            "stored": len(dev),
             "semantic_hit": summary(hit_ms) if hit_ms else None,
-            "unpunctuated_twins_below_threshold": misses_at_threshold, "miss": summary(miss_ms),
+            "unpunctuated_twins_below_hit_threshold": misses_at_threshold, "miss": summary(miss_ms),
             "dim": int(embedder.embed(["x"]).shape[1])}
 
 
