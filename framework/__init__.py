@@ -5,8 +5,9 @@ project.toml → `load_project` → `load_program` (from the notebook) →
 `language_model` (llama.cpp) → `run_eval` → `judge` / `check` → report →
 `error_analysis` (slices, confusion, misclassified) → `optimize` →
 `build` (a BentoML bento, refused unless the check passed) → `review` (against the baseline) →
-`approve` → `deploy` / `rollback` (channels) → `slipway serve` (with its `answer_cache`) → traces (`ingest_traces`) → the live
-contract (`slo`), feedback back into the eval set (`harvest`, `accept_harvest`) and `drift`.
+`approve` → `deploy` / `rollback` (channels) → `slipway serve` (with its `answer_cache`) → traces
+(`ingest_traces`) → the live contract (`slo`), feedback back into the eval set (`harvest`, `accept_harvest`)
+and `drift`.
 Approvals, deploys and rollbacks are signed with the person's SSH key (`key=`, a path; see
 framework/signing.py and docs/trust.md).
 Heavy libraries (dspy, llama_cpp, duckdb) are imported only when used.

@@ -208,12 +208,15 @@ class _Entry:
 
 class _Index:
     """One scope's semantic entries: a ring of at most `capacity` unit vectors (the oldest overwritten),
-    grown by doubling so a scope with three answers does not hold a full matrix."""
+    grown by doubling so a scope with three answers does not hold a full matrix. `born` is kept as an
+    array beside the vectors so a search (and its expiry mask) is numpy alone."""
 
     def __init__(self, dim: int, capacity: int):
         self.capacity = capacity
-        self.vectors = np.zeros((min(capacity, 64), dim), dtype=np.float32)
-        self.entries: list[_Entry | None] = [None] * self.vectors.shape[0]
+        rows = min(capacity, 64)
+        self.vectors = np.zeros((rows, dim), dtype=np.float32)
+        self.born = np.full(rows, -np.inf)
+        self.entries: list[_Entry | None] = [None] * rows
         self.count = 0      # rows in use
         self.next = 0       # once at capacity: the oldest row, which the next put overwrites
 
@@ -222,6 +225,7 @@ class _Index:
         if self.count == rows < self.capacity:   # full but allowed more: double
             grown = min(self.capacity, rows * 2)
             self.vectors = np.vstack([self.vectors, np.zeros((grown - rows, self.vectors.shape[1]), np.float32)])
+            self.born = np.concatenate([self.born, np.full(grown - rows, -np.inf)])
             self.entries.extend([None] * (grown - rows))
             rows = grown
         if self.count < rows:
@@ -231,21 +235,23 @@ class _Index:
             row = self.next
             self.next = (self.next + 1) % rows
         self.vectors[row] = vector
+        self.born[row] = entry.born
         self.entries[row] = entry
 
     def best(self, query: np.ndarray, oldest_alive: float) -> tuple[float, _Entry] | None:
+        """The most similar entry born at or after `oldest_alive`, with its cosine similarity."""
         if self.count == 0:
             return None
-        sims = self.vectors[: self.count] @ query
-        born = np.fromiter((e.born if e is not None else -np.inf for e in self.entries[: self.count]),
-                           dtype=np.float64, count=self.count)
-        sims = np.where(born >= oldest_alive, sims, -np.inf)
+        sims = np.where(self.born[: self.count] >= oldest_alive, self.vectors[: self.count] @ query, -np.inf)
         row = int(np.argmax(sims))
         entry = self.entries[row]
         return None if entry is None or not np.isfinite(sims[row]) else (float(sims[row]), entry)
 
     def newest(self) -> float:
-        return max((e.born for e in self.entries[: self.count] if e is not None), default=-np.inf)
+        return float(self.born[: self.count].max()) if self.count else -np.inf
+
+    def alive(self, oldest_alive: float) -> int:
+        return int((self.born[: self.count] >= oldest_alive).sum())
 
 
 class AnswerCache:
@@ -370,8 +376,7 @@ class AnswerCache:
                 for table in self._exact.values():
                     table.expire()
                 return sum(len(table) for table in self._exact.values())
-            return sum(sum(1 for e in i.entries[: i.count] if e is not None and e.born >= now - self.ttl_s)
-                       for i in self._semantic.values())
+            return sum(index.alive(now - self.ttl_s) for index in self._semantic.values())
 
     def stats(self) -> dict[str, int]:
         """Lookup counters since start (exact_hits, exact_misses, semantic_hits, semantic_misses,

@@ -354,3 +354,49 @@ def test_real_embedder_at_the_demo_threshold(tiny_model_present):
 
 CLOSEST_SAME = "pp-105"                                        # a resend: "on" → "in", a full stop (0.997)
 NEAR_MISSES = ("pp-095", "pp-043", "pp-031", "pp-080", "pp-030")   # direction, direction, count, amount, negation
+
+
+def test_check_adds_the_cache_figures_to_the_run_like_the_detectors(project_root, monkeypatch):
+    """`slipway check` measures the project's [cache] on its paraphrase set (here with the fake embedder
+    in place of the GGUF) and the contract judges the figures like any metric."""
+    from types import SimpleNamespace
+
+    from framework import cache as cache_module
+    from framework import load_project
+    from framework.check import with_cache
+    from framework.contract import judge
+    from framework.metrics import Measurements
+
+    monkeypatch.setattr(cache_module, "load_embedder", lambda project, spec=None: FakeEmbedder(dim=4096))
+    project = load_project("ticket-triage", root=project_root)
+    def fresh_run():
+        return SimpleNamespace(measurements=Measurements(
+            n=1, metrics={}, intervals={}, latency_p50_ms=1, latency_p95_ms=1, latency_p99_ms=1, error_rate=0,
+            tokens_per_request=1, tokens_per_request_p95=1, cost_per_request=0))
+
+    run = fresh_run()
+    found = with_cache(project, run)
+    n = len(load_paraphrases(project.dir / project.spec.cache.paraphrases))
+    assert found["n_same"] + found["n_different"] == n and found["path"] == project.spec.cache.paraphrases
+    assert found["model"] == "fake-bag-of-words" and len(found["sha256"]) == 64
+    assert run.measurements.metrics["cache_hit_rate"] == found["hits"] / found["n_same"]
+    assert run.measurements.metrics["cache_wrong_hit_rate"] == found["wrong_hits"] / found["n_different"]
+    lo, hi = run.measurements.intervals["cache_wrong_hit_rate"]
+    assert 0 <= lo <= found["cache_wrong_hit_rate"]["value"] <= hi <= 1
+    clause = next(c for c in judge(project.spec.contract, run.measurements).clauses
+                  if c.name == "cache_wrong_hit_rate")
+    assert clause.passed == (found["wrong_hits"] == 0)
+    # a second check (a reused run) takes the kept measurement: nothing is embedded again
+    monkeypatch.setattr(cache_module, "load_embedder", lambda project, spec=None: pytest.fail("embedded again"))
+    again = fresh_run()
+    assert with_cache(project, again) == found
+    assert again.measurements.intervals == run.measurements.intervals
+
+
+def test_the_public_entry_builds_the_declared_cache():
+    import framework
+
+    cache = framework.answer_cache(framework.load_project("ticket-triage", root=REPO))
+    spec = framework.load_project("ticket-triage", root=REPO).spec.cache
+    assert (cache.exact, cache.semantic, cache.threshold, cache.ttl_s) == (spec.exact, spec.semantic,
+                                                                           spec.threshold, spec.ttl_s)
