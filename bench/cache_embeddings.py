@@ -197,6 +197,7 @@ def verify_native(project, config: dict, rows: list[dict], texts: list[str], sam
     vectors = {t: embedder.embed([t])[0] for t in chosen}
     ms = (time.perf_counter() - start) * 1000 / len(chosen)
     gap = max(float(np.abs(vectors[t] - config["_vectors"][t]).max()) for t in chosen)
+    embedder.close()
     return {"config": f"{config['model']}:{config['pooling']}:{config['template']}", "texts": len(chosen),
             "ms_per_embedding": ms, "max_abs_difference": gap}
 

@@ -16,6 +16,8 @@ answers on several threads and one lock guards the tables (embedding runs outsid
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
 import json
 import threading
@@ -151,6 +153,11 @@ class LlamaEmbedder:
         tokens = self._llama.tokenize(self.template.format(text=text).encode("utf-8"))
         return len(tokens) <= self.context_size
 
+    def close(self) -> None:
+        """Free the model now (llama_cpp's own __del__ fails noisily at interpreter exit)."""
+        with self._lock, contextlib.suppress(Exception):
+            self._llama.close()
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         rows = []
         for text in texts:
@@ -166,6 +173,13 @@ class LlamaEmbedder:
 EMBED_CONTEXT = 512
 _EMBEDDERS: dict[tuple, LlamaEmbedder] = {}
 _EMBEDDERS_LOCK = threading.Lock()
+
+
+@atexit.register
+def _close_embedders() -> None:
+    for embedder in _EMBEDDERS.values():
+        embedder.close()
+    _EMBEDDERS.clear()
 
 
 def load_embedder(project: Project, spec: CacheSpec | None = None) -> LlamaEmbedder:

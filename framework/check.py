@@ -104,8 +104,8 @@ def with_detectors(project: Project, run: EvalRun) -> list[dict]:
 
 
 def with_cache(project: Project, run: EvalRun) -> dict | None:
-    """Measure the answer cache on its paraphrase set (`[cache] paraphrases`, with the embedding model: a
-    minute or two on 2 cores) and add cache_hit_rate and cache_wrong_hit_rate (Wilson intervals) to the
+    """Measure the answer cache on its paraphrase set (`[cache] paraphrases`, with the embedding model: 29 s
+    for the demo's on 2 cores) and add cache_hit_rate and cache_wrong_hit_rate (Wilson intervals) to the
     run's metrics, like the detectors. Returns the counts and the set's sha256 for the report; None when no
     set is declared. A measurement is kept under the state folder by `content.cache_hash` (the set, the
     [cache] settings, the embedder's sha256, cache.py), so a check that reuses a run reuses it too."""
