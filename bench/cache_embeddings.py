@@ -15,13 +15,14 @@ rate there; ROC AUC over all pairs; ms per embedding (2 threads, a 512-token con
 config is then run again on a sample through `framework.cache.LlamaEmbedder`, the code the service
 runs, to time it one text at a time as a request would and to confirm it gives the same vectors.
 
-Writes bench/results/cache_embeddings.json. About 10 minutes on 2 idle cores: Qwen2.5-0.5B runs both
-templates, the others the prompt one only by default (the better one for every model in a first run).
+Writes bench/results/cache_embeddings.json. By default each model runs the prompt template only (it gave
+every model its best ordering in a first round; `--models tiny,qwen05` runs both): ~10 minutes on 2 idle
+cores, the 1.5B model most of it. BENCHMARKS.md and docs/cache.md give the commands behind their figures.
 WordLlama is measured when importable: `pip install --no-deps --target DIR wordllama toml safetensors`,
 then PYTHONPATH=DIR (its 0.4.0.post1 wheel looks for its tokenizer in `tokenizer/` but ships it in
 `tokenizers/`: link one to the other, or it tries to download the file).
 
-    .venv/bin/python bench/cache_embeddings.py [--models tiny:prompt,qwen05,qwen15:prompt] [--verify qwen05:last:prompt]
+    .venv/bin/python bench/cache_embeddings.py [--models tiny:prompt,qwen05:prompt,qwen15:prompt] [--verify qwen05:last:prompt]
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def wordllama_vectors(texts: list[str]) -> tuple[dict[str, np.ndarray], float] |
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="tiny:prompt,qwen05,qwen15:prompt",
+    parser.add_argument("--models", default="tiny:prompt,qwen05:prompt,qwen15:prompt",
                         help="model keys; KEY:TEMPLATE measures that template alone (qwen15 takes ~1 s a text)")
     parser.add_argument("--verify", default="best", help="model:pooling:template to rerun through LlamaEmbedder")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "cache_embeddings.json")
