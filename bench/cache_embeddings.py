@@ -22,7 +22,7 @@ WordLlama is measured when importable: `pip install --no-deps --target DIR wordl
 then PYTHONPATH=DIR (its 0.4.0.post1 wheel looks for its tokenizer in `tokenizer/` but ships it in
 `tokenizers/`: link one to the other, or it tries to download the file).
 
-    .venv/bin/python bench/cache_embeddings.py [--models tiny:prompt,qwen05:prompt,qwen15:prompt] [--verify qwen05:last:prompt]
+    .venv/bin/python bench/cache_embeddings.py [--models tiny:prompt,qwen05:prompt] [--verify qwen05:last:prompt]
 """
 
 from __future__ import annotations
