@@ -5,9 +5,9 @@ project.toml → `load_project` → `load_program` (from the notebook) →
 `language_model` (llama.cpp) → `run_eval` → `judge` / `check` → report →
 `error_analysis` (slices, confusion, misclassified) → `optimize` →
 `build` (a BentoML bento, refused unless the check passed) → `review` (against the baseline) →
-`approve` → `deploy` / `rollback` (channels) → `slipway serve` → traces (`ingest_traces`) → the live
-contract (`slo`), feedback back into the eval set (`harvest`, `accept_harvest`), `drift`, and the requests a
-failed model handed to a person (`human_queue`, `resolve_handoff`).
+`approve` → `deploy` / `rollback` (channels) → `slipway serve` (with its `answer_cache`) → traces
+(`ingest_traces`) → the live contract (`slo`), feedback back into the eval set (`harvest`, `accept_harvest`),
+`drift`, and the requests a failed model handed to a person (`human_queue`, `resolve_handoff`).
 Approvals, deploys and rollbacks are signed with the person's SSH key (`key=`, a path; see
 framework/signing.py and docs/trust.md).
 Heavy libraries (dspy, llama_cpp, duckdb) are imported only when used.
@@ -70,6 +70,7 @@ __all__ = [
     "TiersExhausted",
     "accept_harvest",
     "adapter",
+    "answer_cache",
     "approve",
     "build",
     "calibrate",
@@ -115,6 +116,15 @@ def adapter(project: Project):
     from framework.evaluate import adapter as _adapter
 
     return _adapter(project)
+
+
+def answer_cache(project: Project):
+    """The served answer cache `[cache]` declares (framework/cache.py, docs/cache.md), with its embedding
+    model loaded and sha256-verified when `semantic = true`."""
+    from framework.cache import AnswerCache, load_embedder
+
+    spec = project.spec.cache
+    return AnswerCache.from_spec(spec, load_embedder(project) if spec.semantic else None)
 
 
 def load_split(project: Project, split: str):

@@ -61,12 +61,13 @@ def check(project: Project, *, model_key: str | None = None, limit: int | None =
 def judge_run(project: Project, run: EvalRun, *, key: Path | None = None) -> CheckResult:
     contract = contract_hash(project)
     detectors = with_detectors(project, run)
+    cache = with_cache(project, run)
     verdict = judge(project.spec.contract, run.measurements)
     verdict.meta.update({"project": project.name, "run_id": run.run_id, "model": run.model_key,
                          "model_name": project.model(run.model_key).name, "split": run.split,
                          "reused_run": run.reused, "content_hash": run.content_hash,
                          "contract_hash": contract, "engine": engine_note(project.model(run.model_key)),
-                         "detectors": detectors, "variant": project.variant,
+                         "detectors": detectors, "cache": cache, "variant": project.variant,
                          "tiers": project.tier_keys if getattr(run.measurements, "routing", None) else None,
                          **run.hashes})
     check_id = new_id("check")
@@ -104,6 +105,37 @@ def with_detectors(project: Project, run: EvalRun) -> list[dict]:
                      if Path(score.path).is_relative_to(project.dir) else score.path, "sha256": score.sha256,
                      "n": score.n, "tp": score.tp, "fp": score.fp, "fn": score.fn})
     return rows
+
+
+def with_cache(project: Project, run: EvalRun) -> dict | None:
+    """Measure the answer cache on its paraphrase set (`[cache] paraphrases`, with the embedding model: 29 s
+    for the demo's on 2 cores) and add cache_hit_rate and cache_wrong_hit_rate (Wilson intervals) to the
+    run's metrics, like the detectors. Returns the counts and the set's sha256 for the report; None when no
+    set is declared. A measurement is kept under the state folder by `content.cache_hash` (the set, the
+    [cache] settings, the embedder's sha256, cache.py), so a check that reuses a run reuses it too."""
+    from framework.cache import measure
+    from framework.content import cache_hash
+
+    key = cache_hash(project)
+    if key is None:
+        return None
+    kept = project.state_dir / "cache-scores" / f"{key}.json"
+    try:
+        found = json.loads(kept.read_text())
+    except (OSError, ValueError):
+        score = measure(project)
+        assert score is not None   # cache_hash is None exactly when no set is declared
+        found = {"path": score.path, "sha256": score.sha256, "model": score.model, "threshold": score.threshold,
+                 "exact": project.spec.cache.exact, "n_same": score.n_same, "hits": score.hits,
+                 "n_different": score.n_different, "wrong_hits": score.wrong_hits, "by_kind": score.by_kind,
+                 **{name: {"value": value, "interval": list(interval)} for name, (value, interval)
+                    in score.figures().items()}}
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps(found, indent=2))
+    for name in ("cache_hit_rate", "cache_wrong_hit_rate"):
+        run.measurements.metrics[name] = found[name]["value"]
+        run.measurements.intervals[name] = tuple(found[name]["interval"])
+    return {**found, "semantic": project.spec.cache.semantic}
 
 
 def engine_note(model) -> dict:

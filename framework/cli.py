@@ -182,7 +182,8 @@ def validate(project: ProjectArg, as_json: JsonOpt = False) -> None:
 def models_pull(project: ProjectArg,
                 model: ModelOpt = None,
                 all_models: Annotated[bool, typer.Option("--all", help="every declared model")] = False) -> None:
-    """Download, assemble and sha256-verify models into the cache (no-op when present).
+    """Download, assemble and sha256-verify models into the cache (no-op when present). Without --model:
+    the pipeline's model and [cache].embedding_model.
 
     Example: slipway models pull ticket-triage --model tiny
     """
@@ -191,6 +192,9 @@ def models_pull(project: ProjectArg,
 
     loaded = load_project(project)
     keys = sorted(loaded.spec.models) if all_models else [model or loaded.spec.pipeline.model]
+    embedder = loaded.spec.cache.embedding_model
+    if model is None and embedder is not None and embedder not in keys:
+        keys.append(embedder)   # the check measures the answer cache with it (docs/cache.md)
     for key in keys:
         spec = loaded.model(key)
         weights.pull(spec, loaded.dir, toml=str(loaded.toml_path), field=f"models.{key}", progress=_echo)

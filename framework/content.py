@@ -14,6 +14,9 @@ only then (a needless change costs a re-check; a missed one lets a stale verdict
 | `code_hash`       | Slipway's modules on the answer and scoring path (ANSWER_PATH_MODULES)   |
 | `guardrails_hash` | the `[guardrails]` table: checks, actions, rules (they change answers)    |
 | `routing_hash`    | a routed run's tiers (each model's settings and prices) and `[routing]`   |
+| `cache_hash`      | with `[cache] paraphrases`: what the check's cache figures depend on: the |
+|                   | `[cache]` table, the set's bytes, the embedding model's sha256/settings,  |
+|                   | framework/cache.py (absent without a set: nothing of it is measured)      |
 | `versions`        | slipway, dspy and llama-cpp-python releases (adapter code, llama.cpp)     |
 | split, limit, metrics, adapter, prices | which examples, metric declarations, adapter; prices of a recorded cost |
 
@@ -133,12 +136,30 @@ def content_hashes(project: Project, program, split: str, model_key: str, limit:
         routed = bool(project.spec.pipeline.tiers) and model_key == project.spec.pipeline.model
     if routed:
         parts["routing_hash"] = routing_hash(project)
+    cache = cache_hash(project)
+    if cache is not None:   # only a project that measures its cache: other projects' hashes do not move
+        parts["cache_hash"] = cache
     # The program's name too: two classes of one notebook with the same predictors (a subclass that only
     # changes forward()) hash alike in program_hash and notebook_hash, and must not share a check.
     key = {**parts, "split": split, "limit": limit, "metrics": project.spec.eval.metrics,
            "adapter": project.spec.pipeline.adapter, "prices": prices, "program": project.spec.pipeline.program}
     parts["content_hash"] = json_hash(key)
     return parts
+
+
+def cache_hash(project: Project) -> str | None:
+    """What `slipway check`'s cache_hit_rate and cache_wrong_hit_rate depend on, or None when the project
+    declares no paraphrase set (then the check reports nothing of the cache)."""
+    spec = project.spec.cache
+    if spec.paraphrases is None:
+        return None
+    path = project.dir / spec.paraphrases
+    model = project.model(spec.embedding_model) if spec.embedding_model else None
+    # ttl_s, max_entries and the semantic switch change serving, not the figures (measured either way)
+    return json_hash({"cache": spec.model_dump(mode="json", exclude={"ttl_s", "max_entries", "semantic"}),
+                      "paraphrases": file_hash(path) if path.exists() else "missing",
+                      "embedding_model": model.load_settings() if model else None,
+                      "code": file_hash(Path(__file__).resolve().parent / "cache.py")})
 
 
 def contract_hash(project: Project) -> str:

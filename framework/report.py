@@ -82,9 +82,26 @@ def print_check(console: Console, err: Console, result, project_name: str) -> No
     engine = verdict.meta.get("engine")
     if engine:
         err.print(text(f"{engine['engine']} engine: latency {engine['latency']}"))
+    if verdict.meta.get("cache"):
+        console.print(cache_line(verdict.meta["cache"]))
     status = line(("PASS", "bold green")) if verdict.passed else line(("FAIL", "bold red"),
                                                                       f": {', '.join(verdict.failed)}")
     console.print(status + text(f"\nreport: {result.report_html}"))
+
+
+def cache_line(cache: dict) -> Text:
+    """The answer cache on its paraphrase set, one line: hit rate and wrong-hit rate with intervals and counts."""
+    hit, wrong = cache["cache_hit_rate"], cache["cache_wrong_hit_rate"]
+    style = "bold red" if cache["wrong_hits"] else "green"
+    return line(f"answer cache on {cache['path']} ({cache['model'] or 'exact only'}, threshold "
+                f"{cache['threshold']:g}): hits {_rate(hit)} ({cache['hits']} of {cache['n_same']} same-meaning "
+                "pairs), ", (f"wrong hits {_rate(wrong)} ({cache['wrong_hits']} of {cache['n_different']} "
+                             "different-meaning pairs)", style))
+
+
+def _rate(figure: dict) -> str:
+    lo, hi = figure["interval"]
+    return f"{figure['value']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def _slice_metric_names(slices: dict) -> list[str]:
@@ -557,6 +574,7 @@ def report_data(run: EvalRun, verdict: Verdict) -> dict:
         "misses": [{"example_id": r["example_id"], "inputs": r["inputs"], "expected": r["expected"],
                     "output": r["output"], "scores": r["scores"], "tags": r.get("tags") or []} for r in misses],
         "guardrails": guardrail_summary(run, verdict),
+        "cache": verdict.meta.get("cache"),
     }
 
 
@@ -654,7 +672,8 @@ def render_html(project_name: str, check_id: str, data: dict) -> str:
         engine=verdict.get("meta", {}).get("engine"),
         content_hash=str(run["hashes"].get("content_hash", ""))[:12], clauses=verdict["clauses"],
         metrics=metrics, errors=data["errors"][:100], n_errors=len(data["errors"]), misses=misses,
-        n_misses=len(data["misses"]), guardrails=data.get("guardrails") or {}, slice_metrics=slice_metrics,
+        n_misses=len(data["misses"]), guardrails=data.get("guardrails") or {}, cache=data.get("cache"),
+        slice_metrics=slice_metrics,
         tiers=tier_rows(measurements) if measurements.get("routing") else None,
         slices=slice_rows, confusion={f: confusion_rows(m) for f, m in (measurements.get("confusion") or {}).items()})
 

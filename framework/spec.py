@@ -573,6 +573,53 @@ class GuardrailsSpec(_Strict):
     rules: list[RuleGuard] = Field(default_factory=list)
 
 
+class CacheSpec(_Strict):
+    """The served answer cache (framework/cache.py, docs/cache.md): a request answered before, in the same
+    bento version, program and tenant, is answered again without the model. `exact` matches the normalised
+    inputs; `semantic` also matches a request whose embedding is at least `threshold` similar to a stored
+    one. `slipway check` measures the whole cache on the `paraphrases` set (cache_hit_rate and
+    cache_wrong_hit_rate), so `[contract.eval]` can hold the wrong-hit rate to `<= 0.0`."""
+
+    exact: bool = Field(True, description="answer a repeated request (same inputs after Unicode NFKC, case "
+                                          "folding and whitespace collapsing) from the cache")
+    semantic: bool = Field(False, description="also answer a request whose meaning is close enough to an "
+                                              "earlier one (embedding cosine similarity >= threshold)")
+    embedding_model: str | None = Field(None, description="key of the [models.*] table whose GGUF embeds "
+                                                          "requests (llama.cpp embedding mode)")
+    pooling: Literal["mean", "last"] = Field("mean", description="token states to one vector: their mean, or "
+                                                                 "the last token's")
+    template: str = Field("{text}", max_length=500, description="wraps the text before it is embedded; "
+                                                                "must contain {text}")
+    threshold: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.95, description="cosine similarity a semantic hit needs; set it from the paraphrase set so that no "
+                          "different-meaning pair reaches it")
+    ttl_s: Annotated[float, Field(gt=0)] = Field(3600, description="seconds a cached answer is served")
+    max_entries: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        10_000, description="answers kept per scope (bento version, program, tenant) in each layer; the "
+                            "oldest go first")
+    paraphrases: str | None = Field(None, description="JSONL of request pairs (a, b, same, lang, tags) that "
+                                                      "`slipway check` measures the cache on, relative to the "
+                                                      "project folder")
+
+    @field_validator("template")
+    @classmethod
+    def _has_text(cls, value: str) -> str:
+        try:
+            ok = "{text}" in value and value.format(text="x") is not None
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError('expected a template with one {text} and no other braces, e.g. "Ticket: {text}"')
+        return value
+
+    @model_validator(mode="after")
+    def _semantic_has_a_model(self) -> CacheSpec:
+        if (self.semantic or self.paraphrases) and self.embedding_model is None:
+            what = "semantic = true" if self.semantic else "paraphrases"
+            raise ValueError(f"{what} needs embedding_model: a key of [models.*] whose GGUF embeds requests")
+        return self
+
+
 FLAG_NAME = r"^[a-z][a-z0-9_]*$"
 
 
@@ -617,6 +664,7 @@ class ProjectSpec(_Strict):
         default_factory=dict, description="feature flags: pipeline variants switched on per tenant, approved")
     routing: RoutingSpec | None = Field(None, description="escalation between `[pipeline] tiers`; absent with "
                                                           "tiers: the defaults of RoutingSpec")
+    cache: CacheSpec = Field(default_factory=CacheSpec)
 
     @model_validator(mode="after")
     def _pipeline_model_exists(self) -> ProjectSpec:
@@ -654,6 +702,14 @@ class ProjectSpec(_Strict):
             raise ValidationError.from_exception_data("ProjectSpec", [
                 InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=value)
                 for loc, message, value in problems])
+        return self
+
+    @model_validator(mode="after")
+    def _cache_model_exists(self) -> ProjectSpec:
+        key = self.cache.embedding_model
+        if key is not None and key not in self.models:
+            raise ValueError(f"cache.embedding_model: {key!r} is not one of the [models.*] tables: "
+                             f"{', '.join(sorted(self.models))}")
         return self
 
     @model_validator(mode="after")

@@ -280,3 +280,18 @@ def test_drift_with_little_traffic_says_so_and_exits_0(toml_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["verdict"] == "not-enough-traffic" and report["n_served"] == 2   # the 503 is not an input sample
+
+
+def test_models_pull_fetches_the_cache_embedder_beside_the_pipeline_model(toml_path, monkeypatch):
+    """`slipway check` measures the answer cache with [cache].embedding_model, so a plain pull fetches it too;
+    `--model` still fetches exactly the one named."""
+    from framework import weights
+
+    pulled = []
+    monkeypatch.setattr(weights, "pull", lambda spec, *args, **kwargs: pulled.append(spec.name))
+    edit_toml(toml_path, 'embedding_model = "tiny"', 'embedding_model = "qwen05"')
+    assert CliRunner().invoke(app, ["models", "pull", str(toml_path)]).exit_code == 0
+    assert pulled == ["Qwen2.5-Coder-1.5B-Instruct Q4_K_M", "Qwen2.5-Coder-0.5B-Instruct Q4_K_M"]
+    pulled.clear()
+    assert CliRunner().invoke(app, ["models", "pull", str(toml_path), "--model", TINY]).exit_code == 0
+    assert pulled == ["SmolLM2-135M-Instruct Q4_1"]

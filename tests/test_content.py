@@ -76,3 +76,31 @@ def test_check_reuses_nothing_after_an_adapter_or_dspy_change(tiny_project, tiny
     with monkeypatch.context() as patch:
         patch.setattr(content, "versions", lambda: {**real, "dspy": "3.99.0"})
         assert not check(project, limit=2).run.reused
+
+
+def test_the_cache_figures_inputs_move_the_hash_and_serving_settings_do_not(project_root):
+    """A check's cache_hit_rate and cache_wrong_hit_rate depend on the paraphrase file, the embedder and the
+    threshold: a change to any of them makes the verdict stale. TTL and size change serving only."""
+    toml = project_root / "projects" / "ticket-triage" / "project.toml"
+    project = load_project("ticket-triage", root=project_root)
+    assert project.spec.cache.paraphrases, "the demo measures its cache"
+    base = content.cache_hash(project)
+    text = toml.read_text()
+    for old, new in (("threshold = ", "threshold = 0.5  # was "), ("pooling = ", 'pooling = "mean"  # was ')):
+        toml.write_text(text.replace(old, new, 1))
+        assert content.cache_hash(load_project("ticket-triage", root=project_root)) != base, new
+    toml.write_text(text.replace("ttl_s = ", "ttl_s = 5  # was ", 1).replace("max_entries = ", "max_entries = 3  # ", 1)
+                    .replace("semantic = false", "semantic = true", 1))
+    assert content.cache_hash(load_project("ticket-triage", root=project_root)) == base
+    toml.write_text(text)
+    pairs = project.dir / project.spec.cache.paraphrases
+    pairs.write_text(pairs.read_text() + '{"a": "x", "b": "y", "same": false, "lang": "en", "tags": ["t"]}\n')
+    assert content.cache_hash(project) != base
+
+
+def test_a_project_without_a_paraphrase_set_has_no_cache_part(project_root):
+    toml = project_root / "projects" / "ticket-triage" / "project.toml"
+    text = toml.read_text()
+    start = text.index("\n[cache]")
+    toml.write_text(text[:start] + text[text.index("\n[", start + 1):])
+    assert content.cache_hash(load_project("ticket-triage", root=project_root)) is None

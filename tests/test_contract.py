@@ -144,3 +144,13 @@ def test_a_slice_clause_passes_exactly_when_its_bound_clears_the_bar(lo, width, 
     contract = ContractSpec(eval={"category_macro_f1[short]": f">= {bar} @ lower95"})
     verdict = judge(contract, _sliced(min(lo + width / 2, 1), (lo, min(lo + width, 1)), tag="short"))
     assert verdict.passed == (lo >= bar)
+
+
+def test_an_at_most_clause_holds_zero_wrong_hits_to_zero():
+    """`cache_wrong_hit_rate = "<= 0.0"`: one wrong hit on the paraphrase set fails the contract."""
+    contract = ContractSpec(eval={"cache_wrong_hit_rate": "<= 0.0"})
+    ok = judge(contract, _m(metrics={"cache_wrong_hit_rate": 0.0}, intervals={"cache_wrong_hit_rate": (0, 0.07)}))
+    bad = judge(contract, _m(metrics={"cache_wrong_hit_rate": 1 / 51},
+                             intervals={"cache_wrong_hit_rate": (0.003, 0.10)}))
+    assert ok.passed and ok.clauses[0].target == "<= 0" and ok.clauses[0].interval == (0, 0.07)
+    assert not bad.passed and bad.failed == ["cache_wrong_hit_rate"]

@@ -170,3 +170,34 @@ def test_pages_come_from_autoescaping_templates():
     templates = {p.name for p in files("framework").joinpath("templates").iterdir()}
     assert {"check_report.html.j2", "review.html.j2"} <= templates
     assert report._template("review.html.j2").environment.autoescape is True
+
+
+CACHE = {"path": "data/cache/paraphrases.jsonl", "sha256": "0" * 64, "model": "Qwen" + PAYLOAD, "threshold": 0.97,
+         "exact": True, "semantic": True, "n_same": 50, "hits": 7, "n_different": 51, "wrong_hits": 0,
+         "by_kind": {"exact": 1, "semantic": 6},
+         "cache_hit_rate": {"value": 0.14, "interval": [0.069, 0.262]},
+         "cache_wrong_hit_rate": {"value": 0.0, "interval": [0.0, 0.070]}}
+
+
+def test_check_report_shows_the_answer_cache_figures_with_counts():
+    data = {"verdict": {"passed": True, "failed": [], "n": 1, "meta": {"cache": CACHE}, "clauses": []},
+            "run": {"run_id": "run-1", "split": "eval", "model": "m", "n": 1, "reused": False, "hashes": {}},
+            "measurements": {"metrics": {}, "intervals": {}}, "errors": [], "misses": [], "cache": CACHE}
+    page = report.render_html("proj", "chk-1", data)
+    table = page[page.index("id=cache"):]
+    table = table[:table.index("</table>")]
+    assert "7 of 50" in table and "0 of 51" in table and "[0.069, 0.262]" in table and "[0.000, 0.070]" in table
+    assert "script" not in _parse(page).tags and "Qwen" + PAYLOAD in "".join(_parse(page).text)
+    console, out = _console()
+    console.print(report.cache_line(CACHE))
+    printed = " ".join(out.getvalue().split())   # wrapped at the console width
+    assert "hits 0.140 [0.069, 0.262] (7 of 50 same-meaning pairs)" in printed
+    assert "wrong hits 0.000 [0.000, 0.070] (0 of 51 different-meaning pairs)" in printed
+    assert PAYLOAD in printed   # the model's name is printed as written, never read as markup
+
+
+def test_check_report_without_a_cache_has_no_cache_section():
+    data = {"verdict": {"passed": True, "failed": [], "n": 1, "meta": {}, "clauses": []},
+            "run": {"run_id": "run-1", "split": "eval", "model": "m", "n": 1, "reused": False, "hashes": {}},
+            "measurements": {"metrics": {}, "intervals": {}}, "errors": [], "misses": []}
+    assert "id=cache" not in report.render_html("proj", "chk-1", data)

@@ -186,7 +186,8 @@ def test_every_spec_key_is_documented():
     doc = (REPO / "docs" / "project-toml.md").read_text()
     for model in (s.ProjectMeta, s.PipelineSpec, s.ModelSpec, s.ModelSource, s.EvalSpec, s.OptimizeSpec,
                   s.ContractSpec, s.ServeSpec, s.TenantSpec, s.GuardrailsSpec, s.InputSizeGuard,
-                  s.EmptyGuard, s.InjectionGuard, s.PiiGuard, s.TopicsGuard, s.RuleGuard, s.BlocklistGuard):
+                  s.EmptyGuard, s.InjectionGuard, s.PiiGuard, s.TopicsGuard, s.RuleGuard, s.BlocklistGuard,
+                  s.CacheSpec):
         for key in model.model_fields:
             assert f"`{key}`" in doc or f"source.{key}" in doc, f"{model.__name__}.{key} missing from docs"
 
@@ -292,3 +293,46 @@ def test_every_routing_key_is_documented():
     assert "## [routing]" in doc and "`tiers`" in doc
     for key in RoutingSpec.model_fields:
         assert f"`{key}`" in doc, f"RoutingSpec.{key} missing from docs"
+CACHE = "\n[cache]\nsemantic = true\nembedding_model = \"qwen05\"\nthreshold = 0.9\n"
+
+
+def _with_cache(toml_path, table: str) -> None:
+    text = toml_path.read_text()
+    start = text.find("\n[cache]")
+    if start >= 0:   # the demo declares one: replace it (it runs to the next table)
+        end = text.find("\n[", start + 1)
+        text = text[:start] + (text[end:] if end >= 0 else "\n")
+    toml_path.write_text(text + table)
+
+
+def test_cache_defaults_to_exact_only():
+    from framework.spec import CacheSpec
+
+    spec = CacheSpec()
+    assert (spec.exact, spec.semantic, spec.embedding_model, spec.paraphrases) == (True, False, None, None)
+
+
+def test_cache_section_validates(toml_path):
+    _with_cache(toml_path, CACHE)
+    spec = load_project(str(toml_path)).spec.cache
+    assert (spec.semantic, spec.embedding_model, spec.threshold) == (True, "qwen05", 0.9)
+
+
+@pytest.mark.parametrize(("table", "field", "message"), [
+    (CACHE.replace('"qwen05"', '"minilm"'), "cache.embedding_model", "'minilm' is not one of the [models.*]"),
+    (CACHE.replace("0.9", "1.5"), "cache.threshold", "less than or equal to 1"),
+    (CACHE.replace("0.9", "0"), "cache.threshold", "greater than 0"),
+    (CACHE + "ttl_s = -1\n", "cache.ttl_s", "greater than 0"),
+    (CACHE + "max_entries = 0\n", "cache.max_entries", "greater than or equal to 1"),
+    (CACHE + 'pooling = "cls"\n', "cache.pooling", "'mean' or 'last'"),
+    (CACHE + 'template = "Ticket: {ticket}"\n', "cache.template", "one {text}"),
+    (CACHE + "semantc = true\n", "cache.semantc", "unknown key"),
+    ("\n[cache]\nsemantic = true\n", "cache", "semantic = true needs embedding_model"),
+    ('\n[cache]\nparaphrases = "data/cache/paraphrases.jsonl"\n', "cache", "paraphrases needs embedding_model"),
+])
+def test_cache_errors_name_the_field(toml_path, table, field, message):
+    _with_cache(toml_path, table)
+    with pytest.raises(SpecError) as info:
+        load_project(str(toml_path))
+    text = str(info.value) + " " + str(getattr(info.value, "field", ""))
+    assert field in text and message in text, text
