@@ -139,17 +139,18 @@ def checked_variants(project: Project) -> tuple[list[dict], list[dict]]:
 
 
 def bento_version(passing: dict, project: Project, variants: list[dict] = ()) -> str:
-    """Deterministic: the checked content, the contract, the [serve] and [fallback] settings baked into the
-    bento (endpoint, workers, timeout; the fallback answer) and the framework code that packs and serves
-    them. Changing any of them must give a new version, or a rebuild would keep serving the old settings
-    under the old tag."""
+    """Deterministic: the checked content, the contract, the [serve], [fallback] and [cache] settings baked
+    into the bento (endpoint, workers, timeout; the fallback answer; cache bounds) and the framework code that
+    packs and serves them. Changing any of them must give a new version, or a rebuild would keep serving the
+    old settings under the old tag."""
     from framework.content import json_hash, versions
 
     package = {p.relative_to(PACKAGE_DIR).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                for p in sorted(PACKAGE_DIR.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
     key = {"content": passing["content_hash"], "contract": passing["contract_hash"],
            "serve": project.spec.serve.model_dump(mode="json"), "slipway": versions()["slipway"], "code": package,
-           "fallback": project.spec.fallback.model_dump(mode="json")}
+           "fallback": project.spec.fallback.model_dump(mode="json"),
+           "cache": project.spec.cache.model_dump(mode="json")}
     if variants:   # a newly checked variant is a new version (older bentos never had it)
         key["variants"] = sorted(f"{v['flag']}={v['variant']}:{v['content_hash']}" for v in variants)
     return json_hash(key)[:20]
@@ -187,6 +188,9 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
     # `[pipeline] tiers`: every tier's GGUF is packed as its own BentoML model, pinned by sha256 like the pipeline's
     tiers = [{"key": k, "model_tag": model_tag if k == model_key else _ensure_model(project, k),
               "sha256": project.model(k).sha256} for k in dict.fromkeys(project.spec.pipeline.tiers or ())]
+    # models the served side needs besides the tiers: the semantic cache's embedder
+    cache = project.spec.cache
+    extra = {cache.embedding_model: _ensure_model(project, cache.embedding_model)} if cache.semantic else {}
     try:
         existing = bentoml.get(tag)
     except bentoml.exceptions.NotFound:
@@ -209,13 +213,13 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
     if override and passing["failed"]:
         labels["slipway.override"] = override
     with tempfile.TemporaryDirectory(prefix="slipway-build-") as ctx:
-        _write_context(Path(ctx), project, model_key, model_tag, labels, passing, version, variants, tiers)
+        _write_context(Path(ctx), project, model_key, model_tag, labels, passing, version, variants, tiers, extra)
         os.environ["SLIPWAY_BENTO_DIR"] = str(Path(ctx) / "slipway")  # bentoml imports the service to build
         bento = bentoml.bentos.build(
             "framework.service:SlipwayService", name=name, version=version, labels=labels,
             description=f"{name}: {project.spec.project.description}", build_ctx=ctx,
             include=["framework/**", "slipway/**"],
-            models=list(dict.fromkeys([model_tag, *(t["model_tag"] for t in tiers)])),
+            models=list(dict.fromkeys([model_tag, *(t["model_tag"] for t in tiers), *extra.values()])),
             python={"packages": RUNTIME_REQUIREMENTS},
         )
     root = Path(bento.path)
@@ -313,7 +317,7 @@ def optimize_provenance(project: Project) -> dict | None:
 
 
 def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels: dict, passing: dict,
-                   version: str, variants: list[dict] = (), tiers: list[dict] = ()) -> None:
+                   version: str, variants: list[dict] = (), tiers: list[dict] = (), extra: dict | None = None) -> None:
     shutil.copytree(PACKAGE_DIR, ctx / "framework", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = ctx / "slipway"
     out.mkdir()
@@ -347,7 +351,7 @@ def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels
             json.dumps(variant["signed"].to_dict(), indent=1, sort_keys=True))
     config = {"project": project.name, "service_name": project.name.replace("-", "_"), "model_key": key,
               "model_tag": model_tag, "program": project.spec.pipeline.program, "labels": labels,
-              "bento_version": version, "tiers": list(tiers),
+              "bento_version": version, "tiers": list(tiers), "extra_models": dict(extra or {}),
               "variants": [{k: v[k] for k in ("flag", "variant", "program", "program_hash", "content_hash",
                                                "check_id", "file")} for v in variants]}
     (out / "bento.json").write_text(json.dumps(config, indent=2))

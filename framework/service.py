@@ -267,6 +267,8 @@ _shed = bentoml.metrics.Counter(name="slipway_requests_shed", documentation="Req
                                 "worker's queue was full (serve.max_queue)", labelnames=["bento_version"])
 _degraded = bentoml.metrics.Counter(name="slipway_requests_degraded", documentation="Requests answered with a "
                                     "degradation step (serve.degrade)", labelnames=["bento_version", "step"])
+_cache_lookups = bentoml.metrics.Counter(name="slipway_cache_lookups", documentation="Answer-cache lookups by "
+                                         "result (exact, semantic, miss)", labelnames=["bento_version", "result"])
 _fallbacks = bentoml.metrics.Counter(name="slipway_fallbacks", documentation="Failed model calls answered by the "
                                      "declared [fallback]", labelnames=["bento_version", "action", "reason"])
 _trace_errors = bentoml.metrics.Counter(name="slipway_trace_errors", documentation="Traces that could not be written",
@@ -514,6 +516,7 @@ class SlipwayService:
         self.lm = make_lm(MODEL, path)
         self.engine = load_engine(MODEL, path)
         self.tiers = self._tiers(path) if CONFIG.get("tiers") else []
+        self.cache = self._cache()
         self.program = _program()
         self.variants: dict = {}
         self.guards: dict = {}
@@ -560,6 +563,21 @@ class SlipwayService:
                          ENDPOINT)
             return
         self.ready = True
+
+    def _cache(self):
+        """`[cache]` (framework/cache.py): answers kept in this worker, per bento version, program and tenant;
+        the semantic layer's embedding GGUF is packed by `slipway build` and verified here. None when off."""
+        from framework.cache import AnswerCache, open_embedder
+
+        spec = SPEC.cache
+        if not (spec.exact or spec.semantic):
+            return None
+        embedder = None
+        if spec.semantic:
+            key = spec.embedding_model
+            path = Path(bentoml.models.get(CONFIG["extra_models"][key]).path) / "model.gguf"
+            embedder = open_embedder(spec, SPEC.models[key], path, field=f"models.{key}")
+        return AnswerCache.from_spec(spec, embedder)
 
     def _tiers(self, top_path: Path) -> list:
         """The bento's tiers, cheapest first (`[pipeline] tiers`): each GGUF packed as its own BentoML model by
@@ -671,6 +689,25 @@ class SlipwayService:
                 return {**body, "limit": held.limit, "value": held.value, "used": held.used,
                         "retry_after": held.retry_after}
         t_valid = time.perf_counter()
+        scope = None
+        if self.cache is not None:
+            from framework.cache import Scope
+
+            scope = Scope(version=CONFIG["bento_version"], program=version["program_hash"],
+                          tenant=caller.tenant if caller is not None else "")
+            hit = self.cache.get(scope, inputs)
+            _cache_lookups.labels(VERSION["bento"], hit.kind if hit else "miss").inc()
+            if hit is not None:   # counted against the tenant's rate like any request, but no tokens
+                self._settle(held, [], 0.0)
+                served = {"cache": {"kind": hit.kind, "similarity": round(hit.similarity, 4),
+                                    "age_s": round(hit.age_s, 1), "request_id": hit.request_id}}
+                outputs = hit.answer["outputs"]
+                trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
+                               t_end=time.perf_counter(), status=200, inputs=inputs, outputs=outputs, calls=[],
+                               decisions=decision_rows(decisions), served=served, cost=0.0, **who)
+                _observe(200, t0, trace, [])
+                return {**outputs, "guardrails": {**fired(decisions), **hit.answer["guardrails"]}, "served": served,
+                        "request_id": request_id, "version": version}
         served: dict[str, Any] = {}
         lm = self.lm
         admitted = request.scope.get("slipway.admitted")
@@ -727,6 +764,8 @@ class SlipwayService:
             checked = guard.check_output(json.loads(json.dumps(outputs, default=str)), decisions)
             found, blocked, outputs = checked.decisions, checked.blocked, checked.values
         decisions += found
+        if blocked is None and scope is not None and "degraded" not in served:   # a cut answer is not kept
+            self.cache.put(scope, inputs, {"outputs": outputs, "guardrails": fired(found)}, request_id)
         if blocked is not None:
             response.headers["X-Slipway-Guardrail"] = blocked.check
             return self._error(response, blocked.status, blocked.code, request_id, blocked.message, t0, started_at,

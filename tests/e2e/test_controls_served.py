@@ -19,7 +19,7 @@ from tests.conftest import cli_ok as ok
 from tests.conftest import edit_toml
 from tests.e2e.test_build_serve import _free_port, _stop, _wait_ready, loosen_latency
 
-TICKETS = [f"Order {n}: the parcel arrived with a cracked screen, please send a replacement" for n in range(12)]
+TICKETS = [f"Order {n}: the parcel arrived with a cracked screen, please send a replacement" for n in range(13)]
 
 
 def sse(text: str) -> list[tuple[str, dict]]:
@@ -80,8 +80,8 @@ def test_a_burst_over_the_queue_is_shed_with_429_and_admitted_ones_degrade_and_s
 
         # a burst of 12 at once into 1 answering + 1 waiting: the rest are shed at once, none is a 5xx
         def ask(i: int) -> httpx.Response:
-            return httpx.post(f"{base}/triage", json={"ticket": TICKETS[i]}, headers={"X-Request-ID": f"c-burst-{i}"},
-                              timeout=120)
+            return httpx.post(f"{base}/triage", json={"ticket": TICKETS[i + 1]},   # none answered before: no cache
+                              headers={"X-Request-ID": f"c-burst-{i}"}, timeout=120)
 
         with ThreadPoolExecutor(max_workers=12) as pool:
             answers = list(pool.map(ask, range(12)))
@@ -178,3 +178,38 @@ def test_a_cheap_tier_whose_answer_fails_validation_escalates_to_the_next(tiny_p
         _stop(server)
     trace = json.loads(ok(["trace", "c-tier", "--json"]).stdout)
     assert trace["served"]["tier"] == "tiny" and len(trace["calls"]) >= 2   # both tiers' calls, in one trace
+
+
+@pytest.mark.model
+def test_repeated_and_reworded_tickets_are_answered_from_the_cache_and_a_negation_is_not(tiny_project,
+                                                                                        tiny_model_present):
+    """The semantic layer over the tiny GGUF embedder at 0.99: the same ticket shouted ("!!", lower case) is a
+    semantic hit, its negation (0.974 measured) is not. The demo keeps semantic off: docs/cache.md says why."""
+    loosen_latency(tiny_project)
+    edit_toml(tiny_project, "semantic = false", "semantic = true")
+    edit_toml(tiny_project, "threshold = 0.999", "threshold = 0.99")
+    assert json.loads(ok(["check", "ticket-triage", "--json"]).stdout)["passed"]
+    server, base = serving(tiny_project)
+    ticket = "I was charged twice for my subscription this month."
+
+    def ask(text: str, rid: str) -> dict:
+        answered = httpx.post(f"{base}/triage", json={"ticket": text}, headers={"X-Request-ID": rid}, timeout=120)
+        assert answered.status_code == 200, answered.text
+        return answered.json()
+
+    try:
+        first = ask(ticket, "c-first")
+        assert "cache" not in first["served"]
+        again = ask("  " + ticket.upper() + " ", "c-again")           # normalised: the same key
+        assert again["served"]["cache"]["kind"] == "exact" and again["served"]["cache"]["request_id"] == "c-first"
+        labels = ("category", "priority", "needs_human", "reason")
+        assert {k: again[k] for k in labels} == {k: first[k] for k in labels} and again["request_id"] == "c-again"
+        shouted = ask("i was charged twice for my subscription this month!!", "c-shouted")
+        assert shouted["served"]["cache"]["kind"] == "semantic", shouted["served"]
+        assert shouted["served"]["cache"]["similarity"] >= 0.99
+        negated = ask("I was not charged for my subscription this month.", "c-negated")
+        assert "cache" not in negated["served"]
+    finally:
+        _stop(server)
+    trace = json.loads(ok(["trace", "c-again", "--json"]).stdout)
+    assert trace["served"]["cache"]["kind"] == "exact" and trace["calls"] == [] and trace["cost"] == 0
