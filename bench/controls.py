@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import tempfile
 import threading
@@ -52,6 +51,7 @@ from bench.engine import (
     pct,
     set_parallel_in_toml,
     stop,
+    throwaway_env,
     wait_ready,
 )
 
@@ -69,18 +69,11 @@ def build(folder: Path, model: str, max_queue: int, build_tickets: int) -> tuple
     set_parallel_in_toml(toml, model, 1)
     text = toml.read_text().replace("[serve]\n", f"[serve]\nmax_queue = {max_queue}\n", 1)
     toml.write_text(text)
-    key_file = folder / "bench-key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench@controls", "-f", str(key_file)],
-                   check=True)
-    env = {**os.environ, "BENTOML_HOME": str(root / "bentos"), "SLIPWAY_SIGNING_KEY": str(key_file),
-           "XDG_CONFIG_HOME": str(folder / "config"), "DSPY_CACHEDIR": str(folder / "dspy-cache"),
-           "BENTOML_DO_NOT_TRACK": "true", "CI": "true",
-           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    env.pop("SLIPWAY_CHANNEL", None)
+    env = throwaway_env(folder, root, "bench@controls")
     from framework import signing
 
     signing.signers_path(toml.parent).unlink(missing_ok=True)
-    signing.add_signer(toml.parent, "bench", signing.public_key(key_file), [])
+    signing.add_signer(toml.parent, "bench", signing.public_key(Path(env["SLIPWAY_SIGNING_KEY"])), [])
     for args in (["check", str(toml.parent)], ["build", str(toml.parent), "--json"]):
         done = subprocess.run([str(BIN / "slipway"), *args], cwd=root, env=env, capture_output=True, text=True,
                               timeout=3600)

@@ -646,6 +646,19 @@ def measure_server(start, ready_path: str, send, payloads_1: list, payloads_c: l
             "concurrent": many, "machine_load": load}
 
 
+def throwaway_env(folder: Path, root: Path, comment: str) -> dict:
+    """The environment of `slipway` commands on the throw-away repository `root`: its own BentoML store,
+    a fresh SSH signing key, config and caches under `folder`, this checkout's framework."""
+    key_file = folder / "bench-key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key_file)], check=True)
+    env = {**os.environ, "BENTOML_HOME": str(root / "bentos"), "SLIPWAY_SIGNING_KEY": str(key_file),
+           "XDG_CONFIG_HOME": str(folder / "config"), "DSPY_CACHEDIR": str(folder / "dspy-cache"),
+           "BENTOML_DO_NOT_TRACK": "true", "CI": "true",
+           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env.pop("SLIPWAY_CHANNEL", None)
+    return env
+
+
 def build_bentos(root: Path, key: str, parallel: int, build_tickets: int, env: dict) -> dict:
     """Check and build the program twice (parallel 1 and P) in a throw-away repository; tags by name."""
     toml = copy_project(root, model_key=key, eval_lines=build_tickets, loosen=True)
@@ -679,14 +692,7 @@ def served(project, key: str, parallel: int, clients: int, requests: int, latenc
                  "timeout_s": timeout}
     results.figures["served"] = out
     root = folder / "repo"
-    key_file = folder / "bench-key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench@engine", "-f", str(key_file)],
-                   check=True)
-    env = {**os.environ, "BENTOML_HOME": str(root / "bentos"), "SLIPWAY_SIGNING_KEY": str(key_file),
-           "XDG_CONFIG_HOME": str(folder / "config"), "DSPY_CACHEDIR": str(folder / "dspy-cache"),
-           "BENTOML_DO_NOT_TRACK": "true", "CI": "true",
-           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    env.pop("SLIPWAY_CHANNEL", None)
+    env = throwaway_env(folder, root, "bench@engine")
     out["bentos"] = build_bentos(root, key, parallel, build_tickets, env)
     results.save()
     endpoint = project.spec.serve.endpoint.strip("/")

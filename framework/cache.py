@@ -434,22 +434,11 @@ class CacheScore:
 
 def load_paraphrases(path: Path, where: str = "cache.paraphrases") -> list[dict]:
     """Rows `{"a", "b", "same": bool, "lang", "tags"}`; DatasetError naming the line when one is not."""
+    from framework.dataset import jsonl_objects
     from framework.errors import DatasetError
 
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DatasetError(f"cannot read the paraphrase set {path}: {exc.strerror}", path=str(path), field=where,
-                           hint="fix the path (relative to the project folder) or remove `paraphrases`") from None
     rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}:{number}: not JSON ({exc.msg})", path=str(path), line=number,
-                               field=where) from None
+    for number, row in jsonl_objects(path, where=where, what="paraphrase set", remove="paraphrases"):
         if not (isinstance(row, dict) and isinstance(row.get("a"), str) and isinstance(row.get("b"), str)
                 and isinstance(row.get("same"), bool)):
             raise DatasetError(f"{path}:{number}: each row needs strings `a` and `b` and `same`: true or false",

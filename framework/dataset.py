@@ -96,3 +96,26 @@ def load_examples(path: Path, *, input_fields: tuple[str, ...] = ()) -> list[Exa
     if not path.exists():
         raise DatasetError("file not found", path=str(path), hint="check [eval] paths in project.toml")
     return parse_rows(path.read_text(encoding="utf-8"), str(path), input_fields=input_fields)
+
+
+def jsonl_objects(path: Path, *, where: str, what: str, remove: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a labelled JSONL file a project.toml key names
+    (`where`), or DatasetError naming the file, the line and the key: the file cannot be read (`what` it is,
+    and the key to `remove` instead of fixing the path), a line is not JSON, or not a JSON object."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DatasetError(f"cannot read the {what} {path}: {exc.strerror}", path=str(path), field=where,
+                           hint=f"fix the path (relative to the project folder) or remove `{remove}`") from None
+    found = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}:{number}: not JSON ({exc.msg})", path=str(path), line=number,
+                               field=where) from None
+        found.append((number, row))
+    return found
+

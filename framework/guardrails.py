@@ -379,24 +379,11 @@ class DetectorScore:
 
 
 def _labelled_rows(path, where: str) -> list[dict]:
-    import json
-
+    from framework.dataset import jsonl_objects
     from framework.errors import DatasetError
 
     rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DatasetError(f"cannot read the labelled set {path}: {exc.strerror}", path=str(path), field=where,
-                           hint="fix the path (relative to the project folder) or remove `dataset`") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}:{number}: not JSON ({exc.msg})", path=str(path), line=number,
-                               field=where) from None
+    for number, row in jsonl_objects(path, where=where, what="labelled set", remove="dataset"):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise DatasetError(f"{path}:{number}: each row needs a string `text`", path=str(path), line=number,
                                field=where)
