@@ -639,9 +639,10 @@ class SlipwayService:
         return start(lambda reply, emit: self._answer(request, reply, inputs, emit=emit), ctx.response, CLOSED_FIELDS)
 
     def _answer(self, request, response, inputs: dict[str, Any], emit=None) -> dict:
-        """One request through the stages, in order: caller and variant → size → input guardrails → budget →
-        model (degraded under load) → output guardrails → trace. `response` takes the status and headers;
-        `emit(name, value)` (streaming) is told closed-set values as the model completes them."""
+        """One request through the stages, in order (docs/serve.md, "The request path"): caller and variant →
+        size → input guardrails → budget → cache → model or tiers (degraded under load) → fallback on failure →
+        output guardrails → cache put → trace. `response` takes the status and headers; `emit(name, value)`
+        (streaming) is told closed-set values as the model completes them."""
         import dspy
 
         from framework.lm import deadline, metering, on_values, root_cause
