@@ -4,8 +4,8 @@ A worker's model answers `capacity` requests at a time (`[models.*] parallel`); 
 is useful only up to a point: past `serve.max_queue` waiting requests, every newcomer would time out after
 holding a connection for `serve.timeout_s`, so it is refused at once with 429 and a `Retry-After` computed
 from the queue ahead of it and the measured time per answer. Between `serve.degrade_at` and the bound,
-the declared degradation steps apply in order (a cheaper tier, a smaller `max_tokens`), so the queue drains
-faster, and the response says which applied.
+the declared degradation steps apply (a smaller `max_tokens`, only a cheaper tier, no semantic-cache
+embedding), so the queue drains faster, and the response says which applied.
 
 Plain data and one lock, no I/O: the service's ASGI middleware asks `enter()` before reading the body and
 calls `leave()` when the response is sent; the tests drive the same object from threads.
@@ -18,13 +18,14 @@ import re
 import threading
 from dataclasses import dataclass, field
 
-# A degradation step as project.toml declares it: `max_tokens=48`.
-STEP = re.compile(r"^(max_tokens)=([A-Za-z0-9_-]+)$")
+# A degradation step as project.toml declares it: `max_tokens=48`, `tier=qwen05`, `skip=semantic_cache`.
+STEP = re.compile(r"^(max_tokens|tier|skip)=([A-Za-z0-9_-]+)$")
+SKIPPABLE = ("semantic_cache",)   # optional stages a loaded worker may leave out
 
 
 @dataclass(frozen=True)
 class Step:
-    kind: str    # "max_tokens"
+    kind: str    # "max_tokens" | "tier" | "skip"
     value: str
 
     def __str__(self) -> str:
@@ -35,10 +36,13 @@ def parse_step(text: str) -> Step:
     """`max_tokens=48` → Step("max_tokens", "48"); ValueError saying what is allowed otherwise."""
     found = STEP.match(text.strip())
     if not found:
-        raise ValueError(f"{text!r} is not a degradation step: write max_tokens=<N>")
+        raise ValueError(f"{text!r} is not a degradation step: write max_tokens=<N>, tier=<model key> or "
+                         f"skip={'|'.join(SKIPPABLE)}")
     kind, value = found.groups()
     if kind == "max_tokens" and (not value.isdigit() or int(value) < 1):
         raise ValueError(f"{text!r}: max_tokens must be a whole number ≥ 1")
+    if kind == "skip" and value not in SKIPPABLE:
+        raise ValueError(f"{text!r}: the optional stages that can be skipped are {', '.join(SKIPPABLE)}")
     return Step(kind, value)
 
 

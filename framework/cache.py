@@ -311,8 +311,9 @@ class AnswerCache:
     def semantic(self) -> bool:
         return self.embedder is not None
 
-    def get(self, scope: Scope, inputs: Mapping[str, Any]) -> Hit | None:
-        """The cached answer for these inputs in this scope, or None. Never an answer of another scope."""
+    def get(self, scope: Scope, inputs: Mapping[str, Any], *, semantic: bool = True) -> Hit | None:
+        """The cached answer for these inputs in this scope, or None. Never an answer of another scope.
+        `semantic=False` looks in the exact layer only (a loaded worker skipping the embedding)."""
         key = normalise(inputs)
         now = self._clock()
         if self.exact:
@@ -322,7 +323,7 @@ class AnswerCache:
                 self._counts["exact_hits" if found is not None else "exact_misses"] += 1
             if found is not None:
                 return Hit(copy.deepcopy(found.answer), "exact", 1.0, now - found.born, found.request_id)
-        if not self.semantic:
+        if not (self.semantic and semantic):
             return None
         vector = self._vector(inputs)
         if vector is None:   # too long to embed whole: the exact layer alone answers it

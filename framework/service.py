@@ -690,17 +690,23 @@ class SlipwayService:
                 return {**body, "limit": held.limit, "value": held.value, "used": held.used,
                         "retry_after": held.retry_after}
         t_valid = time.perf_counter()
+        admitted = request.scope.get("slipway.admitted")   # its depth in the worker decides degradation
+        steps = admitted.degraded if admitted is not None else ()
+        served: dict[str, Any] = {"degraded": [str(step) for step in steps]} if steps else {}
+        for step in steps:
+            _degraded.labels(VERSION["bento"], str(step)).inc()
         scope = None
         if self.cache is not None:
             from framework.cache import Scope
 
             scope = Scope(version=CONFIG["bento_version"], program=version["program_hash"],
                           tenant=caller.tenant if caller is not None else "")
-            hit = self.cache.get(scope, inputs)
+            hit = self.cache.get(scope, inputs, semantic=not any(
+                step.kind == "skip" and step.value == "semantic_cache" for step in steps))
             _cache_lookups.labels(VERSION["bento"], hit.kind if hit else "miss").inc()
             if hit is not None:   # counted against the tenant's rate like any request, but no tokens
                 self._settle(held, [], 0.0)
-                served = {"cache": {"kind": hit.kind, "similarity": round(hit.similarity, 4),
+                served = {**served, "cache": {"kind": hit.kind, "similarity": round(hit.similarity, 4),
                                     "age_s": round(hit.age_s, 1), "request_id": hit.request_id}}
                 outputs = hit.answer["outputs"]
                 trace = _trace(request_id=request_id, started_at=started_at, t0=t0, t_valid=t_valid,
@@ -709,14 +715,10 @@ class SlipwayService:
                 _observe(200, t0, trace, [])
                 return {**outputs, "guardrails": {**fired(decisions), **hit.answer["guardrails"]}, "served": served,
                         "request_id": request_id, "version": version}
-        served: dict[str, Any] = {}
         lm = self.lm
-        admitted = request.scope.get("slipway.admitted")
-        for step in admitted.degraded if admitted is not None else ():
+        for step in steps:
             if step.kind == "max_tokens":
                 lm = lm.copy(max_tokens=min(int(step.value), MODEL.max_tokens))
-            served.setdefault("degraded", []).append(str(step))
-            _degraded.labels(VERSION["bento"], str(step)).inc()
         calls: list = []
         first: list[float] = []
         routed = None
@@ -729,7 +731,7 @@ class SlipwayService:
 
         try:
             if self.tiers:
-                routed = self._route(program, inputs, guard, decisions, admitted, told)
+                routed = self._route(program, inputs, guard, decisions, steps, told)
                 calls, cost = routed.calls, routed.cost
                 served["tier"] = routed.tier
                 if routed.escalated:
@@ -781,15 +783,18 @@ class SlipwayService:
         return {**outputs, "guardrails": fired(decisions), "served": served, "request_id": request_id,
                 "version": version}
 
-    def _route(self, program, inputs: dict, guard, decisions: list, admitted, told):
+    def _route(self, program, inputs: dict, guard, decisions: list, steps, told):
         """The tiers, cheapest first (framework/routing.py): each tier's answer through the output guardrails,
-        escalated when invalid, refused by a rule or below the confidence bar. A streamed request is told only
-        the kept tier's values, after routing: an escalated tier's values were never the answer."""
+        escalated when invalid, refused by a rule or below the confidence bar. Under load a `tier=<key>` step
+        leaves that cheaper tier alone (no escalation: a failure goes to the fallback). A streamed request is
+        told only the kept tier's values, after routing: an escalated tier's values were never the answer."""
         from framework.lm import deadline
         from framework.routing import Tier, route
 
         tiers = self.tiers
-        for step in admitted.degraded if admitted is not None else ():
+        for step in steps:
+            if step.kind == "tier":
+                tiers = [t for t in tiers if t.key == step.value][:1]
             if step.kind == "max_tokens":
                 tiers = [Tier(t.key, t.lm.copy(max_tokens=min(int(step.value), t.model.max_tokens)), t.model)
                          for t in tiers]

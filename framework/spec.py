@@ -320,8 +320,9 @@ class ServeSpec(_Strict):
     degrade_at: Annotated[int, Field(ge=0, le=10000)] | None = Field(
         None, description="from this many waiting requests on, `degrade` applies to newcomers (none: never)")
     degrade: list[str] = Field(
-        default_factory=list, description="steps applied in order under load, each marked in the response: "
-                                          "`max_tokens=<N>` (shorter answers)")
+        default_factory=list, description="steps applied under load, each marked in the response: "
+                                          "`max_tokens=<N>` (shorter answers), `tier=<key>` (only that cheaper "
+                                          "tier, no escalation), `skip=semantic_cache` (exact cache only)")
     auth: Literal["api_key", "none"] = Field(
         "api_key", description="api_key: every call to the endpoint and /feedback needs a tenant's key "
                                "(`slipway keys create`); none: anyone who reaches the port may call")
@@ -702,6 +703,16 @@ class ProjectSpec(_Strict):
             raise ValidationError.from_exception_data("ProjectSpec", [
                 InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=value)
                 for loc, message, value in problems])
+        return self
+
+    @model_validator(mode="after")
+    def _degrade_tier_is_a_cheaper_tier(self) -> ProjectSpec:
+        cheaper = (self.pipeline.tiers or [])[:-1]
+        for step in self.serve.degrade:
+            kind, _, key = step.strip().partition("=")
+            if kind == "tier" and key not in cheaper:
+                raise ValueError(f"serve.degrade: {step!r} must name a cheaper tier of [pipeline] tiers "
+                                 f"({', '.join(cheaper) or 'none declared'})")
         return self
 
     @model_validator(mode="after")

@@ -67,12 +67,15 @@ def test_never_more_inside_than_the_limit_from_many_threads(capacity, max_queue,
     assert gate.inside == 0
 
 
-@pytest.mark.parametrize("text", ["max_tokens=0", "max_tokens=x", "tokens=3", "max_tokens", "tier=qwen05; rm"])
+@pytest.mark.parametrize("text", ["max_tokens=0", "max_tokens=x", "tokens=3", "max_tokens", "tier=qwen05; rm",
+                                  "skip=guardrails", "skip=semantic cache"])
 def test_a_bad_step_says_what_is_allowed(text):
-    with pytest.raises(ValueError, match="max_tokens"):
+    with pytest.raises(ValueError, match="max_tokens|semantic_cache"):
         parse_step(text)
 
 
 def test_steps_read_back_as_declared():
     assert str(parse_step(" max_tokens=48 ")) == "max_tokens=48"
     assert parse_step("max_tokens=48") == Step("max_tokens", "48")
+    assert parse_step("tier=qwen05") == Step("tier", "qwen05")
+    assert parse_step("skip=semantic_cache") == Step("skip", "semantic_cache")

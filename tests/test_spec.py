@@ -229,6 +229,12 @@ def test_a_degradation_step_is_checked_where_it_is_declared(toml_path):
     edit_toml(toml_path, 'degrade = ["max_tokens=lots"]', 'degrade = ["max_tokens=32"]')
     serve = load_project(str(toml_path)).spec.serve
     assert (serve.max_queue, serve.degrade_at, serve.degrade) == (2, 1, ["max_tokens=32"])
+    # only a cheaper tier of [pipeline] tiers may answer alone under load
+    edit_toml(toml_path, 'degrade = ["max_tokens=32"]', 'degrade = ["tier=qwen05", "skip=semantic_cache"]')
+    with pytest.raises(SpecError, match="must name a cheaper tier of \\[pipeline\\] tiers \\(none declared\\)"):
+        load_project(str(toml_path))
+    edit_toml(toml_path, 'model = "qwen15"', 'model = "qwen15"\ntiers = ["qwen05", "qwen15"]')
+    assert load_project(str(toml_path)).spec.serve.degrade == ["tier=qwen05", "skip=semantic_cache"]
 
 
 # -- [pipeline] tiers and [routing] (issue 16) -------------------------------------------------------------
