@@ -161,6 +161,10 @@ def test_a_cheap_tier_whose_answer_fails_validation_escalates_to_the_next(tiny_p
     assert "max_tokens = 3" in cut
     tiny_project.write_text(text.replace(table, table + "\n\n" + cut, 1))
     edit_toml(tiny_project, 'model = "tiny"', 'model = "tiny"\ntiers = ["tiny_cut", "tiny"]')
+    # one answer at a time; from one waiting request on, the cheap tier answers alone (and fails: the fallback)
+    for name in ("tiny", "tiny_cut"):
+        edit_toml(tiny_project, f"[models.{name}]\n", f"[models.{name}]\nparallel = 1\n")
+    edit_toml(tiny_project, "[serve]\n", '[serve]\nmax_queue = 4\ndegrade_at = 1\ndegrade = ["tier=tiny_cut"]\n')
     checked = json.loads(ok(["check", "ticket-triage", "--json"]).stdout)
     assert checked["passed"], checked
     server, base = serving(tiny_project)
@@ -174,6 +178,16 @@ def test_a_cheap_tier_whose_answer_fails_validation_escalates_to_the_next(tiny_p
         events = sse(streamed.text)
         assert events[-1][0] == "answer" and events[-1][1]["served"]["tier"] == "tiny"
         assert {d["name"] for k, d in events if k == "field"} <= {"category", "priority", "needs_human"}
+
+        def ask(i: int) -> httpx.Response:
+            return httpx.post(f"{base}/triage", json={"ticket": TICKETS[i]}, timeout=120)
+
+        with ThreadPoolExecutor(max_workers=3) as pool:   # 1 answering, 2 waiting: those 2 are degraded
+            burst = [a.json() for a in pool.map(ask, range(3))]
+        degraded = [b for b in burst if b["served"].get("degraded") == ["tier=tiny_cut"]]
+        assert degraded, [b["served"] for b in burst]
+        for body in degraded:   # the 3-token tier alone cannot answer: exhausted, and the declared fallback says so
+            assert body["served"]["fallback"]["reason"] == "exhausted" and body["needs_human"] is True
     finally:
         _stop(server)
     trace = json.loads(ok(["trace", "c-tier", "--json"]).stdout)
