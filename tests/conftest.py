@@ -91,6 +91,14 @@ def cli_ok(args: list[str]):
     return result
 
 
+def drop_table(path: Path, header: str) -> None:
+    """Take a table (`[fallback]`) out of a project.toml: from its header to the next table."""
+    text = path.read_text()
+    start = text.index(f"\n{header}\n")
+    end = text.find("\n[", start + 1)
+    path.write_text(text[:start] + (text[end:] if end >= 0 else "\n"))
+
+
 def edit_toml(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text, f"{old!r} not in {path}"

@@ -26,7 +26,7 @@ from framework.fallback import (
     validate_project,
 )
 from framework.spec import FallbackSpec, load_project, parse_spec
-from tests.conftest import edit_toml
+from tests.conftest import drop_table, edit_toml
 
 ANSWER = {"category": "billing", "priority": "medium", "needs_human": True, "reason": "Handed to a person"}
 TYPES = {"category": Literal["billing", "bug", "account", "feature_request", "outage", "abuse"], "reason": str,
@@ -41,11 +41,8 @@ def flat(output: str) -> str:
 # -- [fallback] in project.toml ---------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
 def _undeclared(toml_path):
-    """These tests declare their own [fallback]: take the demo's out (from its header to the next table)."""
-    text = toml_path.read_text()
-    start = text.index("\n[fallback]\n")
-    end = text.index("\n[", start + 1)
-    toml_path.write_text(text[:start] + text[end:])
+    """These tests declare their own [fallback]: take the demo's out."""
+    drop_table(toml_path, "[fallback]")
 
 
 def test_the_default_is_todays_error_on_every_failure(toml_path):

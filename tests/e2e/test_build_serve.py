@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from framework.cli import app
 from tests.conftest import cli_ok as ok
-from tests.conftest import edit_toml
+from tests.conftest import drop_table, edit_toml
 
 runner = CliRunner()
 
@@ -186,7 +186,9 @@ def test_served_bento_answers_concurrently_with_versions(tiny_project, tiny_mode
 @pytest.mark.model
 def test_requests_past_the_timeout_get_503_and_the_worker_survives(tiny_project, tiny_model_present):
     """One worker, a 1 s deadline, six long tickets at once: the queued ones must come back as 503s
-    naming their request id (not hang, not crash the worker), and the service keeps answering."""
+    naming their request id (not hang, not crash the worker), and the service keeps answering. Without a
+    [fallback] (the demo's hands them to a person: tests/e2e/test_controls_served.py)."""
+    drop_table(tiny_project, "[fallback]")
     edit_toml(tiny_project, "timeout_s = 60", "timeout_s = 1")
     loosen_latency(tiny_project)
     ok(["check", "ticket-triage"])
