@@ -28,15 +28,15 @@ import re
 import tempfile
 from pathlib import Path
 
-from bench.engine import REPO, Results, copy_project, machine_info, set_parallel_in_toml
+from bench.engine import REPO, Results, copy_project, machine_info
 
 
 def tiered_copy(root: Path) -> Path:
     toml = copy_project(root)
     text = toml.read_text()
     text = re.sub(r'(?m)^model = "qwen15"', 'model = "qwen15"\ntiers = ["qwen05", "qwen15"]', text, count=1)
-    toml.write_text(text)
-    set_parallel_in_toml(toml, "qwen05", 1)
+    # both sequential, as the demo's qwen15 is: latency per request, one at a time
+    toml.write_text(text.replace("[models.qwen05]\n", "[models.qwen05]\nparallel = 1\n", 1))
     return toml
 
 
