@@ -28,7 +28,6 @@ The result file (`--out`) is rewritten after each section; each section records 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import tempfile
 import threading
@@ -41,6 +40,7 @@ from bench.engine import (
     BIN,
     REPO,
     Results,
+    check_and_build,
     copy_project,
     cpu_snapshot,
     dev_tickets,
@@ -74,13 +74,7 @@ def build(folder: Path, model: str, max_queue: int, build_tickets: int) -> tuple
 
     signing.signers_path(toml.parent).unlink(missing_ok=True)
     signing.add_signer(toml.parent, "bench", signing.public_key(Path(env["SLIPWAY_SIGNING_KEY"])), [])
-    for args in (["check", str(toml.parent)], ["build", str(toml.parent), "--json"]):
-        done = subprocess.run([str(BIN / "slipway"), *args], cwd=root, env=env, capture_output=True, text=True,
-                              timeout=3600)
-        if done.returncode != 0:
-            raise RuntimeError(f"slipway {' '.join(args)} exited {done.returncode}: "
-                               f"{(done.stdout + done.stderr)[-2000:]}")
-    return json.loads(done.stdout)["tag"], env, root
+    return check_and_build(root, toml, env)["tag"], env, root
 
 
 def post(base: str, endpoint: str, ticket: str, timeout: float) -> tuple[int, float, dict]:

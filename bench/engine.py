@@ -659,6 +659,17 @@ def throwaway_env(folder: Path, root: Path, comment: str) -> dict:
     return env
 
 
+def check_and_build(root: Path, toml: Path, env: dict) -> dict:
+    """`slipway check` then `slipway build --json` of the copy at `toml`; build's JSON (tag, path, labels)."""
+    for args in (["check", str(toml.parent)], ["build", str(toml.parent), "--json"]):
+        done = subprocess.run([str(BIN / "slipway"), *args], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=3600)
+        if done.returncode != 0:
+            raise RuntimeError(f"slipway {' '.join(args)} exited {done.returncode}: "
+                               f"{(done.stdout + done.stderr)[-2000:]}")
+    return json.loads(done.stdout)
+
+
 def build_bentos(root: Path, key: str, parallel: int, build_tickets: int, env: dict) -> dict:
     """Check and build the program twice (parallel 1 and P) in a throw-away repository; tags by name."""
     toml = copy_project(root, model_key=key, eval_lines=build_tickets, loosen=True)
@@ -670,13 +681,7 @@ def build_bentos(root: Path, key: str, parallel: int, build_tickets: int, env: d
     for name, p in (("sequential", 1), ("batched", parallel)):
         set_parallel_in_toml(toml, key, p)
         began = time.perf_counter()
-        for args in (["check", str(toml.parent)], ["build", str(toml.parent), "--json"]):
-            done = subprocess.run([str(BIN / "slipway"), *args], cwd=root, env=env, capture_output=True, text=True,
-                                  timeout=3600)
-            if done.returncode != 0:
-                raise RuntimeError(f"slipway {' '.join(args)} exited {done.returncode}: "
-                                   f"{(done.stdout + done.stderr)[-2000:]}")
-        result = json.loads(done.stdout)
+        result = check_and_build(root, toml, env)
         prefix = Path(result["path"]) / "src" / "slipway" / "prefix.kv"
         built[name] = {"tag": result["tag"], "parallel": p, "check_and_build_s": time.perf_counter() - began,
                        "has_prefix_state": prefix.exists(),
