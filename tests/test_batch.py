@@ -148,14 +148,16 @@ def test_concurrent_batched_answers_agree_with_sequential_ones(batched, sequenti
     alone = _triage(sequential, dev_tickets, concurrently=False)
     together = _triage(batched, dev_tickets, concurrently=True)
     pairs = list(zip(alone, together, strict=True))
-    assert sum(_labels(a) == _labels(b) for a, b in pairs) >= 10, pairs
-    assert sum(a == b for a, b in pairs) >= 5, pairs
+    # Thresholds sit between what a correct engine gives and what the mutants below give, not at the
+    # best run: CI on 2 cores once saw 9/12 labels run to run (test_batch.py, stop 24).
+    assert sum(_labels(a) == _labels(b) for a, b in pairs) >= 8, pairs
+    assert sum(a == b for a, b in pairs) >= 4, pairs
     # Not deterministic from run to run: which requests share a step, and where their cells sit in the
     # unified KV cache, depends on thread timing, and with them the order float sums run in (logits
     # measured identical while a sequence's cell layout is the same, up to 0.5 apart once other
-    # sequences' cells interleave with its own). Measured 11-12/12 labels and 9-10/12 answers alike.
+    # sequences' cells interleave with its own). Measured 9-12/12 labels and 9-10/12 answers alike.
     again = _triage(batched, dev_tickets, concurrently=True)
-    assert sum(_labels(a) == _labels(b) for a, b in zip(together, again, strict=True)) >= 10
+    assert sum(_labels(a) == _labels(b) for a, b in zip(together, again, strict=True)) >= 8
     from framework.notebook import import_notebook
 
     limit = import_notebook(REPO / "notebooks" / "ticket_triage.py").REASON_CHARS   # the grammar's cap on reason
