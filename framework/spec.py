@@ -574,6 +574,39 @@ class GuardrailsSpec(_Strict):
     rules: list[RuleGuard] = Field(default_factory=list)
 
 
+class ReleaseSpec(_Strict):
+    """Progressive delivery (framework/rollout.py, docs/release.md): `slipway deploy --canary` sends a share
+    of the channel's requests to the new version, step by step; at each step the canary's live figures are
+    judged against the contract and against the stable version's over the same window (framework/canary.py),
+    and a breach or a significant regression rolls it back at once."""
+
+    steps: list[Annotated[int, Field(ge=1, le=100)]] = Field(
+        default_factory=lambda: [10, 50, 100],
+        description="percent of requests the canary gets at each step, increasing; the last is 100 (promotion)")
+    min_requests: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        20, description="canary requests a step needs before it is judged")
+    min_seconds: Annotated[float, Field(ge=0, le=86400)] = Field(
+        30, description="seconds a step lasts at least before it is judged")
+    sticky: Annotated[str, Field(pattern=r"^(none|caller|header:[A-Za-z0-9-]{1,64})$")] = Field(
+        "none", description="none: each request drawn on its own; caller: one API key sees one version; "
+                            "header:<Name>: requests with the same value of that header see one version")
+    alpha: Annotated[float, Field(gt=0, lt=0.5)] = Field(
+        0.01, description="family-wise significance of a step's regression tests (Bonferroni over the tests run)")
+    margin: Annotated[float, Field(ge=0, le=10)] = Field(
+        0.2, description="a latency or cost regression must also be larger than this share of the stable's "
+                         "figure (0.2: 20% slower) to count: significance alone flags tiny differences")
+    retry_on_stable: bool = Field(
+        True, description="a canary answer that fails (5xx, or no answer) is sent again to the stable version, "
+                          "so the client never sees the canary's failure; the failure still counts against it")
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing_to_100(cls, value: list[int]) -> list[int]:
+        if not value or value[-1] != 100 or any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError(f"steps must increase and end at 100 (promotion), got {value}")
+        return value
+
+
 class CacheSpec(_Strict):
     """The served answer cache (framework/cache.py, docs/cache.md): a request answered before, in the same
     bento version, program and tenant, is answered again without the model. `exact` matches the normalised
@@ -666,6 +699,7 @@ class ProjectSpec(_Strict):
     routing: RoutingSpec | None = Field(None, description="escalation between `[pipeline] tiers`; absent with "
                                                           "tiers: the defaults of RoutingSpec")
     cache: CacheSpec = Field(default_factory=CacheSpec)
+    release: ReleaseSpec = Field(default_factory=ReleaseSpec)
 
     @model_validator(mode="after")
     def _pipeline_model_exists(self) -> ProjectSpec:
