@@ -172,7 +172,10 @@ def append(store: Store, signed: signing.Signed, actor: str) -> dict:
 # may be signed by anyone (their author is named); the deploy gate decides whether it trusts those.
 LISTED_ONLY = {"approve": "approve", "deploy": None, "rollback": None, "prune": "audit",
                "harvest-accept": "curate", "flag-approve": "approve", "flag-on": "flags", "flag-off": "flags",
-               "queue-resolve": "queue"}
+               "queue-resolve": "queue",
+               # a canary (framework/rollout.py): starting and promoting it is deploying, stopping it rolling back
+               "canary-start": "deploy:", "canary-step": "deploy:", "canary-complete": "deploy:",
+               "canary-rollback": "rollback:"}
 
 
 def policy_problem(rows: list[dict[str, Any]], signers: signing.SignersSpec) -> Problem | None:
@@ -184,6 +187,8 @@ def policy_problem(rows: list[dict[str, Any]], signers: signing.SignersSpec) -> 
             channel = (signed_of(row).statement.get("details") or {}).get("channel")
             if role is None:
                 role = f"{row['action']}:{channel}"
+            elif role.endswith(":"):
+                role += str(channel)
             if why := signing.refusal(signing.verify(signed_of(row), signers), role):
                 return Problem(int(row["seq"]), f"row {row['seq']} ({row['action']}): {why}")
     return None

@@ -369,11 +369,17 @@ def serve(target: Annotated[str, typer.Argument(help="<project> or <project>:<ve
           port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 3000,
           host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
           workers: Annotated[int | None, typer.Option(min=1, help="worker processes (default: [serve].workers)")]
+          = None,
+          key: Annotated[str | None, typer.Option("--key", help="with --channel: the SSH key the front signs canary "
+                                                              "decisions with (needs deploy:<channel> and "
+                                                              "rollback:<channel>; default as for other commands)")]
           = None) -> None:
     """Serve a built bento over HTTP with BentoML (each worker loads the model once).
 
     With --channel, serve what the channel points to and follow deploys and rollbacks: the new version
-    starts beside the live one and takes over when ready, so no request is refused or dropped.
+    starts beside the live one and takes over when ready, so no request is refused or dropped. A canary
+    (`slipway deploy --canary`) runs beside it, judged step by step on live traffic, and is promoted or
+    rolled back by this front, signed with --key.
     Example: slipway serve ticket-triage --port 3000 --workers 2
     """
     from framework.serve import serve as run_serve
@@ -381,7 +387,8 @@ def serve(target: Annotated[str, typer.Argument(help="<project> or <project>:<ve
     if channel:
         from framework.serve import serve_channel
 
-        code = serve_channel(target.partition(":")[0], channel, host=host, port=port, workers=workers, echo=_echo)
+        code = serve_channel(target.partition(":")[0], channel, host=host, port=port, workers=workers,
+                             key=_key(key), echo=_echo)
     else:
         code = run_serve(target, host=host, port=port, workers=workers, echo=_echo)
     raise typer.Exit(code)
@@ -481,14 +488,37 @@ def approve(target: Annotated[str, typer.Argument(help="<project>:<version>")],
 def deploy(target: Annotated[str, typer.Argument(help="<project>:<version>")], channel: ChannelOpt,
            override: Annotated[str | None, typer.Option(help="override role only: deploy past the gate, with a "
                                                               "reason")] = None,
+           canary: Annotated[int | None, typer.Option(min=1, max=99, help="start a canary with this percent of "
+                                                                         "requests, then [release] steps above it")]
+           = None,
+           steps: Annotated[bool, typer.Option("--steps", help="start a canary at the first of [release] steps")]
+           = False,
            key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """Point a channel at a version that passed its contract and holds its signed approvals.
 
-    Exit 1 refused, naming the rule that failed. Example: slipway deploy ticket-triage:1a2b3c --channel prod
+    With --canary N (or --steps), the channel keeps its version and the new one gets N% of the requests
+    served by `slipway serve --channel`, then each [release] step; every step is judged on live traffic
+    against the contract and the stable version, then promoted or rolled back automatically (see
+    `slipway status`). Exit 1 refused, naming the rule that failed.
+    Example: slipway deploy ticket-triage:1a2b3c --channel prod --canary 10
     """
     from framework import release
 
     loaded, version = _target(target)
+    if canary is not None or steps:
+        from framework import rollout
+
+        if override:
+            from framework.errors import SpecError
+
+            raise SpecError("--override does not apply to a canary", field="--override",
+                            hint="a canary passes the same gate as a deploy; deploy without --canary to override")
+        row = rollout.start(loaded, version, channel, first=canary, key=_key(key))
+        steps_text = " → ".join(f"{s}%" for s in row["details"]["steps"])
+        _print_row(_public(row), as_json, line(("canary started", "green"),
+                                               f" {target} on {channel} ({steps_text}) as {row['actor']}; "
+                                               f"`slipway serve {loaded.name} --channel {channel}` runs it"))
+        return
     row = release.deploy(loaded, version, channel, key=_key(key), override=override)
     note = (" ", (f"(override: {row['override_reason']})", "yellow")) if row["override_reason"] else ()
     _print_row(_public(row), as_json, line(("deployed", "green"), f" {target} to {channel} as {row['actor']}", *note))
@@ -496,29 +526,53 @@ def deploy(target: Annotated[str, typer.Argument(help="<project>:<version>")], c
 
 @app.command()
 def rollback(project: ProjectArg, channel: ChannelOpt, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
-    """Point a channel back at its previous version (signed; needs rollback:<channel>).
+    """Point a channel back at its previous version (signed; needs rollback:<channel>). While a canary runs on
+    the channel, stop the canary instead: the channel keeps its stable version.
 
     Example: slipway rollback ticket-triage --channel prod
     """
-    from framework import release
+    from framework import release, rollout
     from framework.spec import load_project
 
-    row = release.rollback(load_project(project), channel, key=_key(key))
+    loaded = load_project(project)
+    stopped = rollout.stop(loaded, channel, key=_key(key))
+    if stopped is not None:
+        _print_row(_public(stopped), as_json, line(("canary stopped", "green"),
+                                                   f" {project}:{stopped['version']} on {channel} as "
+                                                   f"{stopped['actor']}; {channel} stays on "
+                                                   f"{stopped['stable_version']}"))
+        return
+    row = release.rollback(loaded, channel, key=_key(key))
     _print_row(_public(row), as_json, line(("rolled back", "green"),
                                            f" {channel} to {row['project']}:{row['version']} as {row['actor']}"))
 
 
 @app.command()
-def status(project: ProjectArg, as_json: JsonOpt = False) -> None:
-    """Each channel's version, when and by whom. Example: slipway status ticket-triage"""
-    from framework import release
+def status(project: ProjectArg,
+           history: Annotated[bool, typer.Option("--history", help="also every canary rollback: what caused it, "
+                                                                   "time to detect and to recover")] = False,
+           as_json: JsonOpt = False) -> None:
+    """Each channel's version, when and by whom, and its newest canary: step, weight and the evidence of
+    each decision. Example: slipway status ticket-triage --history"""
+    from framework import release, rollout
+    from framework.release import CHANNELS
     from framework.spec import load_project
 
-    channels = release.status(load_project(project))
+    loaded = load_project(project)
+    channels = release.status(loaded)
+    canaries = {c: rollout.latest(loaded, c) for c in CHANNELS}
+    incidents = {c: rollout.incidents(loaded, c) for c in CHANNELS} if history else {}
     if as_json:
-        _print_json(channels)
-    else:
-        console.print(report.status_table(channels))
+        # channels stay top-level keys, as before canaries existed
+        _print_json({**channels, "canaries": {c: r.to_dict() if r else None for c, r in canaries.items()},
+                     **({"incidents": incidents} if history else {})})
+        return
+    console.print(report.status_table(channels))
+    for found in canaries.values():
+        if found is not None:
+            report.print_rollout(console, found)
+    for channel, rows in incidents.items():
+        console.print(report.incidents_table(channel, rows))
 
 
 @audit_app.command("list")

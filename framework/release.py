@@ -177,8 +177,9 @@ def approve(project: Project, version: str, *, key: Path | None = None, note: st
 
 
 def deploy(project: Project, version: str, channel: str, *, key: Path | None = None,
-           override: str | None = None) -> dict[str, Any]:
-    """Point `channel` at `version` if the gate opens (or, with `override`, an `override` key signs past it)."""
+           override: str | None = None, rollout_id: str | None = None) -> dict[str, Any]:
+    """Point `channel` at `version` if the gate opens (or, with `override`, an `override` key signs past it).
+    `rollout_id`: the canary whose steps all passed (framework/rollout.py), named in the signed statement."""
     _check_channel(channel)
     target = f"{project.name}:{version}"
     with Store(store_path(project)) as store:
@@ -193,7 +194,8 @@ def deploy(project: Project, version: str, channel: str, *, key: Path | None = N
     statement = audit.statement(project.name, "deploy", target, {
         "channel": channel, "content_hash": ready.content_hash, "manifest_sha256": ready.manifest_sha256,
         "check_id": ready.check_id, "approvers": ready.approvers, "previous_version": previous,
-        "override": override if ready.missing else None, "missing": ready.missing})
+        "override": override if ready.missing else None, "missing": ready.missing,
+        **({"rollout_id": rollout_id} if rollout_id else {})})
     signed, name = _sign_as(project, statement, f"deploy:{channel}", key)
     if ready.missing:
         verified = signing.verify(signed, signing.load_signers(project.dir))

@@ -295,6 +295,49 @@ def status_table(channels: dict[str, dict | None]) -> Table:
     return table
 
 
+def print_rollout(console: Console, rollout) -> None:
+    """`slipway status`: a channel's newest canary, each decision with the evidence it was taken on."""
+    state = {"running": "yellow", "complete": "green", "rolled-back": "red"}.get(rollout.state, "")
+    steps = " → ".join(f"[b]{s}%[/b]" if i == rollout.step and rollout.state == "running" else f"{s}%"
+                       for i, s in enumerate(rollout.steps))
+    console.print(line(("canary", "bold"), f" {rollout.rollout_id} on {rollout.channel}: {rollout.version} over "
+                       f"{rollout.stable}, ", (rollout.state, state), f", {rollout.weight}% of requests now"))
+    console.print(f"  steps {steps}", highlight=False)
+    table = _table(("#", "decision", "weight after", "by", "at", "evidence"))
+    for event in rollout.events:
+        details = event["details"] or {}
+        evidence = details.get("reason") or ""
+        analysis = details.get("analysis") or {}
+        if analysis:
+            c, st = analysis.get("canary") or {}, analysis.get("stable") or {}
+            evidence += (f" (canary n={c.get('requests')} p95={_ms(c.get('latency_p95_ms'))} "
+                         f"failures={c.get('failures')}; stable n={st.get('requests')} "
+                         f"p95={_ms(st.get('latency_p95_ms'))} failures={st.get('failures')})")
+        if event["action"] == "canary-rollback" and details.get("detect_s") is not None:
+            evidence += f"; detected in {details['detect_s']:.1f} s, recovered {details['recover_s']:.1f} s later"
+        _row(table, event["seq"], event["action"].removeprefix("canary-"), f"{event['weight']}%", event["actor"],
+             str(event["created_at"])[:19], evidence)
+    console.print(table)
+
+
+def _ms(value) -> str:
+    return "n/a" if value is None else f"{value:,.0f} ms"
+
+
+def incidents_table(channel: str, rows: list[dict]) -> Table:
+    """`slipway status --history`: every canary rollback, what caused it, how long recovery took."""
+    table = _table(("rollout", "version", "at", "by", "at weight", "cause", "detect s", "recover s",
+                    "breach→recovered s"), title=f"{channel}: canary rollbacks")
+    for r in rows:
+        _row(table, r["rollout_id"], r["version"], r["at"][:19], r["by"], f"{r['weight']}%" if r["weight"] else "",
+             r["reason"] or "", _secs(r["detect_s"]), _secs(r["recover_s"]), _secs(r["breach_to_recovered_s"]))
+    return table
+
+
+def _secs(value) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
 def signers_table(rows: list[dict]) -> Table:
     """`slipway signers list`: who may act on a project."""
     table = _table(("name", "key", "roles", "revoked"))

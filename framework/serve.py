@@ -12,6 +12,7 @@ TCP relay).
 from __future__ import annotations
 
 import os
+import random
 import sys
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from framework.bentos import use_bentoml_home
 from framework.errors import NotReady, ReleaseRefused, SpecError
+from framework.flags import bucket
 from framework.spec import Project, load_project
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are not forwarded by a proxy.
@@ -162,7 +164,7 @@ def serve(target: str, *, host: str, port: int, workers: int | None,
 
 
 def serve_channel(project_name: str, channel: str, *, host: str, port: int, workers: int | None,
-                  poll_s: float = 2.0, echo: Callable[[str], None] = print) -> int:
+                  poll_s: float = 2.0, key: Path | None = None, echo: Callable[[str], None] = print) -> int:
     """Serve what `channel` points to, and follow it without downtime (blue/green).
 
     The public port is an HTTP reverse proxy in this process; behind it runs `bentoml serve` of the
@@ -173,20 +175,41 @@ def serve_channel(project_name: str, channel: str, *, host: str, port: int, work
     that fails its warm-up, exits or passes `[serve] startup_timeout_s` is stopped, logged and skipped;
     the old one keeps serving. The proxy closes idle connections after `[serve] idle_timeout_s` and
     answers 503 past `[serve] max_connections`.
+
+    A canary (`slipway deploy --canary`, framework/rollout.py) on top of the live version is started beside
+    it and given its step's share of requests; each step is judged on live traffic (framework/canary.py)
+    and promoted, completed (a signed deploy) or rolled back, signed with `key`, which needs the
+    `deploy:<channel>` and `rollback:<channel>` roles (without them the canary gets no traffic).
     """
     import asyncio
 
     return asyncio.run(_follow(project_name, channel, host=host, port=port, workers=workers, poll_s=poll_s,
-                               echo=echo))
+                               key=key, echo=echo))
 
 
 class Upstreams:
-    """Which private port takes new requests (`live`, None before the first version is ready) and how many
-    requests each port has in flight, so a replaced server is stopped only once they are answered."""
+    """Where new requests go: the stable server (`live`, None before the first version is ready) and, during
+    a canary (framework/rollout.py), the canary server and the share of requests it gets (`weight`, percent).
+    `in_flight` counts each port's open requests, so a replaced server is stopped only once they are answered."""
 
     def __init__(self) -> None:
         self.live: int | None = None
         self.in_flight: Counter[int] = Counter()
+        self.canary: int | None = None
+        self.weight = 0
+        self.sticky = "none"          # [release] sticky
+        self.salt = ""                # the rollout id: a new rollout draws its callers afresh
+        self.retry_on_stable = True
+        self.sent: Counter[str] = Counter()  # requests sent per route ("stable", "canary", "retried")
+
+    def pick(self, headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool]:
+        """(port, is_canary) for one request: drawn by weight, or by the sticky subject's bucket (the same
+        caller stays on the canary as the weight grows: its bucket stays under it)."""
+        if self.canary is None or self.weight <= 0 or self.live is None:
+            return self.live, False
+        subject = _sticky_subject(self.sticky, headers)
+        draw = bucket(self.salt, subject) if subject is not None else random.randrange(100)
+        return (self.canary, True) if draw < self.weight else (self.live, False)
 
     async def drained(self, port: int, timeout_s: float) -> bool:
         import asyncio
@@ -195,6 +218,14 @@ class Upstreams:
         while self.in_flight[port] and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return not self.in_flight[port]
+
+
+def _sticky_subject(sticky: str, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """What keeps one user on one version: the caller's API key, or a declared header's value."""
+    if sticky == "none":
+        return None
+    wanted = b"authorization" if sticky == "caller" else sticky.partition(":")[2].lower().encode()
+    return next((v.decode("latin-1") for k, v in headers if k.lower() == wanted and v), None)
 
 
 def proxy_app(upstreams: Upstreams, *, timeout_s: float, read_timeout_s: float):
@@ -225,7 +256,7 @@ def proxy_app(upstreams: Upstreams, *, timeout_s: float, read_timeout_s: float):
             return
         if scope["type"] != "http":
             return
-        port = upstreams.live
+        port, to_canary = upstreams.pick(scope["headers"])
         if port is None:
             return await answer(send, 503, "not ready: no version of this channel is live yet")
         upstreams.in_flight[port] += 1  # before any await: the switch waits for this request
@@ -243,28 +274,57 @@ def proxy_app(upstreams: Upstreams, *, timeout_s: float, read_timeout_s: float):
                 more = message.get("more_body", False)
                 if len(body) > MAX_BODY_BYTES:
                     return await answer(send, 413, f"request body over {MAX_BODY_BYTES} bytes")
-            url = f"http://127.0.0.1:{port}{scope.get('raw_path', scope['path'].encode()).decode('latin-1')}"
+            path = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
             if scope.get("query_string"):
-                url += "?" + scope["query_string"].decode("latin-1")
+                path += "?" + scope["query_string"].decode("latin-1")
             headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
-            request = client.build_request(scope["method"], url, headers=headers, content=bytes(body))
-            try:
-                response = await client.send(request, stream=True)
-            except httpx.TransportError as exc:
-                return await answer(send, 502, f"the live server did not answer: {type(exc).__name__}: {exc}")
-            try:
-                await send({"type": "http.response.start", "status": response.status_code,
-                            "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP
-                                        or k.lower() == b"content-length"]})
-                async for chunk in response.aiter_raw():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b""})
-            finally:
-                await response.aclose()
+            upstreams.sent["canary" if to_canary else "stable"] += 1
+            response = await _send(client, scope["method"], port, path, headers, body)
+            if to_canary and upstreams.retry_on_stable and upstreams.live is not None and (
+                    isinstance(response, str) or response.status_code >= 500):
+                # The canary failed this request (its trace counts it against the canary): the caller gets
+                # the stable version's answer instead of the failure.
+                if not isinstance(response, str):
+                    await response.aclose()
+                upstreams.sent["retried"] += 1
+                port2 = upstreams.live
+                upstreams.in_flight[port2] += 1
+                try:
+                    retried = await _send(client, scope["method"], port2, path, headers, body)
+                    return await _relay(send, answer, retried, extra=[(b"x-slipway-retried", b"canary")])
+                finally:
+                    upstreams.in_flight[port2] -= 1
+            return await _relay(send, answer, response)
         finally:
             upstreams.in_flight[port] -= 1
 
     return app
+
+
+async def _send(client, method: str, port: int, path: str, headers, body: bytes):
+    """The upstream's streamed response, or why it did not answer."""
+    import httpx
+
+    request = client.build_request(method, f"http://127.0.0.1:{port}{path}", headers=headers, content=bytes(body))
+    try:
+        return await client.send(request, stream=True)
+    except httpx.TransportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+async def _relay(send, answer, response, extra: list[tuple[bytes, bytes]] = ()) -> None:
+    """Stream the upstream's answer back as it comes (hop-by-hop headers dropped), or a 502."""
+    if isinstance(response, str):
+        return await answer(send, 502, f"the live server did not answer: {response}")
+    try:
+        await send({"type": "http.response.start", "status": response.status_code,
+                    "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP
+                                or k.lower() == b"content-length"] + list(extra)})
+        async for chunk in response.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        await response.aclose()
 
 
 def proxy_server(app, *, host: str, port: int, idle_timeout_s: float, max_connections: int,
@@ -306,8 +366,198 @@ def proxy_server(app, *, host: str, port: int, idle_timeout_s: float, max_connec
     return Server(config)
 
 
+class CanaryFront:
+    """The serving front's side of a canary (framework/rollout.py): start the canary's server beside the
+    stable one, give it its step's share of requests, judge each step on live traffic, and record the
+    decision signed with the front's key. Any doubt ends in the safe state: the canary gets no traffic."""
+
+    def __init__(self, project: Project, channel: str, upstreams: Upstreams, *, start, key: Path | None,
+                 echo: Callable[[str], None]):
+        self.project, self.channel, self.upstreams = project, channel, upstreams
+        self.start, self.key, self.echo = start, key, echo
+        self.rollout = None
+        self.process = None
+        self.port: int | None = None
+        self.since = None           # when the current step began taking traffic
+        self.refused: set[str] = set()
+        self.said_at = 0.0
+
+    @property
+    def version(self) -> str | None:
+        return self.rollout.version if self.rollout is not None else None
+
+    async def follow(self, stable: str) -> None:
+        """Start, keep or drop the canary that the store says runs on top of `stable`."""
+        import asyncio
+
+        from framework import rollout
+        from framework.traces import utc_now
+
+        try:
+            found = await asyncio.to_thread(rollout.active, self.project, self.channel, stable)
+        except Exception as exc:  # noqa: BLE001 - unverifiable records: send the canary nothing
+            self.echo(f"not following canaries on {self.channel}: {_reason(exc)}")
+            await self.stop("its records do not verify")
+            return
+        if self.rollout is not None and (found is None or found.rollout_id != self.rollout.rollout_id):
+            await self.stop(f"canary {self.rollout.rollout_id} of {self.rollout.version} is over")
+        if found is None:
+            return
+        if self.rollout is not None:
+            self.rollout = found
+            return
+        if found.rollout_id in self.refused:
+            return
+        why = await asyncio.to_thread(rollout.signer_refusal, self.project, self.key, self.channel)
+        if why:
+            self.refused.add(found.rollout_id)
+            self.echo(f"not starting canary {found.rollout_id} of {found.version}: this front cannot sign its "
+                      f"decisions ({why}); it gets no traffic. Restart `slipway serve --channel {self.channel}` "
+                      f"with --key of a signer holding deploy:{self.channel} and rollback:{self.channel}")
+            return
+        self.echo(f"canary {found.rollout_id}: starting {self.project.name}:{found.version} beside {stable} "
+                  f"(steps {found.steps})")
+        started = await self.start(found.version)
+        self.rollout = found
+        if isinstance(started, str):
+            await self._rollback(f"the canary never became ready: {started}", None, detected=utc_now())
+            return
+        self.process, self.port = started
+        self.since = max(utc_now(), found.changed_at)
+        up = self.upstreams
+        up.sent.clear()
+        up.canary, up.salt, up.sticky = self.port, found.rollout_id, found.sticky
+        up.retry_on_stable = self.project.spec.release.retry_on_stable
+        up.weight = found.weight
+        self.echo(f"canary {found.rollout_id}: {found.weight}% of requests to {found.version}")
+
+    async def judge(self) -> None:
+        """Judge the current step on the traffic since it began; act on promote or rollback."""
+        import asyncio
+
+        from framework import canary, rollout
+        from framework.traces import utc_now
+
+        if self.rollout is None or self.port is None:
+            return
+        now = utc_now()
+        if self.process.poll() is not None:
+            await self._rollback(f"the canary's server exited with {self.process.returncode}", None, detected=now)
+            return
+        try:
+            found = await asyncio.to_thread(rollout.judge, self.project, self.rollout, since=self.since, now=now)
+        except Exception as exc:  # noqa: BLE001 - a busy store: judge at the next poll
+            self.echo(f"canary {self.rollout.rollout_id}: cannot judge the step yet ({_reason(exc)})")
+            return
+        if found.decision == canary.WAIT:
+            if time.monotonic() - self.said_at > 30:
+                self.said_at = time.monotonic()
+                self.echo(f"canary {self.rollout.rollout_id} at {self.rollout.weight}%: {found.reason}")
+            return
+        if found.decision == canary.ROLLBACK:
+            await self._rollback(found.reason, found, detected=now)
+        elif self.rollout.last_judged:
+            await self._complete(found)
+        else:
+            await self._step(found)
+
+    async def _step(self, found) -> None:
+        import asyncio
+
+        from framework import rollout
+        from framework.traces import utc_now
+
+        r = self.rollout
+        details = {"reason": found.reason, "analysis": found.to_dict(), "step_since": self.since.isoformat(),
+                   "sent": dict(self.upstreams.sent)}
+        try:
+            await asyncio.to_thread(rollout.record, self.project, r, rollout.STEP, details=details, key=self.key)
+        except Exception as exc:  # noqa: BLE001
+            await self._rollback(f"could not record the promotion: {_reason(exc)}", found, detected=utc_now())
+            return
+        weight = r.steps[r.step + 1]
+        self.rollout = await asyncio.to_thread(rollout.active, self.project, self.channel, r.stable)
+        self.since = utc_now()
+        self.upstreams.weight = weight
+        self.echo(f"canary {r.rollout_id}: step passed ({found.reason}); {weight}% of requests to {r.version}")
+
+    async def _complete(self, found) -> None:
+        import asyncio
+
+        from framework import release, rollout
+        from framework.traces import utc_now
+
+        r = self.rollout
+        try:
+            await asyncio.to_thread(release.deploy, self.project, r.version, self.channel, key=self.key,
+                                    rollout_id=r.rollout_id)
+        except Exception as exc:  # noqa: BLE001 - e.g. an approval revoked meanwhile: the gate is closed now
+            await self._rollback(f"promotion refused: {_reason(exc)}", found, detected=utc_now())
+            return
+        details = {"reason": found.reason, "analysis": found.to_dict(), "step_since": self.since.isoformat(),
+                   "sent": dict(self.upstreams.sent)}
+        try:
+            await asyncio.to_thread(rollout.record, self.project, r, rollout.COMPLETE, details=details, key=self.key)
+        except Exception as exc:  # noqa: BLE001 - the deploy is what moves the channel; this only closes the record
+            self.echo(f"canary {r.rollout_id}: promoted, but its completion was not recorded ({_reason(exc)})")
+        self.echo(f"canary {r.rollout_id}: all steps passed; {self.channel} now points to {r.version}")
+
+    async def _rollback(self, reason: str, found, *, detected) -> None:
+        """Weight to zero at once, drain the canary, stop it, then record why and how long it took."""
+        import asyncio
+
+        from framework import rollout
+        from framework.traces import utc_now
+
+        r, since = self.rollout, self.since or detected
+        self.upstreams.weight = 0
+        if self.port is not None:
+            await self.upstreams.drained(self.port, self.project.spec.serve.timeout_s + 30)
+        recovered = utc_now()
+        sent = dict(self.upstreams.sent)
+        await self.stop("rolled back")
+        details = {"reason": reason, "analysis": found.to_dict() if found is not None else None,
+                   "step_since": since.isoformat(), "detected_at": detected.isoformat(),
+                   "recovered_at": recovered.isoformat(), "detect_s": (detected - since).total_seconds(),
+                   "recover_s": (recovered - detected).total_seconds(),
+                   "breach_to_recovered_s": (recovered - since).total_seconds(), "sent": sent}
+        try:
+            await asyncio.to_thread(rollout.record, self.project, r, rollout.ROLLBACK, details=details, key=self.key)
+        except Exception as exc:  # noqa: BLE001 - the canary gets no traffic whatever happens to the record
+            self.echo(f"canary {r.rollout_id}: rolled back but not recorded ({_reason(exc)})")
+        self.echo(f"canary {r.rollout_id}: rolled back {r.version} ({reason}); detected after "
+                  f"{details['detect_s']:.1f} s, recovered {details['recover_s']:.1f} s later")
+
+    def take(self) -> tuple[str, object, int]:
+        """Hand the (completed) canary's server over as the live one."""
+        taken = (self.rollout.version, self.process, self.port)
+        self.upstreams.canary, self.upstreams.weight = None, 0
+        self.rollout, self.process, self.port, self.since = None, None, None, None
+        return taken
+
+    async def stop(self, why: str) -> None:
+        """No more traffic to the canary; drain and stop its server (the record is not touched)."""
+        import asyncio
+
+        up = self.upstreams
+        up.weight = 0
+        if self.port is not None:
+            self.echo(f"stopping the canary server of {self.version}: {why}")
+            await up.drained(self.port, self.project.spec.serve.timeout_s + 30)
+            up.canary = None
+        if self.process is not None:
+            await asyncio.to_thread(_terminate, self.process, self.project.spec.serve.timeout_s + 30)
+        self.rollout, self.process, self.port, self.since = None, None, None, None
+
+
+def _reason(exc: BaseException) -> str:
+    from framework.errors import SlipwayError
+
+    return exc.args[0] if isinstance(exc, SlipwayError) and exc.args else f"{type(exc).__name__}: {exc}"
+
+
 async def _follow(project_name: str, channel: str, *, host: str, port: int, workers: int | None, poll_s: float,
-                  echo: Callable[[str], None]) -> int:
+                  key: Path | None, echo: Callable[[str], None]) -> int:
     import asyncio
     import signal
     import subprocess
@@ -349,6 +599,18 @@ async def _follow(project_name: str, channel: str, *, host: str, port: int, work
         await asyncio.to_thread(_terminate, process, spec.timeout_s + 30)
         return "stopped while starting"
 
+    async def switch(new: tuple[str, subprocess.Popen, int]) -> None:
+        """Send new requests to `new` (version, process, port), then drain and stop the previous server."""
+        old_process, old_port = live["process"], live["port"]
+        live.update(version=new[0], process=new[1], port=new[2])
+        upstreams.live = new[2]
+        echo(f"{channel}: {project.name}:{new[0]} is live; draining the previous server")
+        if not await upstreams.drained(old_port, spec.timeout_s + 30):
+            echo(f"{upstreams.in_flight[old_port]} request(s) to the previous server still open; stopping it")
+        await asyncio.to_thread(_terminate, old_process, spec.timeout_s + 30)
+
+    canary = CanaryFront(project, channel, upstreams, start=start, key=key, echo=echo)
+
     version = release.channel_version(project, channel)  # nothing deployed: refuse before listening
     server = proxy_server(proxy_app(upstreams, timeout_s=spec.timeout_s + 60, read_timeout_s=spec.idle_timeout_s),
                           host=host, port=port, idle_timeout_s=spec.idle_timeout_s,
@@ -371,6 +633,7 @@ async def _follow(project_name: str, channel: str, *, host: str, port: int, work
         live.update(version=version, process=started[0], port=started[1])
         upstreams.live = started[1]
         echo(f"{channel}: {project.name}:{version} is live")
+        await canary.follow(version)
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), timeout=poll_s)
@@ -380,34 +643,34 @@ async def _follow(project_name: str, channel: str, *, host: str, port: int, work
             if live["process"].poll() is not None:
                 echo(f"the server of {live['version']} exited with {live['process'].returncode}")
                 return live["process"].returncode or 1
-            if _stamp(store) == stamp:  # only open the store (a file lock) when something wrote to it
-                continue
-            stamp = _stamp(store)
-            try:
-                current = await asyncio.to_thread(release.channel_version, project, channel)
-            except Exception as exc:  # noqa: BLE001 - a busy, emptied or tampered store never stops what is live
-                echo(f"keeping {live['version']}: cannot follow the {channel} channel "
-                     f"({exc.args[0] if isinstance(exc, SlipwayError) else f'{type(exc).__name__}: {exc}'})")
-                if isinstance(exc, StoreError):
-                    stamp = None  # a lock: try again at the next poll
-                continue
-            if current == live["version"] or current in failed:
-                continue
-            echo(f"{channel} moved from {live['version']} to {current}: starting it beside the live server")
-            started = await start(current)
-            if isinstance(started, str):
-                failed.add(current)
-                echo(f"still serving {live['version']}: {project.name}:{current} never became ready ({started})")
-                continue
-            old_process, old_port = live["process"], live["port"]
-            live.update(version=current, process=started[0], port=started[1])
-            upstreams.live = started[1]
-            echo(f"{channel}: {project.name}:{current} is live; draining the previous server")
-            if not await upstreams.drained(old_port, spec.timeout_s + 30):
-                echo(f"{upstreams.in_flight[old_port]} request(s) to the previous server still open; stopping it")
-            await asyncio.to_thread(_terminate, old_process, spec.timeout_s + 30)
+            if _stamp(store) != stamp:  # only open the store (a file lock) when something wrote to it
+                stamp = _stamp(store)
+                try:
+                    current = await asyncio.to_thread(release.channel_version, project, channel)
+                except Exception as exc:  # noqa: BLE001 - a busy, emptied or tampered store never stops what is live
+                    echo(f"keeping {live['version']}: cannot follow the {channel} channel "
+                         f"({exc.args[0] if isinstance(exc, SlipwayError) else f'{type(exc).__name__}: {exc}'})")
+                    if isinstance(exc, StoreError):
+                        stamp = None  # a lock: try again at the next poll
+                    continue
+                if current != live["version"] and current not in failed:
+                    if canary.version == current and canary.port is not None:
+                        await switch(canary.take())   # a completed canary: its server is already warm
+                    else:
+                        await canary.stop(f"{channel} moved to {current}")
+                        echo(f"{channel} moved from {live['version']} to {current}: starting it beside the live server")
+                        started = await start(current)
+                        if isinstance(started, str):
+                            failed.add(current)
+                            echo(f"still serving {live['version']}: {project.name}:{current} never became ready "
+                                 f"({started})")
+                            continue
+                        await switch((current, *started))
+                await canary.follow(live["version"])
+            await canary.judge()
         return 0
     finally:
+        await canary.stop("the front is stopping")
         server.should_exit = True
         await proxy
         if live.get("process") is not None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from framework.errors import StoreError
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -203,6 +203,24 @@ CREATE TABLE IF NOT EXISTS human_queue (
     signer_key VARCHAR,
     signature VARCHAR
 );
+CREATE TABLE IF NOT EXISTS rollout_events (
+    event_id VARCHAR PRIMARY KEY,
+    rollout_id VARCHAR NOT NULL,  -- one canary rollout (framework/rollout.py): its start and every decision
+    seq INTEGER NOT NULL,         -- 0 (the start), 1, 2 … within the rollout
+    project VARCHAR NOT NULL,
+    channel VARCHAR NOT NULL,
+    action VARCHAR NOT NULL,      -- canary-start | canary-step | canary-rollback | canary-complete
+    version VARCHAR NOT NULL,     -- the canary
+    stable_version VARCHAR NOT NULL,
+    step INTEGER,                 -- index into the rollout's steps after this event
+    weight INTEGER,               -- percent of requests the canary gets after this event
+    actor VARCHAR NOT NULL,
+    created_at TIMESTAMP,
+    details JSON,                 -- the step's figures, findings and timings (all inside the signed statement)
+    statement JSON,
+    signer_key VARCHAR,
+    signature VARCHAR
+);
 CREATE TABLE IF NOT EXISTS audit_checkpoint (
     seq BIGINT PRIMARY KEY,      -- last pruned row
     hash VARCHAR NOT NULL,       -- its hash: the next kept row's prev_hash
@@ -270,7 +288,7 @@ class Store:
             # 1 -> 2 added tables (SCHEMA creates them); 2 -> 3 added signature columns and results.tokens_cached;
             # 3 -> 4 added traces, feedback and segments (SCHEMA creates them); 4 -> 5 results.guardrails, .blocked;
             # 5 -> 6 traces.flags; 6 -> 7 results.tags; 7 -> 8 traces.served and human_queue (SCHEMA creates it);
-            # 8 -> 9 results.routing.
+            # 8 -> 9 results.routing; 9 -> 10 rollout_events (SCHEMA creates it).
             # Rows from before signing stay readable but carry no signature, so no gate counts them.
             for sql in MIGRATIONS:
                 self.con.execute(sql)
@@ -399,6 +417,36 @@ class Store:
                               [project])
         return self._rows("SELECT * FROM deployments WHERE project = ? AND channel = ? "
                           "ORDER BY rowid DESC", [project, channel])
+
+    # -- canary rollouts (framework/rollout.py) ---------------------------------
+    def add_rollout_event(self, row: dict[str, Any]) -> None:
+        self._insert("rollout_events", {**row, "created_at": now()})
+
+    def rollout_events(self, project: str, channel: str | None = None) -> list[dict[str, Any]]:
+        """Oldest first."""
+        where, params = "project = ?", [project]
+        if channel is not None:
+            where, params = where + " AND channel = ?", [project, channel]
+        rows = self._rows(f"SELECT * FROM rollout_events WHERE {where} ORDER BY rowid", params)
+        for row in rows:
+            for key in ("details", "statement"):
+                if isinstance(row.get(key), str):
+                    row[key] = json.loads(row[key])
+        return rows
+
+    def served_requests(self, *, since: datetime, until: datetime, channel: str, version: str
+                        ) -> list[dict[str, Any]]:
+        """One version's requests on a channel in [since, until): what a canary step is judged on
+        (framework/canary.py), with each request's feedback when it has some."""
+        return self._rows(
+            "SELECT t.duration_ms, t.status, t.error_code, t.cost, "
+            "coalesce(t.tokens_in_new, 0) + coalesce(t.tokens_out, 0) AS tokens, "
+            "json_extract_string(t.served, '$.fallback') AS fallback, t.outputs, "
+            "f.negative, f.correct_labels FROM traces t "
+            "LEFT JOIN (SELECT request_id, bool_or(negative) AS negative, last(correct_labels) AS correct_labels "
+            "           FROM feedback GROUP BY request_id) f ON f.request_id = t.request_id "
+            "WHERE t.started_at >= ? AND t.started_at < ? AND t.channel = ? AND (t.version = ? OR t.bento = ?)",
+            [since, until, channel, version, version])
 
     # -- audit ----------------------------------------------------------------
     def audit_rows(self, since: datetime | None = None) -> list[dict[str, Any]]:

@@ -17,9 +17,10 @@ from framework.serve import Upstreams, proxy_app, proxy_server
 
 
 class FakeUpstream:
-    """A keep-alive HTTP/1.1 server answering its own name; `/slow` holds the answer for 1 s."""
+    """A keep-alive HTTP/1.1 server answering its own name; `/slow` holds the answer for 1 s; `failing`
+    answers every POST with a 503 (a canary that breaks)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, failing: bool = False) -> None:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
@@ -35,7 +36,7 @@ class FakeUpstream:
             def do_POST(self) -> None:  # noqa: N802
                 data = self.rfile.read(int(self.headers["content-length"]))
                 body = name.encode() + b":" + data
-                self.send_response(201)
+                self.send_response(503 if failing else 201)
                 self.send_header("content-length", str(len(body)))
                 self.send_header("x-request-id", self.headers.get("x-request-id", ""))
                 self.end_headers()
@@ -161,3 +162,87 @@ def test_idle_connections_are_closed_after_the_idle_timeout(blue_green):
             for sock in (kept_alive, silent, half):
                 assert sock.recv(4096) == b""  # closed by the proxy
             assert time.monotonic() - start < 4
+
+
+# -- canary routing (framework/rollout.py decides the weight; the proxy applies it per request) -------------
+
+
+def _canary(blue_green, weight: int, *, sticky: str = "none") -> Upstreams:
+    upstreams = Upstreams()
+    upstreams.live, upstreams.canary = blue_green[0].port, blue_green[1].port
+    upstreams.weight, upstreams.sticky, upstreams.salt = weight, sticky, "rollout-test"
+    return upstreams
+
+
+def test_the_canary_gets_its_declared_share_within_a_binomial_interval(blue_green):
+    """600 requests at 20%: the canary's count must fall in the central 99.9% of Binomial(600, 0.2), i.e.
+    [94, 148]; a proxy that routed per connection (this client keeps one) would send all or none."""
+    from scipy.stats import binom
+
+    upstreams = _canary(blue_green, 20)
+    with running_proxy(upstreams) as (base, _, _), httpx.Client(base_url=base, timeout=10) as client:
+        names = [client.get("/").text for _ in range(600)]
+    low, high = binom.interval(0.999, 600, 0.20)
+    assert low <= names.count("green") <= high, names.count("green")
+    assert names.count("blue") + names.count("green") == 600
+    assert upstreams.sent == {"canary": names.count("green"), "stable": names.count("blue")}
+
+
+def test_weight_zero_or_no_canary_sends_everything_to_stable(blue_green):
+    upstreams = _canary(blue_green, 0)
+    with running_proxy(upstreams) as (base, _, _), httpx.Client(base_url=base, timeout=10) as client:
+        names = [client.get("/").text for _ in range(50)]
+        upstreams.weight, upstreams.canary = 100, None
+        names += [client.get("/").text for _ in range(50)]
+    assert set(names) == {"blue"}
+
+
+def test_a_sticky_caller_sees_one_version_and_stays_on_the_canary_as_it_widens(blue_green):
+    upstreams = _canary(blue_green, 30, sticky="caller")
+    callers = [f"Bearer sk-slipway-caller-{i}" for i in range(60)]
+    with running_proxy(upstreams) as (base, _, _), httpx.Client(base_url=base, timeout=10) as client:
+        def seen() -> dict[str, set[str]]:
+            return {c: {client.get("/", headers={"Authorization": c}).text for _ in range(4)} for c in callers}
+
+        at_30 = seen()
+        upstreams.weight = 60
+        at_60 = seen()
+    assert all(len(v) == 1 for v in (*at_30.values(), *at_60.values()))   # one caller, one version
+    on_canary_30 = {c for c, v in at_30.items() if v == {"green"}}
+    on_canary_60 = {c for c, v in at_60.items() if v == {"green"}}
+    assert on_canary_30 <= on_canary_60 and 0 < len(on_canary_30) < len(on_canary_60) < 60
+
+
+def test_a_sticky_header_keys_the_draw_and_requests_without_it_are_drawn_alone(blue_green):
+    upstreams = _canary(blue_green, 50, sticky="header:X-User")
+    with running_proxy(upstreams) as (base, _, _), httpx.Client(base_url=base, timeout=10) as client:
+        users = {u: {client.get("/", headers={"X-User": u}).text for _ in range(5)} for u in "abcdefghij"}
+        anonymous = {client.get("/").text for _ in range(40)}
+    assert all(len(v) == 1 for v in users.values())
+    assert anonymous == {"blue", "green"}   # P(all 40 one way at 50%) = 2 * 0.5**40
+
+
+def test_a_failed_canary_answer_is_retried_on_stable_so_the_caller_never_sees_it():
+    blue, broken = FakeUpstream("blue"), FakeUpstream("green", failing=True)
+    try:
+        upstreams = _canary((blue, broken), 100)
+        with running_proxy(upstreams) as (base, _, _), httpx.Client(base_url=base, timeout=10) as client:
+            retried = client.post("/triage", content=b"x")
+            upstreams.retry_on_stable = False
+            bare = client.post("/triage", content=b"x")
+    finally:
+        blue.close()
+        broken.close()
+    assert retried.status_code == 201 and retried.text == "blue:x" and retried.headers["x-slipway-retried"] == "canary"
+    assert bare.status_code == 503 and bare.text == "green:x"
+    assert upstreams.sent == {"canary": 2, "retried": 1}
+
+
+def test_a_canary_that_does_not_answer_at_all_is_retried_on_stable(blue_green):
+    upstreams = _canary(blue_green, 100)
+    with socket.socket() as sock:      # a port nobody listens on: the canary's server died
+        sock.bind(("127.0.0.1", 0))
+        upstreams.canary = sock.getsockname()[1]
+    with running_proxy(upstreams) as (base, _, _), httpx.Client(base_url=base, timeout=10) as client:
+        answer = client.post("/triage", content=b"y")
+    assert answer.status_code == 201 and answer.text == "blue:y"

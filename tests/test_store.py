@@ -98,7 +98,7 @@ def test_an_older_store_upgrades_in_place_with_the_human_queue(tmp_path, old):
         assert store.handoffs() == []
     con = duckdb.connect(str(path), read_only=True)
     assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
-    assert SCHEMA_VERSION == 9
+    assert SCHEMA_VERSION == 10
     con.close()
 
 
