@@ -66,12 +66,17 @@ def _rate(metric: str, selector: str, window: str) -> str:
     return f"sum by (bento_version) (rate({metric}{{{selector}}}[{window}]))"
 
 
-def alert_rules(spec) -> dict[str, Any]:
+def alert_rules(spec, *, bento_version: str | None = None) -> dict[str, Any]:
     """The Prometheus rule file (as a dict) for `spec`'s contract: one rule group named for the project,
-    one alert per declared clause, each on every version of the project (`bento_version` says which)."""
+    one alert per declared clause, each on every version of the project (`bento_version` says which).
+
+    `bento_version` ("project:version", or a placeholder such as Argo's "{{args.bento-version}}",
+    framework/argo.py) narrows the per-request rules to that one version, so a canary is judged on its own
+    traffic; the monthly budget stays on every version, since the budget is the project's spend."""
     project = spec.project.name
     contract = spec.contract
     mine = f'bento_version=~"{project}:.*"'
+    judged = mine if bento_version is None else f'bento_version="{bento_version}"'
     rules = []
 
     def rule(name: str, clause: str, expr: str, wait: str, severity: str, summary: str, what: str,
@@ -94,12 +99,12 @@ def alert_rules(spec) -> dict[str, Any]:
         label = f"p{round(quantile * 100)}"
         rule(f"SlipwayLatency{label.upper()}", clause,
              f"histogram_quantile({_number(quantile)}, sum by (le, bento_version) "
-             f'(rate({REQUEST_SECONDS}_bucket{{{mine},outcome="ok"}}[{WINDOW}]))) > {_number(limit_ms / 1000)}',
+             f'(rate({REQUEST_SECONDS}_bucket{{{judged},outcome="ok"}}[{WINDOW}]))) > {_number(limit_ms / 1000)}',
              "10m", "warning",
              f"{label} latency {{{{ $value | humanizeDuration }}}} is over the contract's {_number(limit_ms)} ms",
              f"The {label} latency of answered requests over {WINDOW}")
     if contract.error_rate_max is not None:
-        failed, counted = mine + ',status=~"5.."', mine + ',outcome!="rejected"'
+        failed, counted = judged + ',status=~"5.."', judged + ',outcome!="rejected"'
         rule("SlipwayErrorRate", "error_rate_max",
              f"{_rate(ERRORS + '_total', failed, WINDOW)} / {_rate(REQUEST_SECONDS + '_count', counted, WINDOW)} "
              f"> {_number(contract.error_rate_max)}",
@@ -109,16 +114,16 @@ def alert_rules(spec) -> dict[str, Any]:
              f"The share of requests answered with a 5xx over {WINDOW} (a caller's 4xx is not counted)")
     if contract.cost_per_request_max is not None:
         rule("SlipwayCostPerRequest", "cost_per_request_max",
-             f"{_rate(REQUEST_COST + '_sum', mine, MEAN_WINDOW)} / {_rate(REQUEST_COST + '_count', mine, MEAN_WINDOW)}"
-             f" > {_number(contract.cost_per_request_max)}",
+             f"{_rate(REQUEST_COST + '_sum', judged, MEAN_WINDOW)} / "
+             f"{_rate(REQUEST_COST + '_count', judged, MEAN_WINDOW)} > {_number(contract.cost_per_request_max)}",
              "15m", "warning",
              f"mean cost per request {{{{ $value | printf \"%.6g\" }}}} is over the contract's "
              f"{_number(contract.cost_per_request_max)}",
              f"The mean cost per request over {MEAN_WINDOW}")
     if contract.tokens_per_request_max is not None:
         rule("SlipwayTokensPerRequest", "tokens_per_request_max",
-             f"{_rate(REQUEST_TOKENS + '_sum', mine, MEAN_WINDOW)} / "
-             f"{_rate(REQUEST_TOKENS + '_count', mine, MEAN_WINDOW)} > {_number(contract.tokens_per_request_max)}",
+             f"{_rate(REQUEST_TOKENS + '_sum', judged, MEAN_WINDOW)} / "
+             f"{_rate(REQUEST_TOKENS + '_count', judged, MEAN_WINDOW)} > {_number(contract.tokens_per_request_max)}",
              "15m", "warning",
              f"mean tokens per request {{{{ $value | printf \"%.0f\" }}}} is over the contract's "
              f"{_number(contract.tokens_per_request_max)}",
