@@ -5,7 +5,8 @@ project.toml → `load_project` → `load_program` (from the notebook) →
 `language_model` (llama.cpp) → `run_eval` → `judge` / `check` → report →
 `error_analysis` (slices, confusion, misclassified) → `optimize` →
 `build` (a BentoML bento, refused unless the check passed) → `review` (against the baseline) →
-`approve` → `deploy` / `rollback` (channels) → `slipway serve` (with its `answer_cache`) → traces
+`approve` → `deploy` / `rollback` (channels) or `start_canary` (judged step by step on live traffic by
+`slipway serve --channel`; `rollout_manifests` for Argo Rollouts) → `slipway serve` (with its `answer_cache`) → traces
 (`ingest_traces`) → the live contract (`slo`), feedback back into the eval set (`harvest`, `accept_harvest`),
 `drift`, and the requests a failed model handed to a person (`human_queue`, `resolve_handoff`).
 Approvals, deploys and rollbacks are signed with the person's SSH key (`key=`, a path; see
@@ -92,8 +93,10 @@ __all__ = [
     "resolve_handoff",
     "review",
     "rollback",
+    "rollout_manifests",
     "run_eval",
     "slo",
+    "start_canary",
 ]
 
 
@@ -125,6 +128,22 @@ def answer_cache(project: Project):
 
     spec = project.spec.cache
     return AnswerCache.from_spec(spec, load_embedder(project) if spec.semantic else None)
+
+
+def start_canary(project: Project, version: str, channel: str, *, first: int | None = None, key=None) -> dict:
+    """Start a canary of `version` on `channel` (signed; the deploy gate must open): `slipway serve --channel`
+    sends it `first`% of requests, then each `[release]` step, and promotes or rolls it back on live figures."""
+    from framework.rollout import start
+
+    return start(project, version, channel, first=first, key=key)
+
+
+def rollout_manifests(project: Project, version: str, **kwargs) -> list[dict]:
+    """The `[release]` canary as an Argo Rollouts `Rollout` and an `AnalysisTemplate` over the contract's alert
+    expressions (framework/argo.py, docs/kubernetes.md)."""
+    from framework.argo import rollout_manifests as _manifests
+
+    return _manifests(project, version, **kwargs)
 
 
 def load_split(project: Project, split: str):

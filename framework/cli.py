@@ -525,6 +525,31 @@ def deploy(target: Annotated[str, typer.Argument(help="<project>:<version>")], c
 
 
 @app.command()
+def manifests(target: Annotated[str, typer.Argument(help="<project>:<version>")],
+              out: Annotated[str, typer.Option("--out", "-o", help="YAML file to write")],
+              kind: Annotated[str, typer.Option(help="argo: an Argo Rollouts Rollout + AnalysisTemplate")] = "argo",
+              image: Annotated[str | None, typer.Option(help="container image (default: <project>:<version>, "
+                                                             "the tag `bentoml containerize` gives)")] = None,
+              replicas: Annotated[int, typer.Option(min=1, help="pods of the Rollout")] = 2,
+              prometheus: Annotated[str, typer.Option(help="Prometheus the analysis queries")]
+              = "http://prometheus.monitoring:9090") -> None:
+    """Kubernetes manifests for a version: the [release] canary as an Argo Rollouts Rollout, judged by an
+    AnalysisTemplate over the contract's alert expressions (docs/kubernetes.md).
+
+    Example: slipway manifests ticket-triage:1a2b3c --kind argo --out k8s/ticket-triage.yaml
+    """
+    from pathlib import Path
+
+    from framework import argo
+
+    if kind != "argo":
+        raise typer.BadParameter(f"unknown kind {kind!r}: only argo is written so far", param_hint="--kind")
+    loaded, version = _target(target)
+    path = argo.write_manifests(loaded, version, Path(out), image=image, replicas=replicas, prometheus=prometheus)
+    _echo(f"wrote {path}: AnalysisTemplate + Rollout for {target} (steps {loaded.spec.release.steps})")
+
+
+@app.command()
 def rollback(project: ProjectArg, channel: ChannelOpt, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """Point a channel back at its previous version (signed; needs rollback:<channel>). While a canary runs on
     the channel, stop the canary instead: the channel keeps its stable version.

@@ -381,6 +381,7 @@ class CanaryFront:
         self.since = None           # when the current step began taking traffic
         self.refused: set[str] = set()
         self.said_at = 0.0
+        self.promoted = False
 
     @property
     def version(self) -> str | None:
@@ -438,8 +439,8 @@ class CanaryFront:
         from framework import canary, rollout
         from framework.traces import utc_now
 
-        if self.rollout is None or self.port is None:
-            return
+        if self.rollout is None or self.port is None or self.promoted:
+            return   # nothing running, or promoted: the loop hands its server over at its next look at the store
         now = utc_now()
         if self.process.poll() is not None:
             await self._rollback(f"the canary's server exited with {self.process.returncode}", None, detected=now)
@@ -500,6 +501,7 @@ class CanaryFront:
             await asyncio.to_thread(rollout.record, self.project, r, rollout.COMPLETE, details=details, key=self.key)
         except Exception as exc:  # noqa: BLE001 - the deploy is what moves the channel; this only closes the record
             self.echo(f"canary {r.rollout_id}: promoted, but its completion was not recorded ({_reason(exc)})")
+        self.promoted = True
         self.echo(f"canary {r.rollout_id}: all steps passed; {self.channel} now points to {r.version}")
 
     async def _rollback(self, reason: str, found, *, detected) -> None:
@@ -532,7 +534,7 @@ class CanaryFront:
         """Hand the (completed) canary's server over as the live one."""
         taken = (self.rollout.version, self.process, self.port)
         self.upstreams.canary, self.upstreams.weight = None, 0
-        self.rollout, self.process, self.port, self.since = None, None, None, None
+        self.rollout, self.process, self.port, self.since, self.promoted = None, None, None, None, False
         return taken
 
     async def stop(self, why: str) -> None:
@@ -547,7 +549,7 @@ class CanaryFront:
             up.canary = None
         if self.process is not None:
             await asyncio.to_thread(_terminate, self.process, self.project.spec.serve.timeout_s + 30)
-        self.rollout, self.process, self.port, self.since = None, None, None, None
+        self.rollout, self.process, self.port, self.since, self.promoted = None, None, None, None, False
 
 
 def _reason(exc: BaseException) -> str:

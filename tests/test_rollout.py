@@ -178,7 +178,7 @@ def test_judging_a_step_reads_both_versions_traces_of_the_same_window(stable_v1,
     since = utc_now()
     writer = SegmentWriter(stable_v1.trace_dir, "traces", fsync="never")
     before = since - timedelta(minutes=5)
-    for i in range(200):        # old, slow stable traffic outside the window must not count
+    for _ in range(200):        # old, slow stable traffic outside the window must not count
         writer.append(trace("v1", 9000, at=before))
     for i in range(150):
         writer.append(trace("v1", 800 + i))

@@ -7,7 +7,7 @@ import shutil
 import string
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from framework import SpecError, load_project, parse_spec
@@ -187,7 +187,7 @@ def test_every_spec_key_is_documented():
     for model in (s.ProjectMeta, s.PipelineSpec, s.ModelSpec, s.ModelSource, s.EvalSpec, s.OptimizeSpec,
                   s.ContractSpec, s.ServeSpec, s.TenantSpec, s.GuardrailsSpec, s.InputSizeGuard,
                   s.EmptyGuard, s.InjectionGuard, s.PiiGuard, s.TopicsGuard, s.RuleGuard, s.BlocklistGuard,
-                  s.CacheSpec):
+                  s.CacheSpec, s.ReleaseSpec):
         for key in model.model_fields:
             assert f"`{key}`" in doc or f"source.{key}" in doc, f"{model.__name__}.{key} missing from docs"
 
@@ -342,3 +342,23 @@ def test_cache_errors_name_the_field(toml_path, table, field, message):
         load_project(str(toml_path))
     text = str(info.value) + " " + str(getattr(info.value, "field", ""))
     assert field in text and message in text, text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-5, 120), max_size=6), st.sampled_from(["none", "caller", "header:X-User", "header:",
+                                                                     "cookie:x", "header:a b", "CALLER"]))
+def test_release_steps_and_sticky_are_accepted_exactly_when_well_formed(steps, sticky):
+    """Property: steps must lie in 1..100, increase strictly and end at 100; sticky is one of three forms."""
+    from pydantic import ValidationError
+
+    from framework.spec import ReleaseSpec
+
+    good_steps = bool(steps) and steps[-1] == 100 and all(1 <= s <= 100 for s in steps) and all(
+        b > a for a, b in zip(steps, steps[1:], strict=False))
+    good_sticky = sticky in ("none", "caller", "header:X-User")
+    try:
+        ReleaseSpec(steps=steps, sticky=sticky)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert accepted == (good_steps and good_sticky)
