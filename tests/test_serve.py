@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from framework.serve import Upstreams, proxy_app, proxy_server
+from tests.test_release import project  # noqa: F401 - the fixture the canary controller tests build on
 
 
 class FakeUpstream:
@@ -246,3 +247,157 @@ def test_a_canary_that_does_not_answer_at_all_is_retried_on_stable(blue_green):
     with running_proxy(upstreams) as (base, _, _), httpx.Client(base_url=base, timeout=10) as client:
         answer = client.post("/triage", content=b"y")
     assert answer.status_code == 201 and answer.text == "blue:y"
+
+
+# -- the front's canary controller (CanaryFront) on the real store, signatures and analysis --------------------
+# Fake here: the versions' servers (FakeProcess on a made-up port) and the bentos (tests/test_release.py's
+# FakeBento). tests/e2e/test_canary_served.py runs the same on real bentos of the tiny model.
+
+
+class FakeProcess:
+    """Stands in for a version's `bentoml serve` process."""
+
+    def __init__(self) -> None:
+        self.returncode = None
+
+    def poll(self):
+        return self.returncode
+
+    def terminate(self) -> None:
+        self.returncode = 0
+
+    def wait(self, timeout=None) -> int:
+        return 0
+
+    def kill(self) -> None:
+        self.returncode = -9
+
+
+@pytest.fixture
+def canary_setup(project, keys):  # noqa: F811 - the fixture imported from tests/test_release.py
+    from framework import release
+    from framework.spec import ReleaseSpec
+    from tests.test_release import build
+
+    for version, content in (("v1", "c1"), ("v2", "c2")):
+        build(project, keys, version, content)
+        release.approve(project, version, key=keys["bob"])
+    release.deploy(project, "v1", "prod", key=keys["carol"])
+    quick = project.spec.model_copy(update={"release": ReleaseSpec(steps=[10, 50, 100], min_requests=5,
+                                                                   min_seconds=0)})
+    return project.model_copy(update={"spec": quick})
+
+
+def _front(proj, key, log):
+    from framework.serve import CanaryFront
+
+    upstreams = Upstreams()
+    upstreams.live = 1111
+    started: list[str] = []
+
+    async def start(version):
+        started.append(version)
+        return FakeProcess(), 2222
+
+    return CanaryFront(proj, "prod", upstreams, start=start, key=key, echo=log.append), upstreams, started
+
+
+def _served(proj, version: str, latencies: list[float]) -> None:
+    import uuid
+
+    from framework.traces import SegmentWriter, iso, utc_now
+
+    writer = SegmentWriter(proj.trace_dir, "traces", fsync="never")
+    for ms in latencies:
+        writer.append({"trace_id": uuid.uuid4().hex, "request_id": uuid.uuid4().hex, "started_at": iso(utc_now()),
+                       "duration_ms": ms, "status": 200, "channel": "prod", "version": version,
+                       "bento": f"ticket-triage:{version}", "tokens_in_new": 50, "tokens_out": 20, "cost": 0.0})
+    writer.close()
+
+
+def test_the_front_promotes_a_healthy_canary_step_by_step_and_completes_with_a_signed_deploy(canary_setup, keys):
+    from framework import release, rollout
+
+    proj = canary_setup
+    rollout.start(proj, "v2", "prod", key=keys["carol"])
+    log: list[str] = []
+    front, upstreams, started = _front(proj, keys["carol"], log)
+    asyncio.run(front.follow("v1"))
+    assert started == ["v2"] and (upstreams.canary, upstreams.weight) == (2222, 10)
+    asyncio.run(front.judge())
+    assert upstreams.weight == 10, log             # no canary traffic yet: it waits
+    for weight in (50, 100):
+        _served(proj, "v1", [900 + i for i in range(30)])
+        _served(proj, "v2", [905 + i for i in range(8)])
+        time.sleep(0.01)
+        asyncio.run(front.judge())
+        if weight < 100:
+            assert upstreams.weight == weight, log
+    assert release.channel_version(proj, "prod") == "v2"
+    assert front.promoted and rollout.latest(proj, "prod").state == rollout.COMPLETED
+    version, process, port = front.take()
+    assert (version, port) == ("v2", 2222) and process.poll() is None   # its warm server becomes the live one
+    assert upstreams.canary is None and upstreams.weight == 0
+
+
+def test_the_front_rolls_a_slow_canary_back_and_records_the_evidence_and_timings(canary_setup, keys):
+    from framework import release, rollout
+
+    proj = canary_setup
+    rollout.start(proj, "v2", "prod", key=keys["carol"])
+    log: list[str] = []
+    front, upstreams, _ = _front(proj, keys["carol"], log)
+    asyncio.run(front.follow("v1"))
+    process = front.process
+    _served(proj, "v1", [900 + i for i in range(30)])
+    _served(proj, "v2", [3900 + i for i in range(8)])
+    time.sleep(0.01)
+    asyncio.run(front.judge())
+    assert upstreams.weight == 0 and upstreams.canary is None and process.poll() == 0, log
+    assert release.channel_version(proj, "prod") == "v1"
+    incident = rollout.incidents(proj, "prod")[-1]
+    assert incident["by"] == "carol" and "regression latency" in incident["reason"] and incident["weight"] == 10
+    assert incident["detect_s"] >= 0 and incident["recover_s"] >= 0 and incident["breach_to_recovered_s"] >= \
+        incident["detect_s"]
+    details = rollout.latest(proj, "prod").events[-1]["details"]
+    assert details["analysis"]["canary"]["latency_p50_ms"] > 3000 and details["analysis"]["stable"]["requests"] == 30
+
+
+def test_a_front_whose_key_cannot_sign_gives_the_canary_nothing(canary_setup, keys):
+    from framework import rollout
+
+    rollout.start(canary_setup, "v2", "prod", key=keys["carol"])
+    log: list[str] = []
+    front, upstreams, started = _front(canary_setup, keys["dave"], log)   # rollback:prod only
+    asyncio.run(front.follow("v1"))
+    assert started == [] and upstreams.weight == 0 and upstreams.canary is None
+    assert any("cannot sign its decisions" in line and "deploy:prod" in line for line in log), log
+
+
+def test_a_person_stopping_the_canary_takes_its_traffic_away_at_the_next_poll(canary_setup, keys):
+    from framework import rollout
+
+    rollout.start(canary_setup, "v2", "prod", key=keys["carol"])
+    front, upstreams, _ = _front(canary_setup, keys["carol"], [])
+    asyncio.run(front.follow("v1"))
+    process = front.process
+    assert upstreams.weight == 10
+    rollout.stop(canary_setup, "prod", key=keys["dave"], reason="customer complaints")
+    asyncio.run(front.follow("v1"))
+    assert upstreams.weight == 0 and upstreams.canary is None and process.poll() == 0
+    assert "customer complaints" in rollout.incidents(canary_setup, "prod")[-1]["reason"]
+
+
+def test_a_canary_that_never_becomes_ready_is_rolled_back_having_served_nothing(canary_setup, keys):
+    from framework import rollout
+
+    rollout.start(canary_setup, "v2", "prod", key=keys["carol"])
+    front, upstreams, _ = _front(canary_setup, keys["carol"], [])
+
+    async def broken(version):
+        return "the server exited with 1"
+
+    front.start = broken
+    asyncio.run(front.follow("v1"))
+    assert upstreams.weight == 0 and upstreams.canary is None
+    assert "never became ready" in rollout.incidents(canary_setup, "prod")[-1]["reason"]

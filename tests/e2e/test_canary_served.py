@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from scipy.stats import binom
 
 from tests.conftest import cli_ok as ok
 from tests.conftest import edit_toml
@@ -98,6 +99,11 @@ def test_a_good_canary_is_promoted_and_a_slow_one_rolled_back_with_no_failed_req
         assert canary["state"] == "complete"
         assert [e["action"] for e in canary["events"]] == ["canary-start", "canary-step", "canary-complete"]
         assert [e["weight"] for e in canary["events"]] == [25, 50, 100]
+        # the first step's share, counted by the front: inside the central 99.9% of Binomial(n, 0.25)
+        sent = canary["events"][1]["details"]["sent"]
+        n = sent.get("canary", 0) + sent.get("stable", 0)
+        low, high = binom.interval(0.999, n, 0.25)
+        assert n >= 6 and low <= sent.get("canary", 0) <= high, sent
         good_share = [v for t, _, v in answers if t > started and v in (v1, v2)]
 
         rolled_from = time.monotonic()
