@@ -83,6 +83,7 @@ __all__ = [
     "human_queue",
     "ingest_traces",
     "judge",
+    "kube_manifests",
     "language_model",
     "load_program",
     "load_project",
@@ -142,6 +143,14 @@ def rollout_manifests(project: Project, version: str, **kwargs) -> list[dict]:
     """The `[release]` canary as an Argo Rollouts `Rollout` and an `AnalysisTemplate` over the contract's alert
     expressions (framework/argo.py, docs/kubernetes.md)."""
     from framework.argo import rollout_manifests as _manifests
+
+    return _manifests(project, version, **kwargs)
+
+
+def kube_manifests(project: Project, version: str, **kwargs) -> list[dict]:
+    """Plain Kubernetes objects serving `version` on a channel: ConfigMap, Deployment, Service, autoscaler
+    (framework/kube.py, docs/kubernetes.md)."""
+    from framework.kube import manifests as _manifests
 
     return _manifests(project, version, **kwargs)
 

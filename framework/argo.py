@@ -76,23 +76,14 @@ def rollout_manifests(project, version: str, *, image: str | None = None, replic
                                 "args": [{"name": VERSION_ARG, "value": f"{project.name}:{version}"}]}
     if steps:
         analysis["startingStep"] = 1
-    selector = _labels(project)
-    pod = {
-        "metadata": {
-            "labels": {**selector, "app.kubernetes.io/version": version},
-            # the convention most Prometheus setups scrape pods by; the rules read the bento's /metrics
-            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT),
-                            "prometheus.io/path": "/metrics"},
-        },
-        "spec": {"containers": [{
-            "name": "bento",
-            "image": image or f"{project.name}:{version}",
-            "ports": [{"name": "http", "containerPort": PORT}],
-            # ready only after the warm-up answer succeeded (framework/service.py), as `slipway serve` waits
-            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}},
-            "livenessProbe": {"httpGet": {"path": "/livez", "port": "http"}},
-        }]},
-    }
+    # The pods are plain Kubernetes' (framework/kube.py): the environment serve_env gives a version (trace and
+    # state folders, the channel), the API keys Secret, resources from the model size, and the probes.
+    from framework import kube
+
+    deployment = next(m for m in kube.manifests(project, version, channel="prod", image=image)
+                      if m["kind"] == "Deployment")
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    pod = deployment["spec"]["template"]
     rollout = {
         "apiVersion": API_VERSION, "kind": "Rollout",
         "metadata": {"name": project.name, "labels": _labels(project)},

@@ -493,6 +493,11 @@ def deploy(target: Annotated[str, typer.Argument(help="<project>:<version>")], c
            = None,
            steps: Annotated[bool, typer.Option("--steps", help="start a canary at the first of [release] steps")]
            = False,
+           kind: Annotated[str | None, typer.Option("--target", help="k8s: write Kubernetes manifests for the "
+                                                                     "version instead (docs/kubernetes.md)")] = None,
+           out: Annotated[str | None, typer.Option("--out", help="with --target k8s: the folder to write")] = None,
+           image: Annotated[str | None, typer.Option(help="with --target k8s: the container image (default "
+                                                          "<project>:<version>)")] = None,
            key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """Point a channel at a version that passed its contract and holds its signed approvals.
 
@@ -505,6 +510,9 @@ def deploy(target: Annotated[str, typer.Argument(help="<project>:<version>")], c
     from framework import release
 
     loaded, version = _target(target)
+    if kind is not None:
+        _write_k8s(loaded, version, channel, kind, out, image, as_json)
+        return
     if canary is not None or steps:
         from framework import rollout
 
@@ -547,6 +555,33 @@ def manifests(target: Annotated[str, typer.Argument(help="<project>:<version>")]
     loaded, version = _target(target)
     path = argo.write_manifests(loaded, version, Path(out), image=image, replicas=replicas, prometheus=prometheus)
     _echo(f"wrote {path}: AnalysisTemplate + Rollout for {target} (steps {loaded.spec.release.steps})")
+
+
+def _write_k8s(loaded, version: str, channel: str, kind: str, out: str | None, image: str | None,
+               as_json: bool) -> None:
+    """`deploy --target k8s`: the manifests of a version the deploy gate opens for; applying them is the deploy."""
+    from pathlib import Path
+
+    from framework import kube, release
+    from framework.errors import ReleaseRefused
+    from framework.evaluate import store_path
+    from framework.store import Store
+
+    if kind != "k8s":
+        raise typer.BadParameter(f"unknown target {kind!r}: k8s is the one there is", param_hint="--target")
+    if not out:
+        raise typer.BadParameter("--target k8s needs --out DIR", param_hint="--out")
+    with Store(store_path(loaded)) as store:
+        ready = release.readiness(loaded, store, version)
+    if ready.missing:
+        raise ReleaseRefused(f"refusing to write manifests for {loaded.name}:{version}: {'; '.join(ready.missing)}",
+                             path=str(loaded.toml_path), hint="the manifests deploy it: the same gate as a deploy")
+    paths = kube.write_manifests(loaded, version, Path(out), channel=channel, image=image)
+    if as_json:
+        _print_json({"written": [str(p) for p in paths]})
+    else:
+        _echo(f"wrote {len(paths)} manifests for {loaded.name}:{version} ({channel}) into {out}: "
+              f"`kubectl apply -f {out}` deploys it")
 
 
 @app.command()

@@ -295,3 +295,31 @@ def test_models_pull_fetches_the_cache_embedder_beside_the_pipeline_model(toml_p
     pulled.clear()
     assert CliRunner().invoke(app, ["models", "pull", str(toml_path), "--model", TINY]).exit_code == 0
     assert pulled == ["SmolLM2-135M-Instruct Q4_1"]
+
+
+def test_deploy_target_k8s_writes_manifests_only_through_the_gate(project_root, keys, monkeypatch):
+    """`deploy --target k8s` writes what deploys the version on a cluster, so it passes the deploy gate first:
+    an unapproved build gets exit 1 naming the rule and no file; an approved one gets the manifests."""
+    from framework import bentos, release
+    from framework.spec import load_project
+    from tests.conftest import write_signers
+    from tests.test_release import fake_build
+
+    write_signers(project_root / "projects" / "ticket-triage", keys)
+    project = load_project("ticket-triage", root=project_root)
+    built = {"v1": fake_build(project, keys, "v1", "c1")}
+    monkeypatch.setattr(bentos, "get", lambda _p, version=None: built[version])
+    monkeypatch.chdir(project_root)
+    out = project_root / "k8s"
+    refused = runner.invoke(app, ["deploy", "ticket-triage:v1", "--channel", "prod", "--target", "k8s", "--out",
+                                  str(out)])
+    assert refused.exit_code == 1 and "rule approvals: 0 of 1" in " ".join(refused.output.split()), refused.output
+    assert not out.exists()
+    release.approve(project, "v1", key=keys["bob"])
+    done = runner.invoke(app, ["deploy", "ticket-triage:v1", "--channel", "prod", "--target", "k8s", "--out",
+                               str(out), "--json"])
+    assert done.exit_code == 0, done.output
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(json.loads(done.output)["written"][i].rsplit("/", 1)[1] for i in range(len(written)))
+    assert "ticket-triage-prod.deployment.yaml" in written, written
+    assert release.status(project)["prod"] is None   # writing manifests deploys nothing by itself
