@@ -632,7 +632,7 @@ def status(project: ProjectArg,
         if found is not None:
             report.print_rollout(console, found)
     for channel, rows in incidents.items():
-        console.print(report.incidents_table(channel, rows))
+        console.print(report.incidents_table(channel, rows) if rows else f"{channel}: no canary rollbacks")
 
 
 @audit_app.command("list")

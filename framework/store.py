@@ -296,8 +296,11 @@ class Store:
                              [str(SCHEMA_VERSION), SCHEMA_VERSION])
         version = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if version and int(version[0]) != SCHEMA_VERSION:
+            older = int(version[0]) < SCHEMA_VERSION   # a reader never upgrades: the next writing command does
             raise StoreError(f"schema version {version[0]}, this slipway knows {SCHEMA_VERSION}", path=str(path),
-                             hint="upgrade slipway, or move the file aside to start a new store")
+                             hint="run a command that writes the store first (e.g. `slipway slo <project>`, "
+                                  "which ingests traces), which upgrades it in place" if older else
+                                  "upgrade slipway, or move the file aside to start a new store")
 
     def __enter__(self) -> Store:
         return self
