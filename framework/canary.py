@@ -10,14 +10,16 @@ Two questions, both asked of the same window of served traffic (framework/rollou
 
    | figure | test |
    |---|---|
-   | latency of answered requests | Mann-Whitney U, and the canary's median over the stable's by more than `margin` |
-   | cost per request | Mann-Whitney U, and the canary's mean over the stable's by more than `margin` |
+   | latency of requests the model answered | Mann-Whitney U, and the median over the stable's by > `margin` |
+   | cost per request (model answers, failures) | Mann-Whitney U, and the mean over the stable's by > `margin` |
    | failures (5xx, or a fallback answered for the model) | Fisher's exact test on the 2×2 table |
    | guardrail blocks | Fisher's exact test |
    | negative feedback (of the requests that got feedback) | Fisher's exact test |
    | wrong answers where feedback carries the correct labels | Fisher's exact test |
 
-   A test runs only when both arms have data for it; each is held to `alpha / tests run` (Bonferroni), so
+   Answers from the answer cache count as requests but not in latency or cost: the stable's cache is warm
+   and a new canary's is cold, so comparing them would judge the cache, not the version. A test runs only
+   when both arms have data for it; each is held to `alpha / tests run` (Bonferroni), so
    a step's false-rollback rate stays at most `alpha`. Mann-Whitney needs no normality (latencies are
    skewed); Fisher is exact at the small counts a canary step sees.
 
@@ -46,7 +48,8 @@ class Arm:
     n: int = 0                                  # requests answered or failed (not the caller's 4xx)
     failures: int = 0                           # 5xx, or a fallback answered in the model's place
     latencies_ms: list[float] = field(default_factory=list)  # answered requests
-    costs: list[float] = field(default_factory=list)         # every request in n
+    costs: list[float] = field(default_factory=list)         # answered by the model, or failed
+    cache_hits: int = 0                         # answered from the answer cache: in n, not in latency or cost
     tokens: list[float] = field(default_factory=list)        # answered requests: new prompt + generated
     blocked: int = 0                            # refused by a guardrail (a 4xx the service chose)
     requests: int = 0                           # n + blocked: what the front sent it
@@ -60,8 +63,8 @@ class Arm:
                 "latency_p50_ms": _pct(self.latencies_ms, 0.5), "latency_p95_ms": _pct(self.latencies_ms, 0.95),
                 "latency_p99_ms": _pct(self.latencies_ms, 0.99),
                 "cost_per_request": statistics.fmean(self.costs) if self.costs else None,
-                "blocked": self.blocked, "feedback": self.feedback, "negative": self.negative,
-                "labelled": self.labelled, "wrong": self.wrong}
+                "cache_hits": self.cache_hits, "blocked": self.blocked, "feedback": self.feedback,
+                "negative": self.negative, "labelled": self.labelled, "wrong": self.wrong}
 
 
 @dataclass

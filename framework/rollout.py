@@ -249,7 +249,8 @@ def latest(project: Project, channel: str) -> Rollout | None:
 
 def arm(version: str, rows: list[dict[str, Any]]) -> Arm:
     """One version's requests → the figures canary.analyse compares (the rules of Store.slo_figures: a
-    caller's 4xx is not the service's; a guardrail block is counted apart; a fallback is a failure)."""
+    caller's 4xx is not the service's; a guardrail block is counted apart; a fallback is a failure; and a
+    cache hit is counted but left out of latency and cost)."""
     import json
 
     out = Arm(version=version)
@@ -265,10 +266,15 @@ def arm(version: str, rows: list[dict[str, Any]]) -> Arm:
         out.n += 1
         if status >= 500 or row["fallback"]:
             out.failures += 1
+            out.costs.append(float(row["cost"] or 0.0))
+        elif row.get("cache_hit"):
+            # Answered from the answer cache: a stable version's cache is warm, a new canary's cold, so a hit
+            # says nothing about either model path; latency and cost compare answers the model gave.
+            out.cache_hits += 1
         else:
             out.latencies_ms.append(float(row["duration_ms"]))
             out.tokens.append(float(row["tokens"] or 0))
-        out.costs.append(float(row["cost"] or 0.0))
+            out.costs.append(float(row["cost"] or 0.0))
         if row["negative"] is not None:
             out.feedback += 1
             out.negative += bool(row["negative"])

@@ -444,7 +444,8 @@ class Store:
         return self._rows(
             "SELECT t.duration_ms, t.status, t.error_code, t.cost, "
             "coalesce(t.tokens_in_new, 0) + coalesce(t.tokens_out, 0) AS tokens, "
-            "json_extract_string(t.served, '$.fallback') AS fallback, t.outputs, "
+            "json_extract_string(t.served, '$.fallback') AS fallback, "
+            "json_extract_string(t.served, '$.cache.kind') AS cache_hit, t.outputs, "
             "f.negative, f.correct_labels FROM traces t "
             "LEFT JOIN (SELECT request_id, bool_or(negative) AS negative, last(correct_labels) AS correct_labels "
             "           FROM feedback GROUP BY request_id) f ON f.request_id = t.request_id "

@@ -165,10 +165,13 @@ def test_arm_counts_what_the_canary_is_judged_on():
              "outputs": json.dumps({"category": "bug"}), "negative": False,
              "correct_labels": json.dumps({"category": "billing"})},
             {"duration_ms": 60000.0, "status": 503, "error_code": "model-timeout", "cost": 0.0, "tokens": 0,
-             "fallback": None, "outputs": None, "negative": None, "correct_labels": None}]
+             "fallback": None, "outputs": None, "negative": None, "correct_labels": None},
+            {"duration_ms": 2.0, "status": 200, "error_code": None, "cost": 0.0, "tokens": 0, "fallback": None,
+             "cache_hit": "exact", "outputs": {"category": "bug"}, "negative": None, "correct_labels": None}]
     found = rollout.arm("v2", rows)
-    assert (found.requests, found.n, found.blocked, found.failures) == (5, 4, 1, 2)   # the 401 is the caller's
-    assert found.latencies_ms == [100.0, 120.0]                      # failures and fallbacks are not latencies
+    assert (found.requests, found.n, found.blocked, found.failures) == (6, 5, 1, 2)   # the 401 is the caller's
+    assert found.latencies_ms == [100.0, 120.0]      # failures, fallbacks and cache hits are not the model's latency
+    assert found.cache_hits == 1 and len(found.costs) == 4
     assert (found.feedback, found.negative, found.labelled, found.wrong) == (2, 1, 1, 1)
 
 

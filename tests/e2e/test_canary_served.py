@@ -46,9 +46,10 @@ def _wait_for(log: Path, text: str, timeout: float, server) -> None:
 @pytest.mark.model
 def test_a_good_canary_is_promoted_and_a_slow_one_rolled_back_with_no_failed_request(
         tiny_project, tiny_model_present, tmp_path, keys):
-    edit_toml(tiny_project, "[release]\nsteps = [10, 50, 100]\nmin_requests = 20\nmin_seconds = 60\n"
-                            'sticky = "caller"',
-              '[release]\nsteps = [25, 50, 100]\nmin_requests = 6\nmin_seconds = 5\nsticky = "none"')
+    text = tiny_project.read_text()   # quick steps: a few requests each on the tiny model
+    start = text.index("[release]\n")
+    tiny_project.write_text(text[:start] + '[release]\nsteps = [25, 50, 100]\nmin_requests = 6\nmin_seconds = 5\n'
+                            'sticky = "none"' + text[text.index("\n\n", start):])
     ok(["check", "ticket-triage"])
     v1 = json.loads(ok(["build", "ticket-triage", "--json"]).stdout)["tag"]
     edit_toml(tiny_project, "timeout_s = 60", "timeout_s = 45")  # a serve setting: a new version, same check
@@ -71,19 +72,23 @@ def test_a_good_canary_is_promoted_and_a_slow_one_rolled_back_with_no_failed_req
     answers: list[tuple[float, int | str, str | None]] = []
     done = threading.Event()
 
-    def traffic() -> None:   # one of three clients, bounded in count and time
+    rows = (tiny_project.parent / "data" / "dev.jsonl").read_text().splitlines()
+    tickets = [json.loads(line)["inputs"]["ticket"] for line in rows]   # the model answers, not only the cache
+
+    def traffic(offset: int) -> None:   # one of three clients, bounded in count and time
         deadline = time.monotonic() + 600
         with httpx.Client(base_url=base, timeout=90) as client:
             while not done.is_set() and len(answers) < 2000 and time.monotonic() < deadline:
                 try:
-                    r = client.post("/triage", json={"ticket": "I was charged twice for my plan"})
+                    ticket = tickets[(offset + len(answers)) % len(tickets)]
+                    r = client.post("/triage", json={"ticket": ticket})
                     answers.append((time.monotonic(), r.status_code,
                                     r.json()["version"]["bento"] if r.status_code == 200 else r.text[:300]))
                 except httpx.TransportError as exc:
                     answers.append((time.monotonic(), type(exc).__name__, None))
                 time.sleep(0.2)
 
-    clients = [threading.Thread(target=traffic) for _ in range(3)]
+    clients = [threading.Thread(target=traffic, args=(i * 37,)) for i in range(3)]
     try:
         _wait_ready(base, front)
         for client in clients:
