@@ -38,6 +38,7 @@ from framework.metrics import Measurements
 from framework.spec import ContractSpec, ReleaseSpec
 
 PROMOTE, ROLLBACK, WAIT = "promote", "rollback", "wait"
+BASELINE = 5   # requests each arm's model must have answered (or failed) before a step may be promoted
 
 
 @dataclass
@@ -192,12 +193,24 @@ def compare(release: ReleaseSpec, canary: Arm, stable: Arm) -> tuple[list[Findin
 def analyse(contract: ContractSpec, release: ReleaseSpec, canary: Arm, stable: Arm, *,
             elapsed_s: float) -> Analysis:
     """Judge one step. `wait` until it has run `min_seconds` and the canary has `min_requests` requests;
-    then `rollback` on any breached clause or significant regression, else `promote`."""
+    then `rollback` on any breached clause; `wait` again until both versions have a baseline of requests
+    their model answered; then `rollback` on a significant regression, else `promote`."""
     if elapsed_s < release.min_seconds or canary.requests < release.min_requests:
         reason = (f"waiting: {canary.requests}/{release.min_requests} canary requests, "
                   f"{elapsed_s:.0f}/{release.min_seconds:.0f} s")
         return Analysis(WAIT, reason, canary.summary(), stable.summary(), [])
     findings = clauses(contract, canary)
+    if any(f.failed for f in findings):
+        failed = [f for f in findings if f.failed]
+        return Analysis(ROLLBACK, "; ".join(_describe(f) for f in failed), canary.summary(), stable.summary(),
+                        findings)
+    # No promotion without a baseline: a step with no comparison (e.g. every stable answer a cache hit) would
+    # pass a canary whatever it does, as long as the contract's clauses are loose.
+    need = min(BASELINE, release.min_requests)
+    if (stable.n - stable.cache_hits) < need or (canary.n - canary.cache_hits) < need:
+        return Analysis(WAIT, f"waiting for a baseline: {stable.n - stable.cache_hits} stable and "
+                              f"{canary.n - canary.cache_hits} canary requests answered by the model (cache hits "
+                              f"are not compared), {need} each needed", canary.summary(), stable.summary(), findings)
     regressions, each = compare(release, canary, stable)
     findings += regressions
     failed = [f for f in findings if f.failed]

@@ -89,9 +89,16 @@ def test_negative_feedback_and_blocks_are_compared_when_both_arms_have_them():
     assert "negative_feedback" not in names and "wrong_labels" not in names
 
 
-def test_no_stable_traffic_leaves_only_the_clauses():
-    found = analyse(CONTRACT, RELEASE, steady("v2", 40), Arm(version="v1"), elapsed_s=60)
-    assert found.decision == PROMOTE and {f.kind for f in found.findings} == {"clause"}
+def test_no_baseline_means_no_promotion_but_a_breach_still_rolls_back():
+    """A step whose stable version answered nothing with its model (no traffic, or every answer from its
+    warm cache) waits: there is nothing to compare the canary with. A breached clause needs no baseline."""
+    cached = steady("v1", 0)
+    cached.n = cached.requests = cached.cache_hits = 300
+    for stable in (Arm(version="v1"), cached):
+        found = analyse(CONTRACT, RELEASE, steady("v2", 40), stable, elapsed_s=60)
+        assert found.decision == WAIT and "waiting for a baseline" in found.reason, found.reason
+        slow = analyse(CONTRACT, RELEASE, steady("v2", 40, centre=9000), stable, elapsed_s=60)
+        assert slow.decision == ROLLBACK and "clause latency_p95_ms" in slow.reason
 
 
 def test_a_canary_that_only_fails_breaches_the_error_clause():
