@@ -6,7 +6,8 @@ project.toml → `load_project` → `load_program` (from the notebook) →
 `error_analysis` (slices, confusion, misclassified) → `optimize` →
 `build` (a BentoML bento, refused unless the check passed) → `review` (against the baseline) →
 `approve` → `deploy` / `rollback` (channels) or `start_canary` (judged step by step on live traffic by
-`slipway serve --channel`; `rollout_manifests` for Argo Rollouts) → `slipway serve` (with its `answer_cache`) → traces
+`slipway serve --channel`; `containerize` for the bento's image, `rollout_manifests` for Argo Rollouts, `capacity`
+for the replicas the declared volume needs) → `slipway serve` (with its `answer_cache`) → traces
 (`ingest_traces`) → the live contract (`slo`), feedback back into the eval set (`harvest`, `accept_harvest`),
 `drift`, and the requests a failed model handed to a person (`human_queue`, `resolve_handoff`).
 Approvals, deploys and rollbacks are signed with the person's SSH key (`key=`, a path; see
@@ -18,15 +19,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-# `check`, `build`, `review`, `slo`, `harvest`, `drift` and `optimize` share their names with their modules: import
-# them eagerly so that a later `import framework.check` cannot replace the function with the module.
+# `check`, `build`, `capacity`, `review`, `slo`, `harvest`, `drift` and `optimize` share their names with their
+# modules: import them eagerly so that a later `import framework.check` cannot replace the function with the module.
 # These modules import dspy, llama_cpp and bentoml only inside their functions.
 from framework.build import build
+from framework.capacity import capacity
 from framework.check import check
 from framework.drift import drift
 from framework.errors import (
     AuditBroken,
     BentoTampered,
+    ContainerBuildFailed,
+    ContainerEngineMissing,
     ContractFailed,
     DatasetError,
     HandoffError,
@@ -55,6 +59,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AuditBroken",
     "BentoTampered",
+    "ContainerBuildFailed",
+    "ContainerEngineMissing",
     "ContractFailed",
     "DatasetError",
     "HandoffError",
@@ -75,7 +81,9 @@ __all__ = [
     "approve",
     "build",
     "calibrate",
+    "capacity",
     "check",
+    "containerize",
     "deploy",
     "drift",
     "error_analysis",
@@ -153,6 +161,14 @@ def kube_manifests(project: Project, version: str, **kwargs) -> list[dict]:
     from framework.kube import manifests as _manifests
 
     return _manifests(project, version, **kwargs)
+
+
+def containerize(project: Project, version: str, *, gpu: bool = False, engine: str | None = None) -> str:
+    """Build `<project>:<version>`'s container image through BentoML's containerize path, for the CPU or (`gpu`)
+    a CUDA llama.cpp, with a local engine; returns the image tag (framework/container.py, docs/kubernetes.md)."""
+    from framework.container import containerize as _containerize
+
+    return _containerize(project, version, gpu=gpu, engine=engine)
 
 
 def load_split(project: Project, split: str):

@@ -25,6 +25,18 @@ BUILD_SIGNATURE = "slipway-build.json"  # the signed build statement (signing.Si
 # Never part of a manifest: the manifest and its signature themselves, and bytecode caches Python writes
 # beside the sources on import (`slipway serve` points PYTHONPYCACHEPREFIX elsewhere so none is read).
 UNLISTED = {MANIFEST, BUILD_SIGNATURE}
+# Inside an image made by BentoML's containerize path (`bentoml containerize`, `slipway build --containerize`),
+# BentoML has rendered the bento's Dockerfile again for that build and copied the models the bento names into
+# models/ (Hugging Face ones into hf-models/). Serving reads neither: each GGUF is verified against its sha256
+# pin when it is loaded (framework/weights.py). So in a container, and only there, the Dockerfile may differ
+# and files may be added under those folders; every other file must still match the signed manifest.
+CONTAINER_REWRITTEN = {"env/docker/Dockerfile"}
+CONTAINER_ADDED = ("models/", "hf-models/")
+
+
+def in_container() -> bool:
+    """True inside an image built by BentoML's containerize path (its Dockerfile sets BENTOML_CONTAINERIZED)."""
+    return os.environ.get("BENTOML_CONTAINERIZED", "").strip().lower() in ("true", "1", "yes")
 
 
 def bentoml_home(project: Project) -> Path:
@@ -127,7 +139,8 @@ def write_manifest(bento_dir: Path) -> str:
 
 def check_manifest(bento_dir: Path) -> str:
     """The manifest's sha256 when every file matches it; else `BentoTampered` naming the changed,
-    missing or added file."""
+    missing or added file. In a container (`in_container`), the Dockerfile BentoML rendered for the image and
+    the models it copied in are the only exceptions."""
     path = bento_dir / MANIFEST
     if not path.exists():
         raise BentoTampered("the bento has no manifest: it was not built by this Slipway, or the manifest "
@@ -139,11 +152,14 @@ def check_manifest(bento_dir: Path) -> str:
         raise BentoTampered("the manifest is not the JSON `slipway build` writes", path=str(path),
                             hint="rebuild it with `slipway build`") from None
     actual = _files(bento_dir)
+    container = in_container()
+    if container:
+        actual = {rel: digest for rel, digest in actual.items() if not rel.startswith(CONTAINER_ADDED)}
     for rel, digest in sorted(listed.items()):
         if rel not in actual:
             raise BentoTampered("a file of the bento is missing since the build", path=str(bento_dir / rel),
                                 hint="restore the bento (`bentoml import`) or rebuild it")
-        if actual[rel] != digest:
+        if actual[rel] != digest and not (container and rel in CONTAINER_REWRITTEN):
             raise BentoTampered("this file was changed after the build (its sha256 no longer matches the "
                                 "signed manifest)", path=str(bento_dir / rel),
                                 hint="rebuild with `slipway build` instead of editing a bento")

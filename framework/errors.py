@@ -142,6 +142,21 @@ class NotReady(SlipwayError):
     exit_code = 1
 
 
+class ContainerEngineMissing(SlipwayError):
+    """No container engine BentoML can build with (docker, podman, buildah, nerdctl, buildctl) answers here;
+    the message names each engine tried and why it could not be used (framework/container.py)."""
+
+    code = "container-engine-missing"
+    exit_code = 2
+
+
+class ContainerBuildFailed(SlipwayError):
+    """The container engine ran and failed to build the image (its own error is in the message)."""
+
+    code = "container-build-failed"
+    exit_code = 1
+
+
 def exit_code(error: BaseException) -> int:
     """0 ok, 1 contract failed, 2 bad input/config, 3 internal."""
     if isinstance(error, SlipwayError):
