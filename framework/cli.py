@@ -344,21 +344,56 @@ def build(project: ProjectArg,
           run_check: Annotated[bool, typer.Option("--check", help="run the check first when none matches")] = False,
           override: Annotated[str | None, typer.Option(help="override role only: build past failing clauses, with "
                                                              "a reason (signed, shown in red on the review)")]
-          = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+          = None,
+          containerize: Annotated[bool, typer.Option("--containerize", help="also build its container image "
+                                                                         "through BentoML (or, with no engine "
+                                                                         "here, write the build context)")] = False,
+          gpu: Annotated[bool, typer.Option("--gpu", help="with --containerize: a CUDA llama.cpp image")] = False,
+          context: Annotated[str | None, typer.Option("--context", help="with --containerize: write the build "
+                                                                        "context to this folder, build nothing")]
+          = None,
+          key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """Build a versioned BentoML bento, refused unless the current content passed its check.
 
-    Exit 0 built (or already built: same version), 1 refused, 2 bad config.
-    Example: slipway build ticket-triage --check
+    With --containerize, also its container image through BentoML's containerize path (docker, podman,
+    buildah, nerdctl or buildctl); where none can build, the build context is written and the command for a
+    machine that has one is printed (docs/kubernetes.md). Exit 0 built (or already built: same version),
+    1 refused, 2 bad config.
+    Example: slipway build ticket-triage --check --containerize
     """
+    from pathlib import Path
+
     from framework.build import build as run_build
     from framework.spec import load_project
 
-    result = run_build(load_project(project), run_check=run_check, override=override, key=_key(key))
+    loaded = load_project(project)
+    result = run_build(loaded, run_check=run_check, override=override, key=_key(key))
+    image = None
+    if containerize or context:
+        from framework import container
+        from framework.errors import ContainerEngineMissing
+
+        version = result.tag.partition(":")[2]
+        if context is None:
+            try:
+                image = {"image": container.containerize(loaded, version, gpu=gpu)}
+            except ContainerEngineMissing as exc:
+                context = str(container.default_context_dir(loaded, version, gpu=gpu))
+                _echo(f"{exc.args[0]}; writing the build context instead")
+        if context is not None:
+            written = container.build_context(loaded, version, Path(context), gpu=gpu)
+            tag = container.image_tag(loaded, version, gpu=gpu)
+            image = {"image": None, "context": str(written), "command": container.build_command(written, tag)}
     if as_json:
         _print_json({"tag": result.tag, "created": result.created, "model": result.model_tag,
-                     "labels": result.labels, "path": result.path, "variants": result.variants or []})
+                     "labels": result.labels, "path": result.path, "variants": result.variants or [],
+                     **({"container": image} if image else {})})
     else:
         report.print_build(console, result)
+        if image and image.get("image"):
+            _echo(f"image {image['image']} built")
+        elif image:
+            _echo(f"build context in {image['context']}; on a machine with a container engine: {image['command']}")
 
 
 @app.command()
@@ -582,6 +617,59 @@ def _write_k8s(loaded, version: str, channel: str, kind: str, out: str | None, i
     else:
         _echo(f"wrote {len(paths)} manifests for {loaded.name}:{version} ({channel}) into {out}: "
               f"`kubectl apply -f {out}` deploys it")
+
+
+@app.command()
+def capacity(project: ProjectArg,
+             peak_factor: Annotated[float | None, typer.Option(help="busiest hour ÷ the daily mean (default 3)")]
+             = None,
+             as_json: JsonOpt = False) -> None:
+    """Replicas the contract's expected_requests_per_day needs, from the latest measured throughput (served
+    traffic, else the bench results), and memory per replica (docs/kubernetes.md, "Capacity").
+
+    Example: slipway capacity ticket-triage --peak-factor 4
+    """
+    from framework.capacity import capacity as plan_capacity
+    from framework.capacity import describe
+    from framework.spec import load_project
+
+    plan = plan_capacity(load_project(project), peak_factor=peak_factor)
+    if as_json:
+        _print_json(plan)
+    else:
+        for text_line in describe(plan):
+            console.print(text_line, highlight=False)
+
+
+@app.command("export")
+def export_warehouse(project: ProjectArg,
+                     out: Annotated[str, typer.Option("--out", "-o", help="folder of the partitioned Parquet")],
+                     since: Annotated[str | None, typer.Option(help="only days from this long ago, e.g. 1d, 12h")]
+                     = None,
+                     tables: Annotated[str | None, typer.Option(help="comma-separated tables (default: all)")]
+                     = None,
+                     as_json: JsonOpt = False) -> None:
+    """Eval runs, traces, feedback and the audit log as Parquet partitioned by project and day
+    (`<out>/<table>/project=<p>/day=<YYYY-MM-DD>/`), for DuckDB, ClickHouse, BigQuery or Spark
+    (docs/warehouse.md). Re-exporting a day merges, never duplicates.
+
+    Example: slipway export ticket-triage --out warehouse/ --since 7d
+    """
+    from pathlib import Path
+
+    from framework import warehouse
+    from framework.spec import load_project
+    from framework.traces import utc_now
+
+    since_at = utc_now() - _duration(since, "--since") if since else None
+    written = warehouse.export(load_project(project), Path(out), tables=tables.split(",") if tables else None,
+                               since=since_at)
+    if as_json:
+        _print_json(written)
+    elif not any(written.values()):
+        _echo("nothing to export: the store holds no rows in that window")
+    else:
+        _echo(f"exported to {out}: " + ", ".join(f"{table} {n}" for table, n in written.items() if n))
 
 
 @app.command()

@@ -323,3 +323,18 @@ def test_deploy_target_k8s_writes_manifests_only_through_the_gate(project_root, 
     assert written == sorted(json.loads(done.output)["written"][i].rsplit("/", 1)[1] for i in range(len(written)))
     assert "ticket-triage-prod.deployment.yaml" in written, written
     assert release.status(project)["prod"] is None   # writing manifests deploys nothing by itself
+
+
+def test_capacity_and_export_answer_from_the_cli(project_root, monkeypatch, tmp_path):
+    """`slipway capacity` prints the replicas the contract's volume needs; `slipway export` on a store with no
+    rows says so and writes nothing (the figures themselves: tests/test_capacity.py, tests/test_warehouse.py)."""
+    monkeypatch.chdir(project_root)
+    planned = runner.invoke(app, ["capacity", "ticket-triage", "--json"])
+    assert planned.exit_code == 0, planned.output
+    plan = json.loads(planned.output)
+    assert plan["demand"]["requests_per_day"] == 5000 and "replicas" in " ".join(planned.output.split())
+    empty = runner.invoke(app, ["export", "ticket-triage", "--out", str(tmp_path / "wh")])
+    assert empty.exit_code == 0 and "nothing to export" in empty.output, empty.output
+    assert not (tmp_path / "wh").exists()
+    bad = runner.invoke(app, ["export", "ticket-triage", "--out", str(tmp_path / "wh"), "--tables", "secrets"])
+    assert bad.exit_code == 2 and "secrets" in bad.output
