@@ -46,6 +46,7 @@ from bench.engine import (
     ratio_interval,
     stop,
     throwaway_env,
+    wait_ready,
 )
 from framework.serve import Upstreams
 from tests.test_serve import running_proxy
@@ -178,14 +179,7 @@ def recovery(runs: int, folder: Path) -> dict:
     incidents = []
     clients = [threading.Thread(target=traffic, args=(i * 37,)) for i in range(3)]
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+        wait_ready(f"{base}/readyz", front, log_path, 300)
         for client in clients:
             client.start()
         for run in range(runs):

@@ -478,6 +478,9 @@ class CanaryFront:
             return
         weight = r.steps[r.step + 1]
         self.rollout = await asyncio.to_thread(rollout.active, self.project, self.channel, r.stable)
+        if self.rollout is None:   # stopped by a person between the decision and now
+            await self.stop(f"canary {r.rollout_id} is over")
+            return
         self.since = utc_now()
         self.upstreams.weight = weight
         self.echo(f"canary {r.rollout_id}: step passed ({found.reason}); {weight}% of requests to {r.version}")
