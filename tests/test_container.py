@@ -290,8 +290,10 @@ def test_a_real_builds_context_serves_as_its_container_would(tiny_project, tiny_
     from typer.testing import CliRunner
 
     from framework.cli import app
-    from tests.conftest import cli_ok
+    from tests.conftest import cli_ok, edit_toml
 
+    for clause in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms"):   # this tests the image, not speed
+        edit_toml(tiny_project, f"{clause} = 60000", f"{clause} = 600000")
     cli_ok(["check", "ticket-triage"])
     tag = json.loads(CliRunner().invoke(app, ["build", "ticket-triage", "--json"]).stdout)["tag"]
     project = load_project(str(tiny_project))
