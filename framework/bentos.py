@@ -137,10 +137,11 @@ def write_manifest(bento_dir: Path) -> str:
     return json_hash(manifest)
 
 
-def check_manifest(bento_dir: Path) -> str:
+def check_manifest(bento_dir: Path, *, container: bool | None = None) -> str:
     """The manifest's sha256 when every file matches it; else `BentoTampered` naming the changed,
-    missing or added file. In a container (`in_container`), the Dockerfile BentoML rendered for the image and
-    the models it copied in are the only exceptions."""
+    missing or added file. In a container (`container`, default `in_container()`), the Dockerfile BentoML
+    rendered for the image and the models it copied in are the only exceptions. The release gate passes
+    `container=False`: an environment variable must never loosen what a deploy vouches for."""
     path = bento_dir / MANIFEST
     if not path.exists():
         raise BentoTampered("the bento has no manifest: it was not built by this Slipway, or the manifest "
@@ -152,7 +153,7 @@ def check_manifest(bento_dir: Path) -> str:
         raise BentoTampered("the manifest is not the JSON `slipway build` writes", path=str(path),
                             hint="rebuild it with `slipway build`") from None
     actual = _files(bento_dir)
-    container = in_container()
+    container = in_container() if container is None else container
     if container:
         actual = {rel: digest for rel, digest in actual.items() if not rel.startswith(CONTAINER_ADDED)}
     for rel, digest in sorted(listed.items()):

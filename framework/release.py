@@ -64,7 +64,7 @@ def readiness(project: Project, store: Store | None, version: str, bento=None) -
     signers = signing.load_signers(project.dir)
     bento = bento or bentos.get(project, version)
     root = Path(bento.path)
-    manifest = bentos.check_manifest(root)
+    manifest = bentos.check_manifest(root, container=False)
     labels = dict(bento.info.labels)
     content, contract = labels.get("slipway.content_hash", ""), labels.get("slipway.contract_hash", "")
     target = f"{project.name}:{version}"
@@ -153,7 +153,7 @@ def _sign_as(project: Project, statement: dict, role: str | None, key: Path | No
 def approve(project: Project, version: str, *, key: Path | None = None, note: str = "") -> dict[str, Any]:
     """Sign an approval of the exact content and manifest of `<project>:<version>`."""
     bento = bentos.get(project, version)
-    manifest = bentos.check_manifest(Path(bento.path))
+    manifest = bentos.check_manifest(Path(bento.path), container=False)
     labels = dict(bento.info.labels)
     target = f"{project.name}:{version}"
     statement = audit.statement(project.name, "approve", target,
@@ -332,7 +332,8 @@ def channel_version(project: Project, channel: str) -> str:
             (r for r in history[1:] if r["action"] == "deploy" and r["version"] == version), current)
         signed_manifest = (audit.signed_of(signed_by).statement.get("details") or {}).get("manifest_sha256")
         try:
-            manifest = bentos.check_manifest(Path(bentos.get(project, version).path))
+            manifest = bentos.check_manifest(Path(bentos.get(project, version).path),
+                                                 container=False)
             ready = readiness(project, store, version) if current["action"] == "deploy" and not \
                 current["override_reason"] else None
         except BentoTampered as exc:

@@ -360,3 +360,16 @@ def test_symlinks_in_a_bento_are_refused(project, keys, tmp_path):
     (Path(bento.path) / "src" / "dspy").symlink_to(outside, target_is_directory=True)
     with pytest.raises(BentoTampered, match="symlink"):
         bentos.check_manifest(Path(bento.path))
+
+
+def test_the_container_variable_does_not_loosen_the_deploy_gate(project, keys, monkeypatch):
+    """BENTOML_CONTAINERIZED lets a served container ignore the Dockerfile and models BentoML put in its image;
+    set on a host, it must not let a deploy vouch for a bento with an added or changed file."""
+    bento = build(project, keys, "v1", "c1")
+    release.approve(project, "v1", key=keys["bob"])
+    (Path(bento.path) / "models").mkdir()
+    (Path(bento.path) / "models" / "planted.gguf").write_text("not the pinned model")
+    monkeypatch.setenv("BENTOML_CONTAINERIZED", "true")
+    assert bentos.check_manifest(Path(bento.path))          # the container's own start-up check tolerates it
+    with pytest.raises(BentoTampered, match="added"):
+        release.deploy(project, "v1", "prod", key=keys["carol"])
