@@ -132,7 +132,9 @@ def test_the_gpu_context_compiles_llama_cpp_with_cuda_on_a_cuda_devel_image(buil
     assert arg < install and "-DGGML_CUDA=ON" in lines[arg] and "-DGGML_NATIVE=OFF" in lines[arg]
     # BentoML installs uv with pip, which the CUDA image lacks: the system packages bring it, before uv is needed
     pip = next(i for i, line in enumerate(lines) if line.startswith("RUN apt-get install") and "python3-pip" in line)
-    uv = next(i for i, line in enumerate(lines) if "pip install --no-cache-dir --require-hashes" in line)
+    # the instruction that installs uv: BentoML 1.4.39 `command -v uv || pip install uv`, 1.4.40 the same test
+    # before a hash-pinned pip install; both before the venv that needs it
+    uv = next(i for i, line in enumerate(lines) if "command -v uv" in line)
     assert pip < uv < install
     assert (out / "env/python/requirements.txt").read_bytes() == (root / "env/python/requirements.txt").read_bytes()
     assert container.image_tag(project, VERSION, gpu=True) == f"ticket-triage:{VERSION}-cuda"
