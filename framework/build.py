@@ -45,7 +45,7 @@ RUNTIME_REQUIREMENTS = ["dspy>=3.4.1", "llama-cpp-python>=0.3.36", "pydantic>=2.
 class BuildResult:
     tag: str
     created: bool
-    model_tag: str
+    model_tag: str | None   # None: a remote model, served from its server, not packed
     labels: dict[str, str]
     path: str
     variants: list[dict] | None = None   # flag variants packed (checked) and left out (why), framework/flags.py
@@ -186,8 +186,9 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
     tag = f"{name}:{version}"
     model_tag = _ensure_model(project, model_key)
     # `[pipeline] tiers`: every tier's GGUF is packed as its own BentoML model, pinned by sha256 like the pipeline's
+    # (a remote tier packs nothing: its pinned fingerprint is verified when the worker starts)
     tiers = [{"key": k, "model_tag": model_tag if k == model_key else _ensure_model(project, k),
-              "sha256": project.model(k).sha256} for k in dict.fromkeys(project.spec.pipeline.tiers or ())]
+              "sha256": project.model(k).identity} for k in dict.fromkeys(project.spec.pipeline.tiers or ())]
     # models the served side needs besides the tiers: the semantic cache's embedder
     cache = project.spec.cache
     extra = {cache.embedding_model: _ensure_model(project, cache.embedding_model)} if cache.semantic else {}
@@ -200,7 +201,7 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
         return BuildResult(tag=tag, created=False, model_tag=model_tag, labels=dict(existing.info.labels),
                            path=str(existing.path), variants=_variant_summary(variants, left_out))
     labels = {
-        "slipway.project": name, "slipway.model_sha256": model_spec.sha256,
+        "slipway.project": name, "slipway.model_sha256": model_spec.identity,
         "slipway.program_hash": passing["program_hash"], "slipway.notebook_hash": passing["notebook_hash"],
         "slipway.dataset_hash": passing["dataset_hash"], "slipway.contract_hash": passing["contract_hash"],
         "slipway.content_hash": passing["content_hash"], "slipway.check_id": passing["check_id"],
@@ -219,7 +220,8 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
             "framework.service:SlipwayService", name=name, version=version, labels=labels,
             description=f"{name}: {project.spec.project.description}", build_ctx=ctx,
             include=["framework/**", "slipway/**"],
-            models=list(dict.fromkeys([model_tag, *(t["model_tag"] for t in tiers), *extra.values()])),
+            models=[tag for tag in dict.fromkeys([model_tag, *(t["model_tag"] for t in tiers), *extra.values()])
+                    if tag is not None],
             python={"packages": RUNTIME_REQUIREMENTS},
         )
     root = Path(bento.path)
@@ -246,11 +248,17 @@ def _variant_summary(packed: list[dict], left_out: list[dict]) -> list[dict]:
             + [{**v, "packed": False} for v in left_out])
 
 
-def _ensure_model(project: Project, key: str) -> str:
-    """The GGUF as a BentoML model, created once per sha256 (hard-linked when possible)."""
+def _ensure_model(project: Project, key: str) -> str | None:
+    """The GGUF as a BentoML model, created once per sha256 (hard-linked when possible). A remote model
+    packs nothing (None), but its server must answer as the pinned model now (framework/remote.py)."""
     import bentoml
 
     spec = project.model(key)
+    if spec.remote is not None:
+        from framework.remote import verify
+
+        verify(spec, f"models.{key}", toml=str(project.toml_path))
+        return None
     source = weights.ensure(spec, project.dir, toml=str(project.toml_path), field=f"models.{key}")
     tag = f"{project.name}-{key}:{spec.sha256[:20]}"
     try:
@@ -297,7 +305,7 @@ def write_prefix_state(project: Project, program, out: Path) -> dict | None:
         pass
     if not lm.engine.batcher.prefix:
         return None
-    return lm.engine.save_prefix(out / PREFIX_FILE, project.model(key).sha256)
+    return lm.engine.save_prefix(out / PREFIX_FILE, project.model(key).identity)
 
 
 def optimize_provenance(project: Project) -> dict | None:
@@ -316,7 +324,7 @@ def optimize_provenance(project: Project) -> dict | None:
     return made if isinstance(made, dict) and made.get("program_sha256") == file_hash(saved) else None
 
 
-def _write_context(ctx: Path, project: Project, key: str, model_tag: str, labels: dict, passing: dict,
+def _write_context(ctx: Path, project: Project, key: str, model_tag: str | None, labels: dict, passing: dict,
                    version: str, variants: list[dict] = (), tiers: list[dict] = (), extra: dict | None = None) -> None:
     shutil.copytree(PACKAGE_DIR, ctx / "framework", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = ctx / "slipway"

@@ -217,12 +217,12 @@ def capacity(project: Project, *, peak_factor: float | None = None, utilization:
         rows.append(served)
     else:
         tried.append({"source": "served", "why": why})
-    bench, why = bench_throughput(results, spec.sha256, spec.parallel)
+    bench, why = bench_throughput(results, spec.identity, spec.parallel)
     if bench:
         rows.append(bench)
     else:
         tried.append({"source": "bench", "why": why})
-    gpu = GPU_MEASURED.get(spec.sha256)
+    gpu = GPU_MEASURED.get(spec.identity)
     if gpu:
         rows.append({"source": "gpu", "device": "gpu", **gpu})
     for row in rows:
@@ -239,7 +239,7 @@ def capacity(project: Project, *, peak_factor: float | None = None, utilization:
                      "change (BENCHMARKS.md, \"GPU\"), so the CPU check does not vouch for them")
     return {
         "project": project.name,
-        "model": {"key": key, "name": spec.name, "sha256": spec.sha256, "parallel": spec.parallel,
+        "model": {"key": key, "name": spec.name, "sha256": spec.identity, "parallel": spec.parallel,
                   "context_size": spec.context_size, "threads": spec.threads, "gpu_layers": spec.gpu_layers,
                   "workers": project.spec.serve.workers},
         "demand": demand,
@@ -247,7 +247,7 @@ def capacity(project: Project, *, peak_factor: float | None = None, utilization:
         "source": chosen["source"] if chosen else None,
         "replicas": chosen["replicas"] if chosen else None,
         "gpu": None if gpu else "not measured on a GPU for this model file (BENCHMARKS.md, \"GPU\")",
-        "memory": memory_per_replica(spec, weights, kv_bytes_per_token(results, spec.sha256)),
+        "memory": memory_per_replica(spec, weights, kv_bytes_per_token(results, spec.identity)),
         "tried": tried,
         "notes": notes,
     }
@@ -315,7 +315,7 @@ def _served_figure(project: Project, spec: ModelSpec, key: str, now: datetime, i
             rows = store.traces(since=(now - TRACE_WINDOW).replace(tzinfo=None), limit=TRACE_LIMIT)
     except SlipwayError as exc:
         return None, f"the store could not be read: {exc.message}"
-    rows = [r for r in rows if r.get("model_sha256") == spec.sha256]
+    rows = [r for r in rows if r.get("model_sha256") == spec.identity]
     if not rows:
         return None, f"no served traces of this model file in the last {TRACE_WINDOW.days} days"
     version = rows[0].get("version") or rows[0].get("bento")
@@ -370,6 +370,8 @@ def _read_json(path: Path) -> dict | None:
 def _file_size(project: Project, spec: ModelSpec) -> int | None:
     from framework.weights import model_path
 
+    if spec.remote is not None:
+        return 0   # the weights live on the model server, not in the replica
     path = model_path(spec, project.dir)
     return path.stat().st_size if path.is_file() else None
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from framework import audit, signing
 from framework.content import content_hashes, contract_hash, file_hash
 from framework.contract import Verdict, judge
-from framework.evaluate import EvalRun, Progress, is_routed, load_run, run_eval, store_path
+from framework.evaluate import EvalRun, Progress, is_routed, load_run, run_eval, store_path, verify_remote
 from framework.report import write_reports
 from framework.spec import Project
 from framework.store import Store, new_id
@@ -46,6 +46,10 @@ def check(project: Project, *, model_key: str | None = None, limit: int | None =
     key_path = signing.find_key(key, create=True)  # before minutes of eval: a missing key fails now
     validate_project(project)   # so does a [fallback] answer that does not fit the program's output fields
     run = None
+    for used in dict.fromkeys(project.tier_keys if routed else [model_key]):
+        if project.model(used).remote is not None:
+            # probe now: a reused run vouches only for the model it measured, and the server may have changed
+            verify_remote(project, used)
     if not fresh and store_path(project).exists():
         program = load_program(project)
         wanted = content_hashes(project, program, "eval", model_key, limit, routed=routed)["content_hash"]
@@ -140,6 +144,11 @@ def with_cache(project: Project, run: EvalRun) -> dict | None:
 
 def engine_note(model) -> dict:
     """How the run was decoded, for the report: latency clauses mean latency at this concurrency."""
+    if model.remote is not None:
+        return {"engine": "remote", "parallel": model.parallel, "server": model.remote.base_url,
+                "remote_model": model.remote.model, "fingerprint": model.fingerprint,
+                "latency": (f"measured over HTTP from {model.remote.base_url} with up to {model.parallel} requests "
+                            "in flight: the server's own queueing and batching included")}
     batched = model.parallel > 1
     return {"engine": "batched" if batched else "sequential", "parallel": model.parallel,
             "batch_size": model.batch_size,

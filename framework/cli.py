@@ -210,8 +210,9 @@ def models_list(project: ProjectArg, as_json: JsonOpt = False) -> None:
     from framework.spec import load_project
 
     loaded = load_project(project)
-    rows = [{"key": key, "name": m.name, "license": m.license, "sha256": m.sha256,
-             "path": str(weights.model_path(m, loaded.dir)), "present": weights.model_path(m, loaded.dir).exists()}
+    rows = [{"key": key, "name": m.name, "license": m.license, "sha256": m.identity,
+             "path": m.remote.base_url if m.remote else str(weights.model_path(m, loaded.dir)),
+             "present": None if m.remote else weights.model_path(m, loaded.dir).exists()}
             for key, m in sorted(loaded.spec.models.items())]
     if as_json:
         _print_json(rows)
@@ -1141,7 +1142,7 @@ def traces_export(project: ProjectArg,
         else:
             from framework.otlp import export_otlp
 
-            names = {model.sha256: model.name for model in loaded.spec.models.values()}
+            names = {model.identity: model.name for model in loaded.spec.models.values()}
             count = export_otlp(store.traces(since=since_at, version=version, limit=None), Path(out),
                                 model_names=names)
             what = "spans"

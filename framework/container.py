@@ -284,6 +284,8 @@ def _check_models(context: Path, bento_root: Path, tag: str) -> None:
     for stamp in (context / "models").rglob("*.verified"):
         stamp.unlink()
     for key, model_tag in packed.items():
+        if model_tag is None:   # a remote model: nothing packed, its fingerprint is probed when a worker starts
+            continue
         path = Path(store.get(model_tag).path) / "model.gguf"
         if not path.is_file():
             raise BentoTampered(f"the build context of {tag} lacks model {model_tag}'s model.gguf", path=str(path))

@@ -11,6 +11,7 @@ only then (a needless change costs a re-check; a missed one lets a stale verdict
 | `notebook_hash`   | the notebook's source bytes (program code, custom metrics)               |
 | `dataset_hash`    | the split's bytes (inputs and labels)                                    |
 | `settings_hash`   | model sha256 (weights, tokenizer, chat template) and load/decode settings|
+|                   | (a remote model: its server, name, response format and fingerprint)      |
 | `code_hash`       | Slipway's modules on the answer and scoring path (ANSWER_PATH_MODULES)   |
 | `guardrails_hash` | the `[guardrails]` table: checks, actions, rules (they change answers)    |
 | `routing_hash`    | a routed run's tiers (each model's settings and prices) and `[routing]`   |

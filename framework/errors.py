@@ -56,6 +56,13 @@ class ModelError(SlipwayError):
     exit_code = 2
 
 
+class RemoteModelError(ModelError):
+    """A remote model server is unreachable, refuses the call, or answers as another model than the pinned one."""
+
+    code = "model-remote"
+    exit_code = 2
+
+
 class ModelTimeout(ModelError):
     """A model call ran past its deadline (`serve.timeout_s` when served)."""
 

@@ -61,11 +61,38 @@ def store_path(project: Project):
 
 
 def language_model(project: Project, model_key: str | None = None, *, gpu_layers: int | None = None):
-    """The project's `dspy.LM` on the verified local GGUF (loaded once per process)."""
+    """The project's `dspy.LM`: on the verified local GGUF (loaded once per process), or on the remote
+    server after its fingerprint is verified (framework/remote.py)."""
     key = model_key or project.spec.pipeline.model
     spec = project.model(key)
+    if spec.remote is not None:
+        return _remote_lm(project, key)
     path = weights.ensure(spec, project.dir, toml=str(project.toml_path), field=f"models.{key}")
     return make_lm(spec, path, gpu_layers=gpu_layers)
+
+
+_REMOTE_LMS: dict[tuple, Any] = {}
+
+
+def verify_remote(project: Project, key: str) -> str:
+    """Probe a remote model now and refuse it unless it answers as pinned (RemoteModelError); its fingerprint."""
+    from framework.remote import verify
+
+    return verify(project.model(key), f"models.{key}", toml=str(project.toml_path))
+
+
+def _remote_lm(project: Project, key: str, *, verified: bool = False):
+    """The remote model's LM, its fingerprint verified on every call unless `verified` (the server may swap the
+    model between two checks of one process); the LM itself is made once per (project.toml, model)."""
+    from framework.remote import make_remote_lm
+
+    spec = project.model(key)
+    if not verified:
+        verify_remote(project, key)
+    cache_key = (str(project.toml_path), key, spec.model_dump_json())
+    if cache_key not in _REMOTE_LMS:
+        _REMOTE_LMS[cache_key] = make_remote_lm(spec, f"models.{key}", toml=str(project.toml_path), verified=True)
+    return _REMOTE_LMS[cache_key]
 
 
 def project_guard(project: Project, program, model_key: str | None = None):
@@ -76,7 +103,8 @@ def project_guard(project: Project, program, model_key: str | None = None):
 
     key = model_key or project.spec.pipeline.model
     spec = project.model(key)
-    engine = load_engine(spec, weights.model_path(spec, project.dir))
+    engine = (_remote_lm(project, key, verified=True).engine if spec.remote is not None
+              else load_engine(spec, weights.model_path(spec, project.dir)))
     return guard_for(project.spec.guardrails, program, engine=engine, adapter=adapter(project), model=spec)
 
 
@@ -173,7 +201,7 @@ def run_eval(project: Project, *, split: str = "eval", limit: int | None = None,
     if record:  # the store is opened per write: a check that runs for minutes never locks out a deploy
         with Store(path) as store:
             store.start_run({"run_id": run_id, "project": project.name, "split": split, "model_key": model_key,
-                             "model_name": model.name, "model_sha256": model.sha256, "git_commit":
+                             "model_name": model.name, "model_sha256": model.identity, "git_commit":
                              git_commit(project.root), "n_examples": len(examples),
                              **{k: v for k, v in hashes.items() if k in RUN_HASH_COLUMNS}})
     records: list[dict[str, Any]] = []

@@ -73,6 +73,9 @@ def model_bytes(project) -> dict[str, int]:
     sizes = {}
     for key in dict.fromkeys(keys):
         model = project.model(key)
+        if model.remote is not None:
+            sizes[key] = 0   # served by its own server: the pod maps no weights for it
+            continue
         if model.size_bytes is not None:
             sizes[key] = model.size_bytes
             continue

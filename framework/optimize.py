@@ -504,7 +504,7 @@ def _provenance(project: Project, spec: OptimizeSpec, outcome: OptimizeOutcome, 
     return {"v": 1, "project": project.name, "at": datetime.now(UTC).isoformat(timespec="seconds"),
             "git_commit": git_commit(project.root), "program_sha256": file_hash(outcome.path),
             "optimizer": spec.optimizer, "metric": spec.metric, "params": spec.params,
-            "model": {"key": model_key, "name": model.name, "sha256": model.sha256},
+            "model": {"key": model_key, "name": model.name, "sha256": model.identity},
             "train_limit": spec.train_limit, "dev_limit": spec.dev_limit,
             "dev_runs": {"before": runs[0].run_id, "after": runs[1].run_id}, **outcome.to_dict()}
 

@@ -81,7 +81,9 @@ def print_check(console: Console, err: Console, result, project_name: str) -> No
         console.print(slices_table(result.run.measurements))
     engine = verdict.meta.get("engine")
     if engine:
-        err.print(text(f"{engine['engine']} engine: latency {engine['latency']}"))
+        err.print(text(f"{engine['engine']} engine: latency {engine['latency']}"
+                       + (f"; model {engine['remote_model']!r} pinned by fingerprint {engine['fingerprint'][:12]}…"
+                          if engine.get("fingerprint") else "")))
     if verdict.meta.get("cache"):
         console.print(cache_line(verdict.meta["cache"]))
     status = line(("PASS", "bold green")) if verdict.passed else line(("FAIL", "bold red"),
@@ -232,9 +234,11 @@ def runs_table(rows: list[dict]) -> Table:
 
 
 def models_table(rows: list[dict]) -> Table:
-    table = _table(("key", "name", "license", "sha256", "present"))
+    table = _table(("key", "name", "license", "sha256 / fingerprint", "present"))
     for r in rows:
-        _row(table, r["key"], r["name"], r["license"], r["sha256"][:12] + "…", "yes" if r["present"] else "no")
+        present = "remote: " + r["path"] if r["present"] is None else "yes" if r["present"] else "no"
+        _row(table, r["key"], r["name"], r["license"], (r["sha256"][:12] + "…") if r["sha256"] else "not pinned",
+             present)
     return table
 
 
@@ -272,7 +276,8 @@ def print_optimize(console: Console, outcome: OptimizeOutcome) -> None:
 
 def print_build(console: Console, result: BuildResult) -> None:
     verb = "built" if result.created else "unchanged, already built"
-    console.print(line((verb, "green"), f" {result.tag}  (model {result.model_tag})"))
+    model = result.model_tag or "remote, pinned by fingerprint"
+    console.print(line((verb, "green"), f" {result.tag}  (model {model})"))
     if result.labels.get("slipway.override"):
         console.print(line((" OVERRIDE ", "bold white on red"), " ",
                            (f"built past failing clauses: {result.labels['slipway.override']}", "red")))

@@ -143,7 +143,7 @@ def verified_program_hash(program, labels: dict[str, str], bento_dir: Path) -> s
     return actual
 
 
-VERSION = {"bento": f"{CONFIG['project']}:{CONFIG['bento_version']}", "model_sha256": MODEL.sha256,
+VERSION = {"bento": f"{CONFIG['project']}:{CONFIG['bento_version']}", "model_sha256": MODEL.identity,
            "program_hash": verified_program_hash(_program(), LABELS, BENTO_DIR), "flags": {}}
 # Why this worker is not ready (a failed warm-up), for /readyz and the API to say; None while starting or ready.
 NOT_READY: dict[str, str | None] = {"reason": None}
@@ -504,18 +504,31 @@ _THREADS = max(SPEC.serve.max_concurrency, ADMISSION.limit + 8)
                  traffic={"timeout": SPEC.serve.timeout_s + 60, "max_concurrency": _THREADS * SPEC.serve.workers},
                  labels={k.replace("slipway.", "slipway-"): v for k, v in LABELS.items()})
 class SlipwayService:
-    gguf = bentoml.models.BentoModel(CONFIG["model_tag"])
+    if CONFIG["model_tag"] is not None:   # None: a remote model (framework/remote.py), nothing packed
+        gguf = bentoml.models.BentoModel(CONFIG["model_tag"])
 
     def __init__(self) -> None:
         self.ready = False
         from framework import weights
         from framework.lm import json_adapter, make_lm
 
-        path = Path(self.gguf.path) / "model.gguf"
-        weights.verify(MODEL, path, field=f"models.{CONFIG['model_key']}.sha256")
-        self.lm = make_lm(MODEL, path)
-        self.engine = load_engine(MODEL, path)
-        self.tiers = self._tiers(path) if CONFIG.get("tiers") else []
+        if MODEL.remote is None:
+            path = Path(self.gguf.path) / "model.gguf"
+            weights.verify(MODEL, path, field=f"models.{CONFIG['model_key']}.sha256")
+            self.lm = make_lm(MODEL, path)
+            self.engine = load_engine(MODEL, path)
+        else:   # the server must answer as the model the check measured: its fingerprint, probed now
+            from framework.remote import make_remote_lm
+
+            try:
+                self.lm = make_remote_lm(MODEL, f"models.{CONFIG['model_key']}",
+                                         toml=str(BENTO_DIR / "project.toml"))
+            except SlipwayError as exc:   # stay up, unready, saying why (as a failed warm-up does)
+                NOT_READY["reason"] = f"the remote model cannot be used ({exc.render()})"
+                logger.error("%s is not ready: %s", VERSION["bento"], NOT_READY["reason"])
+                return
+            self.engine = self.lm.engine
+        self.tiers = self._tiers() if CONFIG.get("tiers") else []
         self.cache = self._cache()
         self.program = _program()
         self.variants: dict = {}
@@ -545,7 +558,7 @@ class SlipwayService:
             if self.engine.batcher is not None and prefix.exists():
                 # computed at build time on this exact model file (framework/build.py); refused otherwise.
                 # The warm-up answer below then evaluates only its own few tokens, not the instructions.
-                self.engine.load_prefix(prefix, MODEL.sha256)
+                self.engine.load_prefix(prefix, MODEL.identity)
             self._warm_up()
             if SPEC.tracing.enabled or SPEC.fallback.action == "human":
                 TRACE_DIR.mkdir(parents=True, exist_ok=True)
@@ -579,7 +592,7 @@ class SlipwayService:
             embedder = open_embedder(spec, SPEC.models[key], path, field=f"models.{key}")
         return AnswerCache.from_spec(spec, embedder)
 
-    def _tiers(self, top_path: Path) -> list:
+    def _tiers(self) -> list:
         """The bento's tiers, cheapest first (`[pipeline] tiers`): each GGUF packed as its own BentoML model by
         `slipway build`, verified against its pinned sha256 before it may answer; the last is the pipeline's."""
         from framework import weights
@@ -591,6 +604,11 @@ class SlipwayService:
             spec = SPEC.models[entry["key"]]
             if entry["key"] == CONFIG["model_key"]:
                 tiers.append(Tier(entry["key"], self.lm, spec))
+                continue
+            if spec.remote is not None:
+                from framework.remote import make_remote_lm
+
+                tiers.append(Tier(entry["key"], make_remote_lm(spec, f"models.{entry['key']}"), spec))
                 continue
             path = Path(bentoml.models.get(entry["model_tag"]).path) / "model.gguf"
             weights.verify(spec, path, field=f"models.{entry['key']}.sha256")

