@@ -6,7 +6,9 @@ On a copy of the demo project (the real project, its store and bentos are never 
 1. server: llama-cpp-python's OpenAI-compatible server with the demo's qwen15 GGUF (the sha256-verified
    file from the model cache), 2 threads, 4,096-token context, one slot; the time to first /v1/models.
 2. pin: `[models.remote]` = that server (`response_format = "json_object+schema"`, the schema as
-   llama-cpp-python's server takes it; `parallel = 1` as the demo's qwen15), the demo's prices per token; its
+   llama-cpp-python's server takes it; `extra_body = { repeat_penalty = 1.0 }`, since that server's default
+   1.1 penalises every token already in the prompt or answer, which the in-process engine never does;
+   `parallel = 1` as the demo's qwen15), the demo's prices per token; its
    fingerprint is probed and pinned; `[pipeline] model = "remote"`.
 3. remote_check: `framework.check` on the eval split (all 200 by default) with the demo's contract as it is:
    the verdict per clause.
@@ -63,7 +65,7 @@ def point_at_server(toml: Path, url: str, fingerprint: str | None) -> None:
     table = ("[models.remote]\nname = \"Qwen2.5-Coder-1.5B Q4_K_M via llama-cpp-python's server\"\n"
              + (f'fingerprint = "{fingerprint}"\n' if fingerprint else "")
              + f'source = {{ openai_compatible = {{ base_url = "{url}", model = "qwen15", '
-               'response_format = "json_object+schema" } }\n'
+               'response_format = "json_object+schema", extra_body = { repeat_penalty = 1.0 } } }\n'
              + "max_tokens = 96\nparallel = 1\n"
              + "".join(f"{key} = {value}\n" for key, value in prices.items()) + "\n")
     text = text.replace("[models.qwen15]\n", table + "[models.qwen15]\n", 1)

@@ -312,7 +312,7 @@ def _container(project, version: str, channel: str, image: str | None, sized: di
         "name": "bento",
         "image": image or f"{project.name}:{version}",
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "env": [{"name": key, "value": value} for key, value in env.items()],
+        "env": [{"name": key, "value": value} for key, value in env.items()] + model_key_refs(project),
         "resources": sized,
         # Ready within [serve] startup_timeout_s or restarted, as `slipway serve` gives up on a version then;
         # readiness and liveness start after it.
@@ -330,6 +330,18 @@ def _container(project, version: str, channel: str, image: str | None, sized: di
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         "volumeMounts": mounts,
     }
+
+
+def model_key_refs(project) -> list[dict[str, Any]]:
+    """A remote model's API key (`api_key_env`), from the Secret `<project>-model-api-keys` by reference: like
+    the callers' keys, the export never writes a Secret."""
+    refs = {}
+    for key in project.tier_keys:
+        remote = project.model(key).remote
+        if remote is not None and remote.api_key_env:
+            refs[remote.api_key_env] = {"name": remote.api_key_env, "valueFrom": {"secretKeyRef": {
+                "name": f"{project.name}-model-api-keys", "key": remote.api_key_env}}}
+    return list(refs.values())
 
 
 def _check(value: str, pattern: re.Pattern, limit: int, field: str, what: str, *, path: str | None = None,

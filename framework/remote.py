@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from framework.errors import RemoteModelError
-from framework.lm import CallStats, _chat_messages, _deadline, _remaining, _timed_out, respond
+from framework.lm import CallStats, _chat_messages, _deadline, _on_value, _remaining, _timed_out, respond
 from framework.spec import ModelSpec
 
 # Fixed prompts whose greedy answers identify a model: a changed weight file, quantisation or chat
@@ -113,7 +113,7 @@ def fingerprint(spec: ModelSpec, field: str, lm=None) -> str:
     for probe in PROBES:
         request = Request(model=lm.model, messages=(Message.user(probe),),
                           config=Config(temperature=0.0, max_tokens=PROBE_TOKENS, seed=0,
-                                        extensions=_token_limit(PROBE_TOKENS)))
+                                        extensions={**remote.extra_body, **_token_limit(PROBE_TOKENS)}))
         try:
             response = lm(request)
         except Exception as exc:  # noqa: BLE001 - connection, HTTP and protocol errors all mean the same here
@@ -171,7 +171,8 @@ class RemoteEngine:
         wanted = config.response_format or {}
         schema = wanted.get("schema") if wanted.get("type") == "json_schema" else None
         sent_format, extensions = _response_format(self.spec.remote.response_format, wanted, schema)
-        extensions.update(_token_limit(config.max_tokens or self.spec.max_tokens))
+        extensions.update({**self.spec.remote.extra_body,
+                           **_token_limit(config.max_tokens or self.spec.max_tokens)})
         messages = tuple(Message(role=m.role, parts=tuple(
             dataclasses.replace(part, text=defuse(part.text)) if getattr(part, "text", None) else part
             for part in m.parts)) for m in request.messages)
@@ -198,6 +199,7 @@ class RemoteEngine:
                           finish_reason="length" if response.finish_reason == "length" else "stop")
         stats.messages, stats.started = _chat_messages(sent), entered
         stats.waited_ms = max((time.perf_counter() - entered) * 1000 - latency_ms, 0.0)
+        _tell_values(response.text or "", schema)
         return respond(self.name, response.text or "", stats, schema)
 
     def stream(self, request):
@@ -218,6 +220,22 @@ class RemoteEngine:
         """A stand-in token list as long as the prompt (content by `count_tokens`, plus 8 per message for the
         template's markers): guardrails only need its length."""
         return [0] * sum(self.count_tokens(m.get("content") or "") + 8 for m in messages)
+
+
+def _tell_values(text: str, schema: dict | None) -> None:
+    """The streaming endpoint's values (lm.on_values), once the whole answer is in, as the batched engine
+    tells them: a remote answer arrives in one piece."""
+    callback = _on_value.get()
+    if callback is None or schema is None:
+        return
+    try:
+        values = json.loads(text)
+    except ValueError:
+        return
+    if isinstance(values, dict):
+        for name in schema.get("properties", {}):
+            if name in values:
+                callback(name, json.dumps(values[name]))
 
 
 def _token_limit(tokens: int) -> dict:

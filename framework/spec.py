@@ -74,6 +74,10 @@ class OpenAICompatible(_Strict):
     api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = Field(
         None, description="the environment variable holding the API key (never the key itself)")
     timeout_s: Annotated[float, Field(gt=0, le=600)] = 60.0
+    extra_body: dict[Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*$")], float | int | bool | str] = Field(
+        default_factory=dict, description="server-specific sampling fields sent with every call, verbatim (e.g. "
+                                          "repeat_penalty = 1.0 for llama.cpp's servers, whose default 1.1 changes "
+                                          "greedy answers); part of the checked content")
     response_format: Literal["json_schema", "json_object+schema", "json_object", "none"] = Field(
         "json_schema", description="how typed outputs are asked for: OpenAI's json_schema (vLLM, llama.cpp's "
                                    "C++ server, OpenAI); the schema inside a json_object request (llama-cpp-"

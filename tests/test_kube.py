@@ -314,3 +314,20 @@ def test_write_manifests_writes_one_file_per_object(tmp_path):
         (document,) = list(yaml.safe_load_all(text))
         written.append(document)
     assert written == kube.manifests(DEMO, VERSION, channel="staging")
+
+
+@pytest.mark.parametrize("version", K8S)
+def test_a_remote_models_api_key_comes_from_a_secret_by_reference(version, monkeypatch):
+    monkeypatch.setenv("TRIAGE_MODEL_KEY", "sk-remote-THIS-MUST-NOT-LEAK")
+    text = demo_text().replace('model = "qwen15"', 'model = "remote"', 1).replace("[models.tiny]", (
+        '[models.remote]\nname = "qwen15 on the fleet"\nfingerprint = "' + "d" * 64 + '"\nsource = { '
+        'openai_compatible = { base_url = "http://10.0.0.7:8000/v1", model = "qwen15", api_key_env = '
+        '"TRIAGE_MODEL_KEY" } }\nthreads = 2\n\n[models.tiny]'), 1)
+    manifests = kube.manifests(with_spec(text), VERSION)
+    for manifest in manifests:
+        kubernetes_validate.validate(manifest, version, strict=True)
+    assert "sk-remote-" not in yaml.safe_dump_all(manifests)
+    (ref,) = [item for item in bento(manifests)["env"] if item["name"] == "TRIAGE_MODEL_KEY"]
+    assert ref == {"name": "TRIAGE_MODEL_KEY", "valueFrom": {"secretKeyRef": {
+        "name": "ticket-triage-model-api-keys", "key": "TRIAGE_MODEL_KEY"}}}
+    assert memory_mib(manifests) < memory_mib(kube.manifests(DEMO, VERSION))   # no weights in the pod

@@ -278,10 +278,22 @@ def test_a_refused_response_format_says_which_setting_to_use():
     assert "json_object+schema" in cause.render()
 
 
+def test_extra_body_reaches_the_server_and_is_checked_content():
+    with FakeServer(echo_model).running() as server:
+        lm, spec = _engine(server, extra_body={"repeat_penalty": 1.0, "top_k": 1})
+        probes = list(server.bodies)
+        _ask(lm, "hello")
+    assert all(body["repeat_penalty"] == 1.0 and body["top_k"] == 1 for body in [*probes, server.bodies[-1]])
+    plain = remote_spec("http://127.0.0.1:8080/v1")
+    assert settings_hash(plain) != settings_hash(remote_spec("http://127.0.0.1:8080/v1",
+                                                             extra_body={"repeat_penalty": 1.0}))
+
+
 def test_the_answer_limit_reaches_servers_that_read_max_tokens():
     """llama.cpp's and TGI's servers ignore `max_completion_tokens`; an uncapped answer runs to the context."""
     with FakeServer(echo_model).running() as server:
         lm, spec = _engine(server)
+        server.bodies.clear()
         fingerprint(spec, "models.remote")
         probes = list(server.bodies)
         _ask(lm, "hello")
@@ -326,3 +338,14 @@ def test_a_remote_pipeline_maps_no_weights_into_a_pod(toml_path):
 
     with pytest.raises(Exception, match="no model file"):
         model_path(project.model("remote"))
+
+
+def test_a_streaming_caller_is_told_each_value_of_a_remote_answer():
+    from framework.lm import on_values
+
+    told: list[tuple[str, str]] = []
+    with FakeServer(echo_model).running() as server:
+        lm, _ = _engine(server)
+        with on_values(lambda name, text: told.append((name, text))):
+            _ask(lm, "my invoice is wrong")
+    assert told == [("category", '"billing"')]
