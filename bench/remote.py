@@ -21,6 +21,11 @@ Run it alone (2 cores: a second busy process slows llama.cpp many times over):
 
     PYTHONPATH=$PWD .venv/bin/python bench/remote.py --limit 12 --compare 6     # a quick try
     PYTHONPATH=$PWD .venv/bin/python bench/remote.py                            # the figures
+    PYTHONPATH=$PWD .venv/bin/python bench/remote.py --server llama-server --server-bin /path/to/llama-server
+
+llama.cpp's own server reports the prompt tokens it reused from its cache (`prompt_tokens_details`), which
+llama-cpp-python's does not: the token and cost clauses see the difference. Its binary is not on PyPI; build
+it from the llama.cpp sources inside llama-cpp-python's sdist (docs/remote.md has the commands).
 """
 
 from __future__ import annotations
@@ -39,12 +44,28 @@ import httpx
 from bench.engine import REPO, Results, copy_project, free_port, machine_info
 from bench.routing import ratio_interval
 
+# How each server is asked for the schema, and the sampling fields that make its greedy answers the engine's:
+# llama-cpp-python's server refuses OpenAI's json_schema and penalises repeats by default (1.1); llama.cpp's
+# own server takes json_schema and defaults to no penalty.
+SERVERS = {
+    "llama-cpp-python": {"response_format": "json_object+schema", "extra_body": "{ repeat_penalty = 1.0 }"},
+    "llama-server": {"response_format": "json_schema", "extra_body": "{ repeat_penalty = 1.0 }"},
+}
 
-def start_server(gguf: Path, port: int, log: Path) -> tuple[subprocess.Popen, float]:
+
+def server_command(kind: str, binary: str | None, gguf: Path, port: int) -> list[str]:
+    if kind == "llama-cpp-python":
+        return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "qwen15",
+                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", "2", "--seed", "0"]
+    if not binary:
+        raise SystemExit("--server llama-server needs --server-bin (llama.cpp's llama-server; docs/remote.md)")
+    return [binary, "-m", str(gguf), "--alias", "qwen15", "--host", "127.0.0.1", "--port", str(port), "-c", "4096",
+            "-t", "2", "-np", "1", "--seed", "0", "--jinja"]
+
+
+def start_server(command: list[str], port: int, log: Path) -> tuple[subprocess.Popen, float]:
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias",
-                                "qwen15", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
-                                "--n_threads", "2", "--seed", "0"], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     while time.perf_counter() - started < 300:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
@@ -57,15 +78,16 @@ def start_server(gguf: Path, port: int, log: Path) -> tuple[subprocess.Popen, fl
     raise SystemExit("llama_cpp.server did not answer within 300 s")
 
 
-def point_at_server(toml: Path, url: str, fingerprint: str | None) -> None:
+def point_at_server(toml: Path, url: str, fingerprint: str | None, kind: str = "llama-cpp-python") -> None:
     text = toml.read_text()
     prices = {key: re.search(rf"(?ms)^\[models\.qwen15\].*?^{key} = ([0-9.e-]+)", text).group(1)
               for key in ("price_per_1k_input", "price_per_1k_output")}
     text = re.sub(r"(?ms)^\[models\.remote\]\n.*?\n\n", "", text)
-    table = ("[models.remote]\nname = \"Qwen2.5-Coder-1.5B Q4_K_M via llama-cpp-python's server\"\n"
+    server = SERVERS[kind]
+    table = (f'[models.remote]\nname = "Qwen2.5-Coder-1.5B Q4_K_M via {kind}"\n'
              + (f'fingerprint = "{fingerprint}"\n' if fingerprint else "")
              + f'source = {{ openai_compatible = {{ base_url = "{url}", model = "qwen15", '
-               'response_format = "json_object+schema", extra_body = { repeat_penalty = 1.0 } } }\n'
+               f'response_format = "{server["response_format"]}", extra_body = {server["extra_body"]} }} }}\n'
              + "max_tokens = 96\nparallel = 1\n"
              + "".join(f"{key} = {value}\n" for key, value in prices.items()) + "\n")
     text = text.replace("[models.qwen15]\n", table + "[models.qwen15]\n", 1)
@@ -129,8 +151,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="eval tickets for the remote check (default: all)")
     parser.add_argument("--compare", type=int, default=40, help="eval tickets compared with the local engine")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "remote.json")
+    parser.add_argument("--server", choices=sorted(SERVERS), default="llama-cpp-python")
+    parser.add_argument("--server-bin", default=None, help="llama-server's path (for --server llama-server)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default bench/results/remote.json (llama-cpp-python) or remote-llama-server.json")
     args = parser.parse_args()
+    args.out = args.out or REPO / "bench" / "results" / (
+        "remote.json" if args.server == "llama-cpp-python" else "remote-llama-server.json")
 
     from framework import weights
     from framework.remote import fingerprint
@@ -144,13 +171,15 @@ def main() -> None:
         gguf = weights.ensure(demo.model("qwen15"), demo.dir, field="models.qwen15")
         port = free_port()
         url = f"http://127.0.0.1:{port}/v1"
-        server, ready_s = start_server(gguf, port, Path(tmp) / "server.log")
+        command = server_command(args.server, args.server_bin, gguf, port)
+        server, ready_s = start_server(command, port, Path(tmp) / "server.log")
         try:
-            results.figures["server"] = {"url": url, "gguf_sha256": demo.model("qwen15").sha256,
+            results.figures["server"] = {"kind": args.server, "command": command, "url": url,
+                                         "gguf_sha256": demo.model("qwen15").sha256,
                                          "ready_seconds": round(ready_s, 1), "slots": 1}
-            point_at_server(toml, url, None)
+            point_at_server(toml, url, None, args.server)
             pin = fingerprint(load_project(str(toml.parent)).model("remote"), "models.remote")
-            point_at_server(toml, url, pin)
+            point_at_server(toml, url, pin, args.server)
             results.figures["fingerprint"] = pin
             results.save()
             checked = results.section("remote_check", remote_check, toml, args.limit)

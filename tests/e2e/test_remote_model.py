@@ -64,7 +64,8 @@ def point_at(toml: Path, url: str, fingerprint: str | None = None) -> None:
     text = text.replace('model = "tiny"', 'model = "remote"', 1).replace("[models.tiny]", (
         f'[models.remote]\nname = "SmolLM2-135M via llama.cpp server"\n{pin}'
         f'source = {{ openai_compatible = {{ base_url = "{url}", model = "tiny", '
-        'response_format = "json_object+schema", extra_body = { repeat_penalty = 1.0 } } }\nmax_tokens = 96\nprice_per_1k_input = 0.000002\n'
+        'response_format = "json_object+schema", extra_body = { repeat_penalty = 1.0 } } }\n'
+        "max_tokens = 96\nprice_per_1k_input = 0.000002\n"
         "price_per_1k_output = 0.00001\n\n[models.tiny]"), 1)
     toml.write_text(text)
 
