@@ -199,8 +199,9 @@ class RemoteEngine:
                           finish_reason="length" if response.finish_reason == "length" else "stop")
         stats.messages, stats.started = _chat_messages(sent), entered
         stats.waited_ms = max((time.perf_counter() - entered) * 1000 - latency_ms, 0.0)
-        _tell_values(response.text or "", schema)
-        return respond(self.name, response.text or "", stats, schema)
+        text = answer_text(response)
+        _tell_values(text, schema)
+        return respond(self.name, text, stats, schema)
 
     def stream(self, request):
         from dspy.lm15 import response_to_events
@@ -220,6 +221,17 @@ class RemoteEngine:
         """A stand-in token list as long as the prompt (content by `count_tokens`, plus 8 per message for the
         template's markers): guardrails only need its length."""
         return [0] * sum(self.count_tokens(m.get("content") or "") + 8 for m in messages)
+
+
+def answer_text(response) -> str:
+    """The answer as the model wrote it. With OpenAI's `json_schema` format DSPy's client hands back the parsed
+    object (a data part) and no text: it is written back as JSON, which the adapter parses again."""
+    if response.text:
+        return response.text
+    for part in getattr(response.message, "parts", ()):
+        if getattr(part, "type", None) == "data":
+            return json.dumps(part.value, ensure_ascii=False)
+    return ""
 
 
 def _tell_values(text: str, schema: dict | None) -> None:

@@ -349,3 +349,22 @@ def test_a_streaming_caller_is_told_each_value_of_a_remote_answer():
         with on_values(lambda name, text: told.append((name, text))):
             _ask(lm, "my invoice is wrong")
     assert told == [("category", '"billing"')]
+
+
+def test_an_answer_parsed_by_dspys_client_is_kept_as_json():
+    """With OpenAI's json_schema format DSPy's client may return the parsed object and no text (measured
+    against llama.cpp's llama-server): the answer must not become empty."""
+    from dspy.lm15 import Message, Response, TextPart, Usage
+
+    from framework.remote import answer_text
+
+    try:
+        from dspy.lm15 import DataPart
+    except ImportError:
+        from dspy._vendor.lm15.types import DataPart
+    parsed = Response(id=None, model="m", message=Message(role="assistant", parts=(
+        DataPart(value={"category": "billing", "reason": "naïve"}),)), finish_reason="stop", usage=Usage())
+    assert json.loads(answer_text(parsed)) == {"category": "billing", "reason": "naïve"}
+    written = Response(id=None, model="m", message=Message.assistant([TextPart('{"a": 1}')]), finish_reason="stop",
+                       usage=Usage())
+    assert answer_text(written) == '{"a": 1}'
