@@ -38,7 +38,7 @@ from framework.spec import ModelSpec, Project
 # Modules whose code decides what the model is sent, how its output is decoded, or how it is scored.
 # A name without .py is a sub-package: every .py file in it counts.
 ANSWER_PATH_MODULES = ("confidence.py", "content.py", "dataset.py", "evaluate.py", "guardrails.py", "injection",
-                       "lm.py", "metrics.py", "notebook.py", "redact.py", "routing.py", "structured.py")
+                       "lm.py", "metrics.py", "notebook.py", "redact.py", "remote.py", "routing.py", "structured.py")
 LIBRARIES = ("slipway", "dspy", "llama_cpp_python")
 PROBE = "Slipway probe input ({field}): the rendered prompt around this text is part of the content hash."
 

@@ -257,6 +257,28 @@ def _token_limit(tokens: int) -> dict:
     return {"max_tokens": tokens}
 
 
+_CLASS_RUN = re.compile(r"^\^(\[(?:\\.|[^\]\\])+\])([*+])\$$")
+
+
+def bounded(schema: Any) -> Any:
+    """`schema` with each string's length folded into its pattern where the pattern is one character class
+    repeated (`^[...]*$` → `^[...]{0,64}$`). llama.cpp's schema-to-grammar converters (the C++ one in
+    llama-server, the Python one in llama-cpp-python) build a string from its `pattern` and ignore
+    `maxLength` beside it: measured, 17 of 200 demo answers ran past the 64-character reason. A pattern of
+    another shape is left alone. Answers are still judged against the program's own schema."""
+    if isinstance(schema, list):
+        return [bounded(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: bounded(value) for key, value in schema.items()}
+    match = _CLASS_RUN.match(out.get("pattern", "")) if isinstance(out.get("pattern"), str) else None
+    if match and ("maxLength" in out or "minLength" in out):
+        low = max(int(out.get("minLength", 0)), 1 if match.group(2) == "+" else 0)
+        high = out.get("maxLength")
+        out["pattern"] = f"^{match.group(1)}{{{low},{'' if high is None else int(high)}}}$"
+    return out
+
+
 def _response_format(mode: str, wanted: dict, schema: dict | None) -> tuple[dict | None, dict]:
     """DSPy's response format as the server takes it (`[models.*.source.openai_compatible] response_format`),
     and the request extensions that carry a server-specific shape (DSPy's client sends them verbatim)."""
@@ -265,9 +287,9 @@ def _response_format(mode: str, wanted: dict, schema: dict | None) -> tuple[dict
     if mode == "json_object":
         return {"type": "json_object"}, {}
     if mode == "json_object+schema":
-        shape = {"type": "json_object", **({"schema": schema} if schema is not None else {})}
+        shape = {"type": "json_object", **({"schema": bounded(schema)} if schema is not None else {})}
         return {"type": "json_object"}, {"response_format": shape}
-    return wanted, {}
+    return ({**wanted, "schema": bounded(wanted["schema"])} if "schema" in wanted else wanted), {}
 
 
 def _tokenizer(spec: ModelSpec):

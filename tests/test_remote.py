@@ -368,3 +368,49 @@ def test_an_answer_parsed_by_dspys_client_is_kept_as_json():
     written = Response(id=None, model="m", message=Message.assistant([TextPart('{"a": 1}')]), finish_reason="stop",
                        usage=Usage())
     assert answer_text(written) == '{"a": 1}'
+
+
+def test_a_strings_length_is_folded_into_its_pattern_for_the_server():
+    """llama.cpp's grammar converters drop maxLength beside a pattern: the server must get the bound in it."""
+    import re
+
+    from framework.remote import bounded
+
+    schema = {"type": "object", "properties": {
+        "reason": {"type": "string", "maxLength": 64, "pattern": r"^[A-Za-z0-9 ,.'()/&+-]*$"},
+        "code": {"type": "string", "minLength": 2, "maxLength": 4, "pattern": r"^[A-Z]+$"},
+        "free": {"type": "string", "maxLength": 5},
+        "odd": {"type": "string", "maxLength": 5, "pattern": r"^(ab|cd)*$"}}}
+    out = bounded(schema)["properties"]
+    assert out["reason"]["pattern"] == r"^[A-Za-z0-9 ,.'()/&+-]{0,64}$"
+    assert out["code"]["pattern"] == r"^[A-Z]{2,4}$"
+    assert out["free"] == schema["properties"]["free"] and out["odd"] == schema["properties"]["odd"]
+    assert re.fullmatch(out["reason"]["pattern"], "a" * 64) and not re.fullmatch(out["reason"]["pattern"], "a" * 65)
+    assert schema["properties"]["reason"]["pattern"].endswith("*$")   # the program's schema is not changed
+
+
+@given(st.text(alphabet=st.sampled_from(list("ab ,.")), max_size=80), st.integers(0, 70))
+def test_the_bounded_pattern_accepts_exactly_what_both_rules_accept(text, limit):
+    import re
+
+    from framework.remote import bounded
+
+    rule = {"type": "string", "maxLength": limit, "pattern": r"^[ab ,.]*$"}
+    both = len(text) <= limit and re.fullmatch(rule["pattern"], text) is not None
+    assert (re.fullmatch(bounded(rule)["pattern"], text) is not None) == both
+
+
+def test_the_server_gets_the_bounded_schema():
+    with FakeServer(echo_model).running() as server:
+        lm, _ = _engine(server, response_format="json_object+schema")
+        import dspy
+
+        from framework.lm import json_adapter
+
+        class Triage(dspy.Signature):
+            ticket: str = dspy.InputField()
+            category: str = dspy.OutputField(max_length=10, pattern=r"^[a-z_]*$")
+
+        with dspy.context(lm=lm, adapter=json_adapter()):
+            dspy.Predict(Triage)(ticket="x")
+    assert server.bodies[-1]["response_format"]["schema"]["properties"]["category"]["pattern"] == "^[a-z_]{0,10}$"
