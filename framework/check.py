@@ -73,7 +73,7 @@ def judge_run(project: Project, run: EvalRun, *, key: Path | None = None) -> Che
                          "contract_hash": contract, "engine": engine_note(project.model(run.model_key)),
                          "detectors": detectors, "cache": cache, "variant": project.variant,
                          "tiers": project.tier_keys if getattr(run.measurements, "routing", None) else None,
-                         **run.hashes})
+                         "compared_with_local": local_comparison(project, run), **run.hashes})
     check_id = new_id("check")
     report_json, report_html = write_reports(project, check_id, run, verdict)
     report_sha256 = file_hash(Path(report_json))
@@ -92,6 +92,43 @@ def judge_run(project: Project, run: EvalRun, *, key: Path | None = None) -> Che
         audit.append(store, signed, name.name if name else signed.fingerprint)
     return CheckResult(check_id=check_id, run=run, verdict=verdict, report_json=str(report_json),
                        report_html=str(report_html), signed=signed)
+
+
+def local_comparison(project: Project, run: EvalRun) -> dict | None:
+    """For a remote model's run: the latest complete run of the same program on the same eval set with a model
+    run in process, paired per example: identical answers and p50 latency of each. What a reviewer asks of a
+    move to a model server; None when the model is local or no such run is in the store."""
+    import json
+    import statistics
+
+    if project.model(run.model_key).remote is None or not run.hashes.get("dataset_hash"):
+        return None
+    local_keys = [key for key, model in project.spec.models.items() if model.remote is None]
+    if not local_keys:
+        return None
+    with Store(store_path(project)) as store:
+        marks = ", ".join("?" * len(local_keys))
+        found = store.con.execute(
+            "SELECT run_id, model_key FROM runs WHERE project = ? AND split = ? AND status = 'complete' AND "
+            f"run_id != ? AND dataset_hash = ? AND program_hash = ? AND model_key IN ({marks}) "
+            "ORDER BY finished_at DESC LIMIT 1",
+            [project.name, run.split, run.run_id, run.hashes["dataset_hash"], run.hashes.get("program_hash"),
+             *local_keys]).fetchone()
+        if found is None:
+            return None
+        local = {example: (output, latency, error) for example, output, latency, error in store.con.execute(
+            "SELECT example_id, output, latency_ms, error FROM results WHERE run_id = ?", [found[0]]).fetchall()}
+
+    def same(a, b) -> bool:
+        return a is not None and b is not None and json.loads(a) == (b if isinstance(b, dict) else json.loads(b))
+
+    pairs = [(local[r["example_id"]], r) for r in run.records if r["example_id"] in local]
+    answered = [(lo, r) for lo, r in pairs if not lo[2] and not r["error"]]
+    return {"local_run_id": found[0], "local_model": found[1], "paired": len(pairs),
+            "identical_answers": sum(same(lo[0], r["output"]) for lo, r in pairs),
+            "latency_p50_ms": {"local": statistics.median([lo[1] for lo, _ in answered]) if answered else None,
+                               "remote": statistics.median([r["latency_ms"] for _, r in answered]) if answered
+                               else None}}
 
 
 def with_detectors(project: Project, run: EvalRun) -> list[dict]:

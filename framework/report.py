@@ -84,6 +84,9 @@ def print_check(console: Console, err: Console, result, project_name: str) -> No
         err.print(text(f"{engine['engine']} engine: latency {engine['latency']}"
                        + (f"; model {engine['remote_model']!r} pinned by fingerprint {engine['fingerprint'][:12]}…"
                           if engine.get("fingerprint") else "")))
+    local = verdict.meta.get("compared_with_local")
+    if local:
+        err.print(text(local_line(local)))
     if verdict.meta.get("cache"):
         console.print(cache_line(verdict.meta["cache"]))
     status = line(("PASS", "bold green")) if verdict.passed else line(("FAIL", "bold red"),
@@ -231,6 +234,15 @@ def runs_table(rows: list[dict]) -> Table:
         _row(table, r["run_id"], r["split"], r["model_key"], r["status"], f"{r['done']}/{r['n_examples']}",
              str(r["started_at"])[:19])
     return table
+
+
+def local_line(local: dict) -> str:
+    """A remote run against the same program's latest run in process (check.local_comparison)."""
+    p50 = local["latency_p50_ms"]
+    latency = (f"; p50 {p50['remote']:,.0f} ms remote vs {p50['local']:,.0f} ms in process"
+               if p50["local"] is not None and p50["remote"] is not None else "")
+    return (f"against {local['local_model']} in process ({local['local_run_id']}): {local['identical_answers']} of "
+            f"{local['paired']} answers identical{latency}")
 
 
 def models_table(rows: list[dict]) -> Table:
@@ -718,6 +730,8 @@ def render_html(project_name: str, check_id: str, data: dict) -> str:
         project=project_name, check_id=check_id, status="PASS" if verdict["passed"] else "FAIL",
         run=run, model_name=str(verdict.get("meta", {}).get("model_name", run["model"])),
         engine=verdict.get("meta", {}).get("engine"),
+        local=local_line(verdict["meta"]["compared_with_local"]) if verdict.get("meta", {}).get(
+            "compared_with_local") else None,
         content_hash=str(run["hashes"].get("content_hash", ""))[:12], clauses=verdict["clauses"],
         metrics=metrics, errors=data["errors"][:100], n_errors=len(data["errors"]), misses=misses,
         n_misses=len(data["misses"]), guardrails=data.get("guardrails") or {}, cache=data.get("cache"),
