@@ -46,16 +46,17 @@ def check(project: Project, *, model_key: str | None = None, limit: int | None =
     key_path = signing.find_key(key, create=True)  # before minutes of eval: a missing key fails now
     validate_project(project)   # so does a [fallback] answer that does not fit the program's output fields
     run = None
-    for used in dict.fromkeys(project.tier_keys if routed else [model_key]):
-        if project.model(used).remote is not None:
-            # probe now: a reused run vouches only for the model it measured, and the server may have changed
-            verify_remote(project, used)
     if not fresh and store_path(project).exists():
         program = load_program(project)
         wanted = content_hashes(project, program, "eval", model_key, limit, routed=routed)["content_hash"]
         with Store(store_path(project)) as store:
             found = store.find_complete_run(wanted)
         if found:
+            for used in dict.fromkeys(project.tier_keys if routed else [model_key]):
+                if project.model(used).remote is not None:
+                    # a reused run vouches only for the model it measured, and the server may have changed since
+                    # (a fresh run probes when it loads the model)
+                    verify_remote(project, used)
             run = load_run(project, found)
     if run is None:
         run = run_eval(project, split="eval", limit=limit, model_key=model_key, progress=progress, routed=routed)

@@ -303,7 +303,7 @@ def _tokenizer(spec: ModelSpec):
     host = root[:-3] if root.endswith("/v1") else root
     key = os.environ.get(remote.api_key_env) if remote.api_key_env else None
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    candidates = [(f"{root}/../extras/tokenize".replace("/v1/../", "/"), lambda t: {"input": t},
+    candidates = [(f"{host}/extras/tokenize", lambda t: {"input": t},
                    lambda r: len(r["tokens"])),
                   (f"{host}/tokenize", lambda t: {"content": t, "model": remote.model, "prompt": t},
                    lambda r: r.get("count") or len(r["tokens"]))]
