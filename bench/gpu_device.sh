@@ -8,9 +8,10 @@
 # CUDA llama-cpp-python for the card it finds, makes the synthetic demo-shaped GGUF, and runs
 # bench/gpu_tokens.py on every model, CPU rows first.
 #
-# Output: $OUT/gpu_tokens.json and the log.
+# Output: $OUT/gpu_tokens.json (or $OUT/gpu_batch.json) and the log.
 #
 #     bash bench/gpu_device.sh [all|synthetic|real] [gpu_tokens.py run options]
+#     bash bench/gpu_device.sh batch [gpu_tokens.py batch options]   # the batched engine (issue 13), synthetic model
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/gpu-out}"; mkdir -p "$OUT"
@@ -34,8 +35,11 @@ if ! PYTHONPATH="$SITE" python3 -c "import llama_cpp, sys; sys.exit(0 if llama_c
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$BUILD"/wheels/*.whl
 fi
 export PYTHONPATH="$SITE:$BUILD/$(ls "$BUILD" | grep llama_cpp_python | head -1)/vendor/llama.cpp/gguf-py"
-# Which models: "synthetic" (the demo's shape), "real" (GGUFs in .gpu/), or both (default).
+# Which models: "synthetic" (the demo's shape), "real" (GGUFs in .gpu/), or both (default); "batch" runs
+# `gpu_tokens.py batch` on the synthetic model instead of `run`.
 WHICH="${1:-all}"; shift || true
+CMD=run; OUTFILE=gpu_tokens.json
+if [ "$WHICH" = batch ]; then CMD=batch; OUTFILE=gpu_batch.json; WHICH=synthetic; fi
 models=()
 if [ "$WHICH" != real ] && [ -f .gpu/qwen15.shape.json.gz ]; then
     [ -f /root/synthetic-qwen15.gguf ] || python3 bench/synth_gguf.py make .gpu/qwen15.shape.json.gz /root/synthetic-qwen15.gguf
@@ -43,4 +47,4 @@ if [ "$WHICH" != real ] && [ -f .gpu/qwen15.shape.json.gz ]; then
 fi
 if [ "$WHICH" != synthetic ]; then for f in .gpu/*.gguf; do [ -f "$f" ] && models+=("$f"); done; fi
 requests=(); [ -f .gpu/requests.json ] && requests=(--requests .gpu/requests.json)
-python3 bench/gpu_tokens.py run "${models[@]}" "${requests[@]}" --out "$OUT/gpu_tokens.json" "$@"
+python3 bench/gpu_tokens.py "$CMD" "${models[@]}" "${requests[@]}" --out "$OUT/$OUTFILE" "$@"

@@ -11,6 +11,9 @@ latency per ticket, and whether the GPU's answers equal the CPU's.
     # anywhere llama-cpp-python runs (a CUDA build for the GPU rows); pydantic is the only other need
     python bench/gpu_tokens.py run MODEL.gguf [MODEL2.gguf ...] --requests requests.json --out run.json
     python bench/gpu_tokens.py summarize run.json      # the table again, from the saved file
+    # the batched engine (framework/batch.py, issue 13): the same requests from P concurrent clients,
+    # `parallel = P` against the sequential engine (P = 1), on each device
+    python bench/gpu_tokens.py batch MODEL.gguf --requests requests.json --parallel 1 4 8 16 --out batch.json
 
 `run` imports framework.lm without framework/__init__ (which pulls in DuckDB, BentoML and DSPy), so
 it runs on a GPU machine that has only llama.cpp, numpy and pydantic.
@@ -132,6 +135,90 @@ def run(models: list[Path], requests_path: Path | None, *, pp: int, tg: int, rep
     summarize(doc)
 
 
+def batch_pass(engine, structured, requests: list[dict], max_tokens: int, clients: int) -> dict:
+    """Every request answered once, `clients` at a time (a client sends its next as soon as its last
+    is answered, as run_eval's workers do); wall time from the first send to the last answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(request: dict) -> tuple[str, float, int]:
+        began = time.perf_counter()
+        text, usage, _, _ = engine.fill(request["messages"], structured.plan(request["schema"]), temperature=0.0,
+                                        max_tokens=max_tokens)
+        return text, (time.perf_counter() - began) * 1000, usage["completion_tokens"]
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        results = list(pool.map(one, requests))
+    wall = time.perf_counter() - began
+    latencies = [ms for _, ms, _ in results]
+    generated = sum(n for _, _, n in results)
+    return {"requests": len(requests), "clients": clients, "wall_s": wall, "requests_per_s": len(requests) / wall,
+            "generated_tokens": generated, "generated_tokens_per_s": generated / wall,
+            "latency_p50_ms": statistics.median(latencies), "latency_max_ms": max(latencies),
+            "answers": [text for text, _, _ in results]}
+
+
+def batch(models: list[Path], requests_path: Path, *, parallels: list[int], threads: int, devices: list[str],
+          cpu_requests: int, gpu_requests: int, out: Path | None) -> None:
+    """The batched engine against the sequential one on each device, same requests, same run: for each
+    `parallel` P a fresh LlamaCppEngine answers one warm-up request (the shared prefix is evaluated and
+    kept; its time is not counted), then the requests from P concurrent clients. P = 1 is the
+    sequential engine (one request at a time, under its lock)."""
+    lm, structured = _framework_lm()
+    import llama_cpp
+
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    recorded = json.loads(requests_path.read_text())
+    max_tokens = recorded["max_tokens"]
+    doc = {"llama_cpp_python": llama_cpp.__version__, "gpu_offload": gpu, "threads": threads,
+           "max_tokens": max_tokens, "rows": []}
+    for path in models:
+        for device in devices:
+            if device == "gpu" and not gpu:
+                print("no GPU offload in this llama-cpp-python build: GPU rows skipped", flush=True)
+                continue
+            count = gpu_requests if device == "gpu" else cpu_requests
+            requests = [recorded["requests"][i % len(recorded["requests"])] for i in range(count)]
+            for parallel in parallels:
+                start = time.perf_counter()
+                engine = lm.LlamaCppEngine(path, context_size=4096, threads=threads,
+                                           gpu_layers=-1 if device == "gpu" else 0, parallel=parallel)
+                load_s = time.perf_counter() - start
+                warm = batch_pass(engine, structured, requests[:1], max_tokens, 1)
+                row = {"model": path.name, "device": device, "parallel": parallel, "load_s": load_s,
+                       "warm_up_s": warm["wall_s"], **batch_pass(engine, structured, requests, max_tokens, parallel)}
+                if engine.batcher is not None:
+                    row["llama_decode_calls"] = engine.batcher.steps
+                    engine.batcher.close()
+                engine._llama.close()
+                doc["rows"].append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "answers"}), flush=True)
+                if out:
+                    out.write_text(json.dumps(doc, indent=1))
+    summarize_batch(doc)
+
+
+def summarize_batch(doc: dict) -> None:
+    """Throughput per device and parallel, as a ratio to that device's sequential row of the same run,
+    and how many answers equal the sequential engine's (near-ties flip in batches of another shape)."""
+    print(f"\nllama-cpp-python {doc['llama_cpp_python']}, GPU offload: {doc['gpu_offload']}, "
+          f"CPU threads: {doc['threads']}")
+    print(f"{'model':32} {'device':6} {'P':>3} {'req/s':>7} {'gen t/s':>8} {'x seq':>6} {'p50 ms':>8} "
+          f"{'same as seq':>11}")
+    base: dict[tuple[str, str], dict] = {}
+    for row in doc["rows"]:
+        key = (row["model"], row["device"])
+        if row["parallel"] == 1:
+            base[key] = row
+        seq = base.get(key)
+        ratio = row["requests_per_s"] / seq["requests_per_s"] if seq else None
+        same = (f"{sum(a == b for a, b in zip(row['answers'], seq['answers'], strict=True))}/{len(row['answers'])}"
+                if seq and len(seq["answers"]) == len(row["answers"]) else "-")
+        print(f"{row['model'][:32]:32} {row['device']:6} {row['parallel']:>3} {row['requests_per_s']:7.2f} "
+              f"{row['generated_tokens_per_s']:8.1f} {(f'{ratio:.2f}' if ratio else '-'):>6} "
+              f"{row['latency_p50_ms']:8.0f} {same:>11}")
+
+
 def _fields(answer: str) -> dict:
     try:
         return json.loads(answer)
@@ -186,20 +273,35 @@ def main() -> None:
     m.add_argument("--reps", type=int, default=3)
     m.add_argument("--threads", type=int, default=os.cpu_count())
     m.add_argument("--out", type=Path, default=None)
-    s = sub.add_parser("summarize", help="print the table of a saved `run --out` file")
+    b = sub.add_parser("batch", help="the batched engine vs the sequential one, P concurrent clients, per device")
+    b.add_argument("models", type=Path, nargs="+")
+    b.add_argument("--requests", type=Path, required=True)
+    b.add_argument("--parallel", type=int, nargs="+", default=[1, 4, 8, 16])
+    b.add_argument("--devices", nargs="+", default=["cpu", "gpu"], choices=["cpu", "gpu"])
+    b.add_argument("--cpu-requests", type=int, default=32)
+    b.add_argument("--gpu-requests", type=int, default=64)
+    b.add_argument("--threads", type=int, default=os.cpu_count())
+    b.add_argument("--out", type=Path, default=None)
+    s = sub.add_parser("summarize", help="print the table of a saved `run --out` or `batch --out` file")
     s.add_argument("saved", type=Path)
     args = ap.parse_args()
     if args.cmd == "record":
         record(args.project, args.n, args.out, args.model)
     elif args.cmd == "summarize":
-        summarize(json.loads(args.saved.read_text()))
+        doc = json.loads(args.saved.read_text())
+        summarize_batch(doc) if doc["rows"] and "parallel" in doc["rows"][0] else summarize(doc)
     else:
         missing = [p for p in args.models if not p.exists()]
         if missing:
             sys.exit(f"no such model file: {', '.join(map(str, missing))}")
         if importlib.util.find_spec("llama_cpp") is None:
             sys.exit("llama_cpp is not importable: install llama-cpp-python (a CUDA build for GPU rows)")
-        run(args.models, args.requests, pp=args.pp, tg=args.tg, reps=args.reps, threads=args.threads, out=args.out)
+        if args.cmd == "batch":
+            batch(args.models, args.requests, parallels=args.parallel, threads=args.threads, devices=args.devices,
+                  cpu_requests=args.cpu_requests, gpu_requests=args.gpu_requests, out=args.out)
+        else:
+            run(args.models, args.requests, pp=args.pp, tg=args.tg, reps=args.reps, threads=args.threads,
+                out=args.out)
 
 
 if __name__ == "__main__":
