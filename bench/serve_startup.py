@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine as bench  # noqa: E402  (bench/engine.py: project copies, throw-away repository, server helpers)
 
 REPO = Path(__file__).resolve().parents[1]
-IMPORT = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\|( *)(\S+)")
+IMPORT = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\| ( *)(\S+)")
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)[+-]\d{4} \[INFO\] \[([^\]]+)\] (.*)")
 
 
