@@ -27,6 +27,24 @@ ERRORS = "slipway_errors"                        # counter; status: the HTTP sta
 COST = "slipway_cost"                            # counter; all cost, for the budget
 TOKENS = "slipway_tokens"                        # counter; direction: input, input_cached, output
 
+_COLLECTORS: dict[str, Any] = {}
+
+
+def collector(kind: str, name: str, **kwargs: Any) -> Any:
+    """The prometheus_client Counter/Histogram `name`, made once per process.
+
+    framework/service.py makes its metrics at import; `slipway build` imports that module afresh for each
+    bento it builds (framework/build.py), and prometheus_client refuses a second collector of one name. A
+    later import gets the first one back: metrics are only recorded in a served worker, which imports the
+    service once. prometheus_client is imported here, late, because BentoML sets its multiprocess folder
+    (PROMETHEUS_MULTIPROC_DIR) before the worker imports the service and the library reads it at import."""
+    if name not in _COLLECTORS:
+        import prometheus_client
+
+        _COLLECTORS[name] = getattr(prometheus_client, kind)(name=name, **kwargs)
+    return _COLLECTORS[name]
+
+
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 COST_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -216,6 +217,9 @@ def build(project: Project, *, run_check: bool = False, override: str | None = N
     with tempfile.TemporaryDirectory(prefix="slipway-build-") as ctx:
         _write_context(Path(ctx), project, model_key, model_tag, labels, passing, version, variants, tiers, extra)
         os.environ["SLIPWAY_BENTO_DIR"] = str(Path(ctx) / "slipway")  # bentoml imports the service to build
+        # ...by module name: a module left by an earlier build in this process would be this bento's service,
+        # with the other project's name and model (tests/e2e/test_build_serve.py, two projects in one process)
+        sys.modules.pop("framework.service", None)
         bento = bentoml.bentos.build(
             "framework.service:SlipwayService", name=name, version=version, labels=labels,
             description=f"{name}: {project.spec.project.description}", build_ctx=ctx,

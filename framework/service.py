@@ -246,33 +246,34 @@ logger = logging.getLogger("slipway.service")
 
 # What /metrics carries: what the bento's slipway/alerts.yml queries (names and buckets: framework/alerts.py).
 # Every series is labelled by version and tenant ("" when the request named none).
-_latency = bentoml.metrics.Histogram(
-    name=alerts.REQUEST_SECONDS, documentation="End-to-end request latency (outcome: ok, error = 5xx, rejected = 4xx)",
+_latency = alerts.collector(
+    "Histogram", name=alerts.REQUEST_SECONDS,
+    documentation="End-to-end request latency (outcome: ok, error = 5xx, rejected = 4xx)",
     labelnames=["bento_version", "outcome", "tenant"], buckets=alerts.latency_buckets(SPEC.contract))
-_request_tokens = bentoml.metrics.Histogram(
-    name=alerts.REQUEST_TOKENS, documentation="New prompt + generated tokens per answered request",
+_request_tokens = alerts.collector(
+    "Histogram", name=alerts.REQUEST_TOKENS, documentation="New prompt + generated tokens per answered request",
     labelnames=["bento_version", "tenant"], buckets=alerts.token_buckets(SPEC.contract))
-_request_cost = bentoml.metrics.Histogram(
-    name=alerts.REQUEST_COST, documentation="Cost per answered or failed (5xx) request, from token prices",
+_request_cost = alerts.collector(
+    "Histogram", name=alerts.REQUEST_COST, documentation="Cost per answered or failed (5xx) request, from token prices",
     labelnames=["bento_version", "tenant"], buckets=alerts.cost_buckets(SPEC.contract))
-_tokens = bentoml.metrics.Counter(name=alerts.TOKENS, documentation="Tokens processed",
-                                  labelnames=["bento_version", "direction", "tenant"])
-_cost = bentoml.metrics.Counter(name=alerts.COST, documentation="Cost from token prices",
-                                labelnames=["bento_version", "tenant"])
-_errors = bentoml.metrics.Counter(name=alerts.ERRORS, documentation="Requests answered with an error",
-                                  labelnames=["bento_version", "status", "tenant"])
+_tokens = alerts.collector("Counter", name=alerts.TOKENS, documentation="Tokens processed",
+                           labelnames=["bento_version", "direction", "tenant"])
+_cost = alerts.collector("Counter", name=alerts.COST, documentation="Cost from token prices",
+                         labelnames=["bento_version", "tenant"])
+_errors = alerts.collector("Counter", name=alerts.ERRORS, documentation="Requests answered with an error",
+                           labelnames=["bento_version", "status", "tenant"])
 
 
-_shed = bentoml.metrics.Counter(name="slipway_requests_shed", documentation="Requests refused with 429 because the "
-                                "worker's queue was full (serve.max_queue)", labelnames=["bento_version"])
-_degraded = bentoml.metrics.Counter(name="slipway_requests_degraded", documentation="Requests answered with a "
-                                    "degradation step (serve.degrade)", labelnames=["bento_version", "step"])
-_cache_lookups = bentoml.metrics.Counter(name="slipway_cache_lookups", documentation="Answer-cache lookups by "
-                                         "result (exact, semantic, miss)", labelnames=["bento_version", "result"])
-_fallbacks = bentoml.metrics.Counter(name="slipway_fallbacks", documentation="Failed model calls answered by the "
-                                     "declared [fallback]", labelnames=["bento_version", "action", "reason"])
-_trace_errors = bentoml.metrics.Counter(name="slipway_trace_errors", documentation="Traces that could not be written",
-                                        labelnames=["bento_version"])
+_shed = alerts.collector("Counter", name="slipway_requests_shed", documentation="Requests refused with 429 because "
+                         "the worker's queue was full (serve.max_queue)", labelnames=["bento_version"])
+_degraded = alerts.collector("Counter", name="slipway_requests_degraded", documentation="Requests answered with a "
+                             "degradation step (serve.degrade)", labelnames=["bento_version", "step"])
+_cache_lookups = alerts.collector("Counter", name="slipway_cache_lookups", documentation="Answer-cache lookups by "
+                                  "result (exact, semantic, miss)", labelnames=["bento_version", "result"])
+_fallbacks = alerts.collector("Counter", name="slipway_fallbacks", documentation="Failed model calls answered by the "
+                              "declared [fallback]", labelnames=["bento_version", "action", "reason"])
+_trace_errors = alerts.collector("Counter", name="slipway_trace_errors",
+                                 documentation="Traces that could not be written", labelnames=["bento_version"])
 
 
 def _trace(**fields: Any) -> dict | None:

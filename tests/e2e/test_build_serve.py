@@ -375,3 +375,24 @@ def test_readme_relative_bentoml_home_serves(tiny_project, tiny_model_present):
         assert answer.status_code == 200 and answer.json()["version"]["bento"] == tag, answer.text
     finally:
         _stop(server)
+
+
+@pytest.mark.model
+def test_two_projects_built_in_one_process_each_get_their_own_service(tiny_project, tiny_model_present):
+    """BentoML imports `framework.service` to build; a process that builds a second project (a notebook, a
+    script, this test run) must not pack the first project's service definition under the second's name."""
+    import shutil
+
+    other = tiny_project.parent.parent / "other-triage"
+    shutil.copytree(tiny_project.parent, other, ignore=shutil.ignore_patterns(".slipway"))
+    edit_toml(other / "project.toml", 'name = "ticket-triage"', 'name = "other-triage"')
+    built = {}
+    for name in ("ticket-triage", "other-triage"):
+        assert runner.invoke(app, ["check", name]).exit_code == 0
+        made = runner.invoke(app, ["build", name, "--json"])
+        assert made.exit_code == 0, made.output
+        built[name] = json.loads(made.stdout)
+    for name, result in built.items():
+        info = yaml.safe_load((Path(result["path"]) / "bento.yaml").read_text())
+        assert [s["name"] for s in info["services"]] == [name.replace("-", "_")], info["services"]
+        assert [m["tag"].split(":")[0] for m in info["services"][0]["models"]] == [f"{name}-tiny"]
