@@ -12,6 +12,15 @@ reads the phase times from the server log's own timestamps. The model is tiny on
 is the part of start-up that does not depend on the model.
 
     PYTHONPATH=$PWD .venv/bin/python bench/serve_startup.py          # ~3 min on 2 cores
+
+`--switch MODEL` measures `slipway serve --channel prod` switching between a sequential and a batched
+bento of MODEL instead (the demo's qwen15 by default): both built in a throw-away repository, the
+sequential one deployed and served behind the channel's front, then `slipway deploy` of the other, `--runs`
+times each way; the figure is from the deploy command's return until the front's log says the version
+is live (it starts the new version beside the live one and waits for its /readyz). Written to
+bench/results/serve_switch.json.
+
+    PYTHONPATH=$PWD .venv/bin/python bench/serve_startup.py --switch qwen15   # ~10 min on 2 cores
 """
 
 from __future__ import annotations
@@ -89,11 +98,75 @@ def phases(log: Path, began: float) -> dict:
     return out
 
 
+def switches(key: str, runs: int, folder: Path) -> dict:
+    from framework import signing
+
+    root = folder / "switch-repo"
+    env = bench.throwaway_env(folder, root, "bench@switch")
+    toml = bench.copy_project(root, model_key=key, eval_lines=8, loosen=True)
+    signing.signers_path(toml.parent).unlink(missing_ok=True)
+    signing.add_signer(toml.parent, "bench", signing.public_key(Path(env["SLIPWAY_SIGNING_KEY"])),
+                       ["deploy:*", "rollback:*"])
+    toml.write_text(toml.read_text().replace("approvals_required = 1", "approvals_required = 0"))
+    tags = {}
+    for name, parallel in (("sequential", 1), ("batched", 4)):
+        bench.set_parallel_in_toml(toml, key, parallel)
+        tags[name] = bench.check_and_build(root, toml, env)["tag"]
+
+    def slipway(*args: str) -> None:
+        done = subprocess.run([str(bench.BIN / "slipway"), *args], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"slipway {' '.join(args)}: {(done.stdout + done.stderr)[-2000:]}")
+
+    slipway("deploy", tags["sequential"], "--channel", "prod")
+    port = bench.free_port()
+    log_path = folder / "front.log"
+    times: dict[str, list[float]] = {"sequential": [], "batched": []}
+    with log_path.open("w") as log:
+        front = subprocess.Popen([str(bench.BIN / "slipway"), "serve", "ticket-triage", "--channel", "prod",
+                                  "--port", str(port)], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            bench.wait_ready(f"http://127.0.0.1:{port}/readyz", front, log_path, 600)
+            for _ in range(runs):
+                for name in ("batched", "sequential"):
+                    live = f"{tags[name]} is live"
+                    seen = log_path.read_text(errors="replace").count(live)
+                    slipway("deploy", tags[name], "--channel", "prod")
+                    began = time.perf_counter()
+                    while log_path.read_text(errors="replace").count(live) == seen:
+                        if time.perf_counter() - began > 600 or front.poll() is not None:
+                            raise RuntimeError(f"{tags[name]} not live: {log_path.read_text()[-3000:]}")
+                        time.sleep(0.1)
+                    times[name].append(time.perf_counter() - began)
+                    print(f"switch to {name}: {times[name][-1]:.1f} s", flush=True)
+        finally:
+            bench.stop(front)
+    medians = {name: statistics.median(v) for name, v in times.items()}
+    return {"what": "`slipway deploy <tag> --channel prod` returned → the `serve --channel` front's log says the "
+                    "version is live (started beside the live one, its /readyz 200, traffic moved); no client traffic",
+            "model": key, "tags": tags, "switch_to_s": times, "median_s": medians,
+            "ratio_sequential_over_batched": medians["sequential"] / medians["batched"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="timed start-ups of each bento")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve_startup.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/serve_startup.json, "
+                        "with --switch bench/results/serve_switch.json")
+    parser.add_argument("--switch", choices=["qwen15", "tiny"], default=None,
+                        help="measure `serve --channel` switches on this model instead of start-up")
     args = parser.parse_args()
+    if args.switch:
+        out = args.out or REPO / "bench" / "results" / "serve_switch.json"
+        machine = {**bench.machine_info(), "command": " ".join(["bench/serve_startup.py", *sys.argv[1:]])}
+        with tempfile.TemporaryDirectory(prefix="slipway-switch-") as tmp:
+            result = {"machine": machine, "idle_before": bench.wait_idle(120),
+                      **switches(args.switch, args.runs, Path(tmp))}
+        out.write_text(json.dumps(result, indent=1, default=str))
+        print(json.dumps(result["median_s"]), f"-> {out}")
+        return
+    args.out = args.out or REPO / "bench" / "results" / "serve_startup.json"
     machine = {**bench.machine_info(), "command": " ".join(["bench/serve_startup.py", *sys.argv[1:]])}
     results: dict = {"machine": machine, "model": "tiny", "runs": args.runs,
                      "when": datetime.now(UTC).isoformat(timespec="seconds")}
