@@ -37,8 +37,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import engine as bench  # noqa: E402  (bench/engine.py: project copies, throw-away repository, server helpers)
+from bench import engine as bench  # project copies, the throw-away repository, server helpers
+from bench.canary import _slipway
 
 REPO = Path(__file__).resolve().parents[1]
 IMPORT = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\| ( *)(\S+)")
@@ -113,13 +113,7 @@ def switches(key: str, runs: int, folder: Path) -> dict:
         bench.set_parallel_in_toml(toml, key, parallel)
         tags[name] = bench.check_and_build(root, toml, env)["tag"]
 
-    def slipway(*args: str) -> None:
-        done = subprocess.run([str(bench.BIN / "slipway"), *args], cwd=root, env=env, capture_output=True,
-                              text=True, timeout=600)
-        if done.returncode != 0:
-            raise RuntimeError(f"slipway {' '.join(args)}: {(done.stdout + done.stderr)[-2000:]}")
-
-    slipway("deploy", tags["sequential"], "--channel", "prod")
+    _slipway(["deploy", tags["sequential"], "--channel", "prod"], root, env)
     port = bench.free_port()
     log_path = folder / "front.log"
     times: dict[str, list[float]] = {"sequential": [], "batched": []}
@@ -132,7 +126,7 @@ def switches(key: str, runs: int, folder: Path) -> dict:
                 for name in ("batched", "sequential"):
                     live = f"{tags[name]} is live"
                     seen = log_path.read_text(errors="replace").count(live)
-                    slipway("deploy", tags[name], "--channel", "prod")
+                    _slipway(["deploy", tags[name], "--channel", "prod"], root, env)
                     began = time.perf_counter()
                     while log_path.read_text(errors="replace").count(live) == seen:
                         if time.perf_counter() - began > 600 or front.poll() is not None:
