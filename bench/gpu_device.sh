@@ -8,6 +8,13 @@
 # CUDA llama-cpp-python for the card it finds, makes the synthetic demo-shaped GGUF, and runs
 # bench/gpu_tokens.py on every model, CPU rows first.
 #
+# Making .gpu/lcp-src.tar.gz (76 MB as published, 6.4 MB trimmed; the 64 MiB the machine takes is the limit):
+#     pip download llama-cpp-python==0.3.36 --no-binary :all: --no-deps && tar xzf llama_cpp_python-0.3.36.tar.gz
+#     cd llama_cpp_python-0.3.36 && rm -rf .git vendor/llama.cpp/{models,docs,media,benches,tests,tools/ui} \
+#         vendor/llama.cpp/examples/*/ && for d in vendor/llama.cpp/ggml/src/ggml-*/; do
+#         case $d in *ggml-cpu/|*ggml-cuda/) ;; *) rm -rf "$d";; esac; done   # keep vendor/ (CMake adds it)
+#     cd .. && tar czf .gpu/lcp-src.tar.gz llama_cpp_python-0.3.36
+#
 # Output: $OUT/gpu_tokens.json (or $OUT/gpu_batch.json) and the log.
 #
 #     bash bench/gpu_device.sh [all|synthetic|real] [gpu_tokens.py run options]
